@@ -1,0 +1,68 @@
+"""SteerConfig: the hyper-parameters of METHOD.md, validated once."""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+OBJECTIVES = ("mean", "lse")
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    """Hyper-parameters of the edit ``h_{k+1} = h_k + eta m_k (grad G(h_k) - lambda (h_k - h0))``.
+
+    Defaults, and why:
+      steps=10        T. Each step is a K x K mat-vec in the kernels, so T costs almost nothing;
+                      10 lets the lse objective's softmax weights settle on the anchors that move.
+      step_size=0.5   eta. With lse, ``||grad G|| = ||W_A^T s||`` is about one anchor-row norm,
+                      so one step moves h by about eta row norms: a visible but bounded edit
+                      that T=10 steps compound to a few row norms.
+      objective="lse" ``log p(P) - log p(N)`` at tau=1: the gap in probability space, which
+                      saturates once negatives are suppressed; "mean" grows without bound.
+      reg=0.0         lambda. Off: the trust region (max_norm) is the clearer bound on the edit.
+      temperature=1.0 tau. 1 makes lse exactly the log-probability ratio.
+      margin=None     +inf: every row is edited at every step. Set it to leave rows that already
+                      show a gap >= margin alone.
+      max_norm=None   rho: no trust region. ``||h' - h0|| <= rho ||h0||`` when set.
+    """
+
+    steps: int = 10
+    step_size: float = 0.5
+    objective: str = "lse"
+    reg: float = 0.0
+    temperature: float = 1.0
+    margin: float | None = None
+    max_norm: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
+            raise TypeError(f"steps must be an int, got {self.steps!r}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        _check_float("step_size", self.step_size, minimum=0.0)
+        _check_float("reg", self.reg, minimum=0.0)
+        _check_float("temperature", self.temperature, minimum=0.0, strict=True)
+        if self.margin is not None:
+            _check_float("margin", self.margin)
+        if self.max_norm is not None:
+            _check_float("max_norm", self.max_norm, minimum=0.0)
+
+    @property
+    def margin_value(self) -> float:
+        return math.inf if self.margin is None else float(self.margin)
+
+    @property
+    def max_norm_value(self) -> float:
+        return math.inf if self.max_norm is None else float(self.max_norm)
+
+
+def _check_float(name: str, value, minimum: float | None = None, strict: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")

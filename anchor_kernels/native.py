@@ -1,0 +1,47 @@
+"""Loads the compiled extension (which registers ``torch.ops.anchor_kernels.steer_hidden``)
+and gives the op its fake implementation, so it traces under torch.compile."""
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (importing registers the schema and the CPU/CUDA kernels)
+
+    LOAD_ERROR: Exception | None = None
+except ImportError as exc:  # a source tree that was never built, or a broken build
+    _C = None
+    LOAD_ERROR = exc
+
+
+def available() -> bool:
+    return _C is not None
+
+
+def cuda_built() -> bool:
+    return _C is not None and bool(_C.cuda_built)
+
+
+def require() -> None:
+    if _C is None:
+        raise RuntimeError(
+            "anchor_kernels._C is not built, so the 'cpu' and 'cuda' backends and the op schema "
+            "are unavailable (the 'reference' backend still works). Build it with "
+            f"`pip install --no-build-isolation -e .`. Import error: {LOAD_ERROR}")
+
+
+def op_schema() -> str:
+    """The op's argument list and return, as declared once in csrc/ops.cpp."""
+    require()
+    schema = str(torch.ops.anchor_kernels.steer_hidden.default._schema)
+    return schema[schema.index("("):]
+
+
+if _C is not None:
+
+    @torch.library.register_fake("anchor_kernels::steer_hidden")
+    def _steer_hidden_fake(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets,
+                           step_size, steps, objective, reg, temperature, margin, max_norm):
+        torch._check(hidden.dim() == 2, lambda: "steer_hidden: hidden must be 2-D [B, d]")
+        torch._check(weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
+                     lambda: "steer_hidden: weight must be [V, d] with hidden's d")
+        return hidden.new_empty(hidden.shape)

@@ -1,0 +1,168 @@
+"""``steer_hidden``: the public entry point, and the one place where a backend is chosen."""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import native, reference
+from .anchors import AnchorBank, as_bank, prepare_anchors
+from .config import SteerConfig
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Ordered preference of backend="auto" per device type.
+AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+BACKEND_ENV = "ANCHOR_KERNELS_BACKEND"
+
+
+def _triton_status(device: torch.device) -> str | None:
+    from . import triton_steer
+
+    if triton_steer.IMPORT_ERROR is not None:
+        return f"triton is not importable ({triton_steer.IMPORT_ERROR})"
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "on CPU tensors Triton runs only under TRITON_INTERPRET=1"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton does not run on {device.type}"
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device``, else why not."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        return _triton_status(device)
+    if not native.available():
+        return f"anchor_kernels._C is not built ({native.LOAD_ERROR})"
+    if backend == "cpu":
+        return None if device.type == "cpu" else f"the cpu backend needs CPU tensors, got {device}"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device}"
+        return None if native.cuda_built() else "anchor_kernels._C was built without CUDA"
+    raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turns ``backend`` ("auto" or a name) into the backend that will run, or raises."""
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto")
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ()):
+            if unavailable_reason(name, device) is None:
+                return name
+        raise RuntimeError(f"no anchor_kernels backend runs on {device}; pass backend='reference' "
+                           "for the (slow) fp64 reference")
+    why = unavailable_reason(backend, device)
+    if why is not None:
+        raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
+    return backend
+
+
+def _check_inputs(hidden, weight, bias) -> None:
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden must be a tensor, got {type(hidden).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
+    if hidden.dtype not in DTYPES:
+        raise TypeError(f"hidden must be float32, float16 or bfloat16, got {hidden.dtype}")
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"hidden must be [..., d] with d >= 1, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, d], got shape {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight is {weight.dtype} but hidden is {hidden.dtype}; they must match")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight is [V, d] = {tuple(weight.shape)} but hidden has d = {hidden.shape[-1]}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be a [V] = [{weight.shape[0]}] tensor, got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias is {bias.dtype} but hidden is {hidden.dtype}; they must match")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+
+
+def _eager() -> bool:
+    """True when reading values back to the host is allowed (not tracing, not capturing)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _per_row(value, name: str, lead_shape, device, dtype) -> torch.Tensor:
+    rows = math.prod(lead_shape)
+    t = torch.as_tensor(value, device=device)
+    if t.dtype == torch.bool or t.is_complex() or (dtype == torch.long and t.is_floating_point()):
+        raise TypeError(f"{name} must hold {'integers' if dtype == torch.long else 'reals'}, got {t.dtype}")
+    if tuple(t.shape) not in (tuple(lead_shape), (rows,)):
+        raise ValueError(f"{name} must have one entry per row of hidden (shape {tuple(lead_shape)} "
+                         f"or ({rows},)), got shape {tuple(t.shape)}")
+    return t.reshape(rows).to(dtype)
+
+
+def _row_sets(row_sets, bank: AnchorBank, lead_shape, device) -> torch.Tensor:
+    if row_sets is None:
+        if bank.num_sets > 1:
+            raise ValueError("row_sets is required with an AnchorBank of several sets "
+                             "(one set index per row, -1 = leave the row untouched)")
+        return torch.zeros(math.prod(lead_shape), dtype=torch.long, device=device)
+    t = _per_row(row_sets, "row_sets", lead_shape, device, torch.long)
+    if _eager() and t.numel() and bool(((t < -1) | (t >= bank.num_sets)).any()):
+        raise ValueError(f"row_sets entries must be in [-1, {bank.num_sets}), got "
+                         f"{sorted(set(t[(t < -1) | (t >= bank.num_sets)].tolist()))}")
+    return t
+
+
+def _step_size(step_size, config: SteerConfig, lead_shape, device) -> torch.Tensor:
+    if step_size is None:
+        return torch.full((math.prod(lead_shape),), config.step_size, dtype=torch.float32, device=device)
+    t = _per_row(step_size, "step_size", lead_shape, device, torch.float32)
+    if _eager() and t.numel() and not bool((torch.isfinite(t) & (t >= 0)).all()):
+        raise ValueError("step_size entries must be finite and >= 0")
+    return t
+
+
+def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: SteerConfig | None = None,
+                 bias: torch.Tensor | None = None, backend: str = "auto", row_sets=None,
+                 step_size=None) -> torch.Tensor:
+    """Anchor-word steering of LM-head inputs (METHOD.md).
+
+    hidden:    [..., d] fp32/fp16/bf16, the last hidden states (LM-head input).
+    weight:    [V, d] LM-head weight, hidden's dtype and device. bias: optional [V].
+    anchors:   an AnchorSet, or an AnchorBank with ``row_sets`` (one set index per row of
+               hidden, shape hidden.shape[:-1] or flat; -1 leaves the row untouched).
+    step_size: optional per-row eta (same shapes as row_sets); overrides config.step_size.
+    backend:   "auto" (best for the device; env ANCHOR_KERNELS_BACKEND overrides),
+               "reference" (fp64 oracle), "cpu", "cuda" or "triton".
+    Returns a new tensor shaped and typed like hidden. Rows with a non-finite value in hidden
+    have a non-finite gap, are never edited, and come back bit for bit.
+    """
+    config = SteerConfig() if config is None else config
+    if not isinstance(config, SteerConfig):
+        raise TypeError(f"config must be a SteerConfig, got {type(config).__name__}")
+    _check_inputs(hidden, weight, bias)
+    bank = as_bank(anchors)
+    name = resolve_backend(backend, hidden.device)
+    lead_shape, d = hidden.shape[:-1], hidden.shape[-1]
+    rows = _row_sets(row_sets, bank, lead_shape, hidden.device)
+    eta = _step_size(step_size, config, lead_shape, hidden.device)
+    h2 = hidden.reshape(-1, d)
+    if name == "reference":
+        out = reference.steer_rows_fp64(h2, weight, bias, bank, rows, eta, config).to(hidden.dtype)
+        return out.reshape(hidden.shape)
+    prepared = prepare_anchors(weight, bank)
+    if name == "triton":
+        from .triton_steer import steer_hidden_triton as op
+    else:
+        op = torch.ops.anchor_kernels.steer_hidden
+    out = op(h2, weight, bias, *prepared, rows, eta, config.steps, config.objective,
+             float(config.reg), float(config.temperature), config.margin_value,
+             config.max_norm_value)
+    return out.reshape(hidden.shape)

@@ -1,0 +1,82 @@
+/* anchor_kernels C API: anchor-word steering of an LM's last hidden state.
+ *
+ * Torch-free on purpose: engines written in C/C++ link this without libtorch, and the
+ * torch bindings in csrc/ops*.cpp are thin wrappers over exactly these entry points.
+ * The maths is ../../../../shared/docs/METHOD.md (K-space form):
+ *
+ *   z0 = W_A h0 + b_A;  c = 0
+ *   repeat steps times:  z = z0 + Gm c;  m = (G(z) finite && G(z) < margin)
+ *                        c += eta * m * (s(z) - reg * c);  trust region on c^T Gm c
+ *   h' = h0 + W_A^T c     (a row whose c stays exactly 0 is copied bit for bit)
+ *
+ * Anchor banks: S sets padded to a common size K. anchor_weights > 0 marks a positive
+ * anchor (alpha), < 0 a negative one (-beta), 0 padding. gram[s] = W_A W_A^T of set s.
+ */
+#ifndef ANCHOR_KERNELS_STEER_H_
+#define ANCHOR_KERNELS_STEER_H_
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { AK_FLOAT32 = 0, AK_FLOAT16 = 1, AK_BFLOAT16 = 2 } ak_dtype;
+typedef enum { AK_OBJECTIVE_MEAN = 0, AK_OBJECTIVE_LSE = 1 } ak_objective;
+
+typedef enum {
+  AK_OK = 0,
+  AK_ERROR_INVALID_ARGUMENT = 1, /* a shape, stride, size or config value is out of range */
+  AK_ERROR_ROW_SET = 2,          /* row_sets[r] is outside [-1, num_sets) (CPU only) */
+  AK_ERROR_ANCHOR_ID = 3,        /* an anchor id is outside [0, vocab) (CPU only) */
+  AK_ERROR_UNSUPPORTED = 4,      /* set_size or dim past what the CUDA kernel supports */
+  AK_ERROR_CUDA = 5              /* a CUDA launch failed: see cudaGetLastError() */
+} ak_status;
+
+typedef struct {
+  ak_dtype dtype;              /* of hidden, weight, bias and out */
+  int64_t rows;                /* B */
+  int64_t dim;                 /* d */
+  int64_t vocab;               /* V */
+  const void* hidden;          /* [B, d], unit stride along d */
+  int64_t hidden_row_stride;   /* in elements */
+  const void* weight;          /* [V, d], unit stride along d */
+  int64_t weight_row_stride;   /* in elements */
+  const void* bias;            /* [V] contiguous, or NULL */
+  const int64_t* anchor_ids;   /* [S, K] contiguous */
+  const float* anchor_weights; /* [S, K] contiguous: >0 positive, <0 negative, 0 padding */
+  const float* gram;           /* [S, K, K] contiguous */
+  int64_t num_sets;            /* S */
+  int64_t set_size;            /* K (padded) */
+  const int64_t* row_sets;     /* [B]: set index per row, -1 = leave the row untouched */
+  const float* step_size;      /* [B]: eta per row */
+  int64_t steps;               /* T >= 0 */
+  ak_objective objective;
+  float reg;                   /* lambda >= 0 */
+  float temperature;           /* tau > 0 (lse only) */
+  float margin;                /* +inf: always update */
+  float max_norm;              /* rho >= 0; +inf: no trust region */
+  void* out;                   /* [B, d], unit stride along d; may not alias hidden */
+  int64_t out_row_stride;      /* in elements */
+} ak_steer_params;
+
+/* Checks everything that does not need to read tensor data. */
+ak_status ak_steer_check_params(const ak_steer_params* p);
+
+/* CPU: rows [row_begin, row_end) on the calling thread (callers parallelise over rows).
+ * Also validates row_sets and anchor ids of the rows it touches. */
+ak_status ak_steer_rows_cpu(const ak_steer_params* p, int64_t row_begin, int64_t row_end);
+
+/* CUDA: all rows, one launch on `stream` (a cudaStream_t). Device pointers. Rows whose
+ * set index is out of range are left untouched (no host sync to report it; validate ids
+ * and row_sets beforehand). Graph-capturable: no allocation, no synchronisation. */
+ak_status ak_steer_hidden_cuda(const ak_steer_params* p, void* stream);
+
+/* Largest set_size / dim the CUDA kernel accepts (AK_ERROR_UNSUPPORTED past them). */
+int64_t ak_cuda_max_set_size(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* ANCHOR_KERNELS_STEER_H_ */

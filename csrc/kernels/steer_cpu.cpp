@@ -1,0 +1,180 @@
+// CPU implementation of the anchor steering kernel (torch-free; see steer.h).
+// Serves the torch CPU backend, the C API for engines, and the CUDA test program's oracle.
+#include "anchor_kernels/steer.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "dtype_convert.h"
+
+namespace {
+
+using anchor_kernels::to_float;
+using anchor_kernels::from_float;
+
+float dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t j = 0; j < n; ++j) acc += a[j] * b[j];
+  return acc;
+}
+
+void axpy(float alpha, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) y[j] += alpha * x[j];
+}
+
+// G(z) and s = dG/dz for one set (METHOD.md "The value gap"). Padding (w == 0) gets s = 0.
+float gap_and_grad(const float* z, const float* w, const float* log_w, int64_t K,
+                   bool lse, float tau, float* s) {
+  if (!lse) {
+    float gap = 0.f;
+    for (int64_t i = 0; i < K; ++i) {
+      gap += w[i] * z[i];
+      s[i] = w[i];
+    }
+    return gap;
+  }
+  const float inf = std::numeric_limits<float>::infinity();
+  float max_pos = -inf, max_neg = -inf;
+  for (int64_t i = 0; i < K; ++i) {
+    if (w[i] == 0.f) continue;
+    const float a = z[i] / tau + log_w[i];
+    if (w[i] > 0.f) max_pos = std::fmax(max_pos, a);
+    else max_neg = std::fmax(max_neg, a);
+  }
+  float sum_pos = 0.f, sum_neg = 0.f;
+  for (int64_t i = 0; i < K; ++i) {
+    if (w[i] == 0.f) { s[i] = 0.f; continue; }
+    const float a = z[i] / tau + log_w[i];
+    s[i] = std::exp(a - (w[i] > 0.f ? max_pos : max_neg));
+    if (w[i] > 0.f) sum_pos += s[i];
+    else sum_neg += s[i];
+  }
+  for (int64_t i = 0; i < K; ++i) {
+    if (w[i] > 0.f) s[i] /= sum_pos;
+    else if (w[i] < 0.f) s[i] = -s[i] / sum_neg;
+  }
+  return tau * ((max_pos + std::log(sum_pos)) - (max_neg + std::log(sum_neg)));
+}
+
+// The T-step K-space loop. Returns whether c ended anywhere nonzero.
+bool solve_coefficients(const ak_steer_params& p, const float* z0, const float* w,
+                        const float* log_w, const float* gram, float eta, float h0_norm,
+                        float* c, float* z, float* s) {
+  const int64_t K = p.set_size;
+  const bool lse = p.objective == AK_OBJECTIVE_LSE;
+  const bool trust = std::isfinite(p.max_norm);
+  const float limit = p.max_norm * h0_norm;
+  std::fill(c, c + K, 0.f);
+  for (int64_t t = 0; t < p.steps; ++t) {
+    for (int64_t i = 0; i < K; ++i) z[i] = z0[i] + dot(gram + i * K, c, K);
+    const float gap = gap_and_grad(z, w, log_w, K, lse, p.temperature, s);
+    // A non-finite gap (non-finite hidden row) freezes the row: it comes out unchanged.
+    if (!(std::isfinite(gap) && gap < p.margin)) continue;
+    for (int64_t i = 0; i < K; ++i) c[i] += eta * (s[i] - p.reg * c[i]);
+    if (trust) {
+      float q = 0.f;  // ||h - h0||^2 = c^T Gm c
+      for (int64_t i = 0; i < K; ++i) q += c[i] * dot(gram + i * K, c, K);
+      if (q > limit * limit) {
+        const float scale = limit / std::sqrt(q);
+        for (int64_t i = 0; i < K; ++i) c[i] *= scale;
+      }
+    }
+  }
+  for (int64_t i = 0; i < K; ++i)
+    if (c[i] != 0.f) return true;
+  return false;
+}
+
+template <typename T>
+ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_end) {
+  const int64_t K = p.set_size, d = p.dim;
+  const T* weight = static_cast<const T*>(p.weight);
+  const T* bias = static_cast<const T*>(p.bias);
+  std::vector<float> h(d), acc(d), z0(K), z(K), s(K), c(K), log_w(K);
+  // Anchor rows as fp32, converted once per set per call (not per row).
+  std::vector<std::vector<float>> rows_of_set(p.num_sets);
+  auto anchor_rows = [&](int64_t set) -> const float* {
+    std::vector<float>& buf = rows_of_set[set];
+    if (buf.empty()) {
+      buf.resize(K * d);
+      for (int64_t i = 0; i < K; ++i) {
+        const T* src = weight + p.anchor_ids[set * K + i] * p.weight_row_stride;
+        for (int64_t j = 0; j < d; ++j) buf[i * d + j] = to_float(src[j]);
+      }
+    }
+    return buf.data();
+  };
+
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const T* h_in = static_cast<const T*>(p.hidden) + r * p.hidden_row_stride;
+    T* h_out = static_cast<T*>(p.out) + r * p.out_row_stride;
+    const int64_t set = p.row_sets[r];
+    if (set < -1 || set >= p.num_sets) return AK_ERROR_ROW_SET;
+    const float eta = p.step_size[r];
+    if (set < 0 || p.steps == 0 || eta == 0.f) {
+      std::memcpy(h_out, h_in, d * sizeof(T));
+      continue;
+    }
+    const int64_t* ids = p.anchor_ids + set * K;
+    const float* w = p.anchor_weights + set * K;
+    for (int64_t i = 0; i < K; ++i)
+      if (ids[i] < 0 || ids[i] >= p.vocab) return AK_ERROR_ANCHOR_ID;
+    const float* rows = anchor_rows(set);
+
+    for (int64_t j = 0; j < d; ++j) h[j] = to_float(h_in[j]);
+    const float h0_norm = std::sqrt(dot(h.data(), h.data(), d));
+    for (int64_t i = 0; i < K; ++i) {
+      log_w[i] = w[i] == 0.f ? 0.f : std::log(std::fabs(w[i]));
+      z0[i] = w[i] == 0.f ? 0.f : dot(rows + i * d, h.data(), d);
+      if (bias && w[i] != 0.f) z0[i] += to_float(bias[ids[i]]);
+    }
+    const bool moved = solve_coefficients(p, z0.data(), w, log_w.data(), p.gram + set * K * K,
+                                          eta, h0_norm, c.data(), z.data(), s.data());
+    if (!moved) {
+      std::memcpy(h_out, h_in, d * sizeof(T));
+      continue;
+    }
+    std::copy(h.begin(), h.end(), acc.begin());
+    for (int64_t i = 0; i < K; ++i)
+      if (c[i] != 0.f) axpy(c[i], rows + i * d, acc.data(), d);
+    for (int64_t j = 0; j < d; ++j) h_out[j] = from_float<T>(acc[j]);
+  }
+  return AK_OK;
+}
+
+}  // namespace
+
+extern "C" ak_status ak_steer_check_params(const ak_steer_params* p) {
+  if (!p) return AK_ERROR_INVALID_ARGUMENT;
+  const bool shapes_ok = p->rows >= 0 && p->dim >= 1 && p->vocab >= 1 && p->num_sets >= 1 &&
+                         p->set_size >= 1 && p->steps >= 0;
+  const bool strides_ok = p->rows <= 1 || (p->hidden_row_stride >= p->dim &&
+                                           p->out_row_stride >= p->dim);
+  const bool config_ok = std::isfinite(p->reg) && p->reg >= 0.f && std::isfinite(p->temperature) &&
+                         p->temperature > 0.f && !std::isnan(p->margin) &&
+                         !std::isnan(p->max_norm) && p->max_norm >= 0.f &&
+                         (p->objective == AK_OBJECTIVE_MEAN || p->objective == AK_OBJECTIVE_LSE) &&
+                         (p->dtype == AK_FLOAT32 || p->dtype == AK_FLOAT16 ||
+                          p->dtype == AK_BFLOAT16);
+  const bool pointers_ok = p->rows == 0 || (p->hidden && p->weight && p->anchor_ids &&
+                                            p->anchor_weights && p->gram && p->row_sets &&
+                                            p->step_size && p->out);
+  return shapes_ok && strides_ok && config_ok && pointers_ok ? AK_OK : AK_ERROR_INVALID_ARGUMENT;
+}
+
+extern "C" ak_status ak_steer_rows_cpu(const ak_steer_params* p, int64_t row_begin,
+                                       int64_t row_end) {
+  const ak_status st = ak_steer_check_params(p);
+  if (st != AK_OK) return st;
+  if (row_begin < 0 || row_end > p->rows || row_begin > row_end) return AK_ERROR_INVALID_ARGUMENT;
+  switch (p->dtype) {
+    case AK_FLOAT32: return steer_rows<float>(*p, row_begin, row_end);
+    case AK_FLOAT16: return steer_rows<anchor_kernels::half_bits>(*p, row_begin, row_end);
+    case AK_BFLOAT16: return steer_rows<anchor_kernels::bfloat16_bits>(*p, row_begin, row_end);
+  }
+  return AK_ERROR_INVALID_ARGUMENT;
+}

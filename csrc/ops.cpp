@@ -1,0 +1,61 @@
+// The op schema (declared once, here) and its CPU implementation.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <pybind11/pybind11.h>
+
+#include <atomic>
+
+#include "steer_args.h"
+
+namespace anchor_kernels {
+
+at::Tensor steer_hidden_cpu(const at::Tensor& hidden, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& anchor_ids,
+                            const at::Tensor& anchor_weights, const at::Tensor& gram,
+                            const at::Tensor& row_sets, const at::Tensor& step_size,
+                            int64_t steps, c10::string_view objective, double reg,
+                            double temperature, double margin, double max_norm) {
+  SteerCall call = make_steer_call(hidden, weight, bias, anchor_ids, anchor_weights, gram,
+                                   row_sets, step_size, steps, std::string(objective), reg,
+                                   temperature, margin, max_norm);
+  TORCH_CHECK(ak_steer_check_params(&call.params) == AK_OK,
+              "steer_hidden: invalid arguments (internal check)");
+  // Each chunk converts the anchor rows once, so keep chunks a few rows long.
+  const int64_t grain = std::max<int64_t>(1, call.params.rows / (2 * at::get_num_threads()));
+  std::atomic<int> status{AK_OK};
+  at::parallel_for(0, call.params.rows, grain, [&](int64_t begin, int64_t end) {
+    const ak_status st = ak_steer_rows_cpu(&call.params, begin, end);
+    if (st != AK_OK) status.store(st);
+  });
+  TORCH_CHECK(status.load() != AK_ERROR_ROW_SET, "steer_hidden: row_sets entries must be in [-1, ",
+              call.params.num_sets, ")");
+  TORCH_CHECK(status.load() != AK_ERROR_ANCHOR_ID, "steer_hidden: anchor_ids must be in [0, ",
+              call.params.vocab, ") (the vocabulary size of weight)");
+  TORCH_CHECK(status.load() == AK_OK, "steer_hidden: CPU kernel failed with status ",
+              status.load());
+  return call.out;
+}
+
+}  // namespace anchor_kernels
+
+TORCH_LIBRARY(anchor_kernels, m) {
+  m.def(
+      "steer_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor anchor_ids, "
+      "Tensor anchor_weights, Tensor gram, Tensor row_sets, Tensor step_size, int steps, "
+      "str objective, float reg, float temperature, float margin, float max_norm) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(anchor_kernels, CPU, m) {
+  m.impl("steer_hidden", &anchor_kernels::steer_hidden_cpu);
+}
+
+#ifdef ANCHOR_KERNELS_WITH_CUDA
+#define AK_CUDA_BUILT true
+#else
+#define AK_CUDA_BUILT false
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "anchor_kernels native ops; importing registers torch.ops.anchor_kernels.*";
+  m.attr("cuda_built") = AK_CUDA_BUILT;
+}

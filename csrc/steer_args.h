@@ -1,0 +1,132 @@
+// Tensor checks shared by the CPU and CUDA torch bindings: every error names the argument.
+// This is the only C++ that sees at::Tensor besides the bindings themselves.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <string>
+
+#include "anchor_kernels/steer.h"
+
+namespace anchor_kernels {
+
+// Keeps the (possibly made-contiguous) tensors alive as long as the params point at them.
+struct SteerCall {
+  at::Tensor hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, out;
+  ak_steer_params params{};
+};
+
+inline ak_dtype to_ak_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return AK_FLOAT32;
+    case at::kHalf: return AK_FLOAT16;
+    case at::kBFloat16: return AK_BFLOAT16;
+    default:
+      TORCH_CHECK(false, "steer_hidden: hidden must be float32, float16 or bfloat16, got ", t);
+  }
+}
+
+inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
+                         int64_t dim, const at::Device& device) {
+  TORCH_CHECK(t.dim() == dim, "steer_hidden: ", name, " must be ", dim, "-D, got shape ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, "steer_hidden: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == device, "steer_hidden: ", name, " is on ", t.device(),
+              " but hidden is on ", device);
+}
+
+inline at::Tensor unit_stride_rows(const at::Tensor& t) {
+  return t.stride(-1) == 1 && t.stride(0) >= 0 ? t : t.contiguous();
+}
+
+inline SteerCall make_steer_call(const at::Tensor& hidden, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& bias,
+                                 const at::Tensor& anchor_ids, const at::Tensor& anchor_weights,
+                                 const at::Tensor& gram, const at::Tensor& row_sets,
+                                 const at::Tensor& step_size, int64_t steps,
+                                 const std::string& objective, double reg, double temperature,
+                                 double margin, double max_norm) {
+  const at::Device dev = hidden.device();
+  TORCH_CHECK(hidden.dim() == 2, "steer_hidden: hidden must be 2-D [B, d], got shape ",
+              hidden.sizes());
+  const ak_dtype dtype = to_ak_dtype(hidden.scalar_type());
+  TORCH_CHECK(hidden.size(1) >= 1, "steer_hidden: hidden must have d >= 1");
+  check_tensor(weight, "weight", hidden.scalar_type(), 2, dev);
+  TORCH_CHECK(weight.size(1) == hidden.size(1), "steer_hidden: weight is [V, d] = ",
+              weight.sizes(), " but hidden has d = ", hidden.size(1));
+  TORCH_CHECK(weight.size(0) >= 1, "steer_hidden: weight must have V >= 1 rows");
+  check_tensor(anchor_ids, "anchor_ids", at::kLong, 2, dev);
+  const int64_t S = anchor_ids.size(0), K = anchor_ids.size(1);
+  TORCH_CHECK(S >= 1 && K >= 1, "steer_hidden: anchor_ids must be [S, K] with S, K >= 1, got ",
+              anchor_ids.sizes());
+  check_tensor(anchor_weights, "anchor_weights", at::kFloat, 2, dev);
+  TORCH_CHECK(anchor_weights.sizes() == anchor_ids.sizes(), "steer_hidden: anchor_weights ",
+              anchor_weights.sizes(), " must match anchor_ids ", anchor_ids.sizes());
+  check_tensor(gram, "gram", at::kFloat, 3, dev);
+  TORCH_CHECK(gram.size(0) == S && gram.size(1) == K && gram.size(2) == K,
+              "steer_hidden: gram must be [S, K, K] = [", S, ", ", K, ", ", K, "], got ",
+              gram.sizes());
+  check_tensor(row_sets, "row_sets", at::kLong, 1, dev);
+  TORCH_CHECK(row_sets.size(0) == hidden.size(0), "steer_hidden: row_sets has ",
+              row_sets.size(0), " entries but hidden has ", hidden.size(0), " rows");
+  check_tensor(step_size, "step_size", at::kFloat, 1, dev);
+  TORCH_CHECK(step_size.size(0) == hidden.size(0), "steer_hidden: step_size has ",
+              step_size.size(0), " entries but hidden has ", hidden.size(0), " rows");
+  TORCH_CHECK(steps >= 0, "steer_hidden: steps must be >= 0, got ", steps);
+  TORCH_CHECK(objective == "mean" || objective == "lse",
+              "steer_hidden: objective must be 'mean' or 'lse', got '", objective, "'");
+  TORCH_CHECK(std::isfinite(reg) && reg >= 0, "steer_hidden: reg must be finite and >= 0, got ",
+              reg);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
+              "steer_hidden: temperature must be finite and > 0, got ", temperature);
+  TORCH_CHECK(!std::isnan(margin), "steer_hidden: margin must not be NaN (+inf disables it)");
+  TORCH_CHECK(!std::isnan(max_norm) && max_norm >= 0,
+              "steer_hidden: max_norm must be >= 0 (+inf disables it), got ", max_norm);
+
+  SteerCall call;
+  call.hidden = unit_stride_rows(hidden);
+  call.weight = unit_stride_rows(weight);
+  if (bias.has_value()) {
+    check_tensor(*bias, "bias", hidden.scalar_type(), 1, dev);
+    TORCH_CHECK(bias->size(0) == weight.size(0), "steer_hidden: bias has ", bias->size(0),
+                " entries but weight has V = ", weight.size(0), " rows");
+    call.bias = bias->contiguous();
+  }
+  call.anchor_ids = anchor_ids.contiguous();
+  call.anchor_weights = anchor_weights.contiguous();
+  call.gram = gram.contiguous();
+  call.row_sets = row_sets.contiguous();
+  call.step_size = step_size.contiguous();
+  call.out = at::empty(hidden.sizes(), hidden.options());
+
+  ak_steer_params& p = call.params;
+  p.dtype = dtype;
+  p.rows = hidden.size(0);
+  p.dim = hidden.size(1);
+  p.vocab = weight.size(0);
+  p.hidden = call.hidden.data_ptr();
+  p.hidden_row_stride = call.hidden.stride(0);
+  p.weight = call.weight.data_ptr();
+  p.weight_row_stride = call.weight.stride(0);
+  p.bias = call.bias.defined() ? call.bias.data_ptr() : nullptr;
+  p.anchor_ids = call.anchor_ids.data_ptr<int64_t>();
+  p.anchor_weights = call.anchor_weights.data_ptr<float>();
+  p.gram = call.gram.data_ptr<float>();
+  p.num_sets = S;
+  p.set_size = K;
+  p.row_sets = call.row_sets.data_ptr<int64_t>();
+  p.step_size = call.step_size.data_ptr<float>();
+  p.steps = steps;
+  p.objective = objective == "lse" ? AK_OBJECTIVE_LSE : AK_OBJECTIVE_MEAN;
+  p.reg = static_cast<float>(reg);
+  p.temperature = static_cast<float>(temperature);
+  p.margin = static_cast<float>(margin);
+  p.max_norm = static_cast<float>(max_norm);
+  p.out = call.out.data_ptr();
+  p.out_row_stride = call.out.stride(0);
+  return call;
+}
+
+}  // namespace anchor_kernels
