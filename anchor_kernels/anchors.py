@@ -128,6 +128,16 @@ class PreparedAnchors(NamedTuple):
     anchor_weights: torch.Tensor  # [S, K] fp32, signed, 0 = padding
     gram: torch.Tensor            # [S, K, K] fp32
 
+    def to_bank(self) -> AnchorBank:
+        """The bank these tensors were packed from (reads them back to the host)."""
+        sets = []
+        for ids, w in zip(self.anchor_ids.tolist(), self.anchor_weights.tolist()):
+            sets.append(AnchorSet(positive=[i for i, x in zip(ids, w) if x > 0],
+                                  negative=[i for i, x in zip(ids, w) if x < 0],
+                                  positive_weights=[x for x in w if x > 0],
+                                  negative_weights=[-x for x in w if x < 0]))
+        return AnchorBank(sets)
+
 
 def _pack(bank: AnchorBank, weight: torch.Tensor) -> PreparedAnchors:
     vocab = weight.shape[0]
@@ -157,7 +167,8 @@ def prepare_anchors(weight: torch.Tensor, anchors) -> PreparedAnchors:
 
     The cache entry is reused only while ``weight`` is the same tensor with the same storage
     and version counter, so an in-place update, a ``.data`` swap or a move to another device
-    recomputes it.
+    recomputes it. Under torch.compile the cache is bypassed (dynamo cannot trace it): pass
+    the result of this function, prepared outside the compiled region, as ``anchors`` instead.
     """
     if isinstance(anchors, PreparedAnchors):
         return anchors
@@ -165,6 +176,8 @@ def prepare_anchors(weight: torch.Tensor, anchors) -> PreparedAnchors:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D [V, d] tensor, got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if torch.compiler.is_compiling():
+        return _pack(bank, weight)
     stamp = (weight._version, weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape))
     per_weight = _cache.setdefault(weight, {})
     hit = per_weight.get(bank)

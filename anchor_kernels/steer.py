@@ -7,7 +7,7 @@ import os
 import torch
 
 from . import native, reference
-from .anchors import AnchorBank, as_bank, prepare_anchors
+from .anchors import PreparedAnchors, as_bank, prepare_anchors
 from .config import SteerConfig
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -107,16 +107,17 @@ def _per_row(value, name: str, lead_shape, device, dtype) -> torch.Tensor:
     return t.reshape(rows).to(dtype)
 
 
-def _row_sets(row_sets, bank: AnchorBank, lead_shape, device) -> torch.Tensor:
+def _row_sets(row_sets, num_sets: int, lead_shape, device) -> torch.Tensor:
     if row_sets is None:
-        if bank.num_sets > 1:
+        if num_sets > 1:
             raise ValueError("row_sets is required with an AnchorBank of several sets "
                              "(one set index per row, -1 = leave the row untouched)")
         return torch.zeros(math.prod(lead_shape), dtype=torch.long, device=device)
     t = _per_row(row_sets, "row_sets", lead_shape, device, torch.long)
-    if _eager() and t.numel() and bool(((t < -1) | (t >= bank.num_sets)).any()):
-        raise ValueError(f"row_sets entries must be in [-1, {bank.num_sets}), got "
-                         f"{sorted(set(t[(t < -1) | (t >= bank.num_sets)].tolist()))}")
+    bad = (t < -1) | (t >= num_sets)
+    if _eager() and t.numel() and bool(bad.any()):
+        raise ValueError(f"row_sets entries must be in [-1, {num_sets}), got "
+                         f"{sorted(set(t[bad].tolist()))}")
     return t
 
 
@@ -137,7 +138,8 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
     hidden:    [..., d] fp32/fp16/bf16, the last hidden states (LM-head input).
     weight:    [V, d] LM-head weight, hidden's dtype and device. bias: optional [V].
     anchors:   an AnchorSet, or an AnchorBank with ``row_sets`` (one set index per row of
-               hidden, shape hidden.shape[:-1] or flat; -1 leaves the row untouched).
+               hidden, shape hidden.shape[:-1] or flat; -1 leaves the row untouched), or
+               ``prepare_anchors(weight, anchors)`` (what to pass inside torch.compile).
     step_size: optional per-row eta (same shapes as row_sets); overrides config.step_size.
     backend:   "auto" (best for the device; env ANCHOR_KERNELS_BACKEND overrides),
                "reference" (fp64 oracle), "cpu", "cuda" or "triton".
@@ -148,16 +150,20 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
     if not isinstance(config, SteerConfig):
         raise TypeError(f"config must be a SteerConfig, got {type(config).__name__}")
     _check_inputs(hidden, weight, bias)
-    bank = as_bank(anchors)
+    prepared = anchors if isinstance(anchors, PreparedAnchors) else None
+    bank = None if prepared is not None else as_bank(anchors)
+    num_sets = bank.num_sets if bank is not None else prepared.anchor_ids.shape[0]
     name = resolve_backend(backend, hidden.device)
     lead_shape, d = hidden.shape[:-1], hidden.shape[-1]
-    rows = _row_sets(row_sets, bank, lead_shape, hidden.device)
+    rows = _row_sets(row_sets, num_sets, lead_shape, hidden.device)
     eta = _step_size(step_size, config, lead_shape, hidden.device)
     h2 = hidden.reshape(-1, d)
     if name == "reference":
+        bank = bank if bank is not None else prepared.to_bank()
         out = reference.steer_rows_fp64(h2, weight, bias, bank, rows, eta, config).to(hidden.dtype)
         return out.reshape(hidden.shape)
-    prepared = prepare_anchors(weight, bank)
+    if prepared is None:
+        prepared = prepare_anchors(weight, bank)
     if name == "triton":
         from .triton_steer import steer_hidden_triton as op
     else:
