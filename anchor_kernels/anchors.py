@@ -139,11 +139,14 @@ class PreparedAnchors(NamedTuple):
         return AnchorBank(sets)
 
 
-def _pack(bank: AnchorBank, weight: torch.Tensor) -> PreparedAnchors:
-    vocab = weight.shape[0]
+def check_vocab(bank: AnchorBank, vocab: int) -> None:
     bad = sorted({t for s in bank.sets for t in s.ids if t >= vocab})
     if bad:
         raise ValueError(f"anchors hold token ids {bad} outside [0, {vocab}) (weight has V = {vocab})")
+
+
+def _pack(bank: AnchorBank, weight: torch.Tensor) -> PreparedAnchors:
+    check_vocab(bank, weight.shape[0])
     K = bank.size
     ids = torch.zeros(bank.num_sets, K, dtype=torch.long)
     weights = torch.zeros(bank.num_sets, K, dtype=torch.float64)

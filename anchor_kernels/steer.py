@@ -7,7 +7,7 @@ import os
 import torch
 
 from . import native, reference
-from .anchors import PreparedAnchors, as_bank, prepare_anchors
+from .anchors import PreparedAnchors, as_bank, check_vocab, prepare_anchors
 from .config import SteerConfig
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -160,6 +160,7 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
     h2 = hidden.reshape(-1, d)
     if name == "reference":
         bank = bank if bank is not None else prepared.to_bank()
+        check_vocab(bank, weight.shape[0])
         out = reference.steer_rows_fp64(h2, weight, bias, bank, rows, eta, config).to(hidden.dtype)
         return out.reshape(hidden.shape)
     if prepared is None:

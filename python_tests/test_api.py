@@ -1,0 +1,239 @@
+"""Validation errors, the Gram cache, op registration (schema, fake, opcheck), torch.compile."""
+import math
+import re
+
+import pytest
+import torch
+
+import anchor_kernels as ak
+from anchor_kernels import native
+from anchor_kernels.steer import resolve_backend, unavailable_reason
+from conftest import DEVICE, kernel_backends
+
+A = ak.AnchorSet([1, 2], [3])
+
+
+def _args(**over):
+    args = dict(hidden=torch.randn(4, 6), weight=torch.randn(10, 6), anchors=A,
+                config=ak.SteerConfig(steps=2), bias=None, row_sets=None, step_size=None)
+    args.update(over)
+    return args
+
+
+def _call(backend="cpu", **over):
+    a = _args(**over)
+    return ak.steer_hidden(a["hidden"], a["weight"], a["anchors"], a["config"], bias=a["bias"],
+                           backend=backend, row_sets=a["row_sets"], step_size=a["step_size"])
+
+
+BANK = ak.AnchorBank([A, ak.AnchorSet([4], [5, 6])])
+
+INVALID_CALLS = [
+    ("id out of vocab", dict(anchors=ak.AnchorSet([1, 10], [3])), ValueError, r"outside \[0, 10\)"),
+    ("wrong hidden rank", dict(hidden=torch.tensor(1.0)), ValueError, "hidden must be"),
+    ("mismatched d", dict(hidden=torch.randn(4, 5)), ValueError, "hidden has d = 5"),
+    ("weight rank", dict(weight=torch.randn(10, 6, 1)), ValueError, "weight must be 2-D"),
+    ("integer hidden", dict(hidden=torch.ones(4, 6, dtype=torch.long)), TypeError, "hidden must be float32"),
+    ("float64 hidden", dict(hidden=torch.randn(4, 6, dtype=torch.float64)), TypeError, "hidden must be float32"),
+    ("mixed dtypes", dict(weight=torch.randn(10, 6).half()), TypeError, "weight is torch.float16"),
+    ("bias dtype", dict(bias=torch.randn(10).half()), TypeError, "bias is torch.float16"),
+    ("bias shape", dict(bias=torch.randn(9)), ValueError, r"bias must be a \[V\]"),
+    ("device", dict(weight=torch.randn(10, 6, device="meta")), ValueError, "weight is on meta"),
+    ("bank without row_sets", dict(anchors=BANK), ValueError, "row_sets is required"),
+    ("row_sets too big", dict(anchors=BANK, row_sets=[0, 1, 2, -1]), ValueError, r"row_sets entries must be in \[-1, 2\)"),
+    ("row_sets too small", dict(anchors=BANK, row_sets=[0, 1, -2, -1]), ValueError, r"row_sets entries"),
+    ("row_sets float", dict(row_sets=[0.0, 0.0, 0.0, 0.0]), TypeError, "row_sets must hold integers"),
+    ("row_sets shape", dict(row_sets=[0, 0]), ValueError, "row_sets must have one entry per row"),
+    ("step_size negative", dict(step_size=[0.1, -0.1, 0.1, 0.1]), ValueError, "step_size entries"),
+    ("step_size nan", dict(step_size=[0.1, math.nan, 0.1, 0.1]), ValueError, "step_size entries"),
+    ("anchors type", dict(anchors=[1, 2]), TypeError, "anchors must be an AnchorSet"),
+    ("config type", dict(config={"steps": 2}), TypeError, "config must be a SteerConfig"),
+]
+
+
+@pytest.mark.parametrize("over,exc,message", [c[1:] for c in INVALID_CALLS], ids=[c[0] for c in INVALID_CALLS])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_invalid_calls_name_the_argument(backend, over, exc, message):
+    with pytest.raises(exc, match=message):
+        _call(backend, **over)
+
+
+INVALID_ANCHORS = [
+    (dict(positive=[], negative=[1]), ValueError, "positive must hold at least one"),
+    (dict(positive=[1], negative=[]), ValueError, "negative must hold at least one"),
+    (dict(positive=[1, 2], negative=[2]), ValueError, r"token ids \[2\] are in both"),
+    (dict(positive=[1, 1], negative=[2]), ValueError, "positive holds duplicate"),
+    (dict(positive=[-1], negative=[2]), ValueError, "positive holds a negative token id"),
+    (dict(positive=[1.5], negative=[2]), TypeError, "positive must hold integer"),
+    (dict(positive="abc", negative=[2]), TypeError, "positive must be a sequence"),
+    (dict(positive=[1], negative=torch.tensor([2.0])), TypeError, "negative must hold integer"),
+    (dict(positive=[1, 2], negative=[3], positive_weights=[1.0]), ValueError, "positive_weights has 1"),
+    (dict(positive=[1], negative=[3], negative_weights=[0.0]), ValueError, "negative_weights must all be finite and > 0"),
+    (dict(positive=[1], negative=[3], negative_weights=[math.inf]), ValueError, "negative_weights"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,message", INVALID_ANCHORS)
+def test_invalid_anchor_sets(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        ak.AnchorSet(**kwargs)
+
+
+def test_empty_bank_and_bad_member():
+    with pytest.raises(ValueError, match="at least one AnchorSet"):
+        ak.AnchorBank([])
+    with pytest.raises(TypeError, match=r"sets\[1\] must be an AnchorSet"):
+        ak.AnchorBank([A, "x"])
+
+
+INVALID_CONFIGS = [
+    (dict(steps=-1), ValueError, "steps must be >= 0"),
+    (dict(steps=1.5), TypeError, "steps must be an int"),
+    (dict(step_size=math.nan), ValueError, "step_size must be finite"),
+    (dict(step_size=-0.1), ValueError, "step_size must be >= 0"),
+    (dict(reg=math.inf), ValueError, "reg must be finite"),
+    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(margin=math.nan), ValueError, "margin must be finite"),
+    (dict(max_norm=-1.0), ValueError, "max_norm must be >= 0"),
+    (dict(max_norm=math.inf), ValueError, "max_norm must be finite"),
+    (dict(objective="max"), ValueError, "objective must be one of"),
+]
+
+
+@pytest.mark.parametrize("kwargs,exc,message", INVALID_CONFIGS)
+def test_invalid_configs(kwargs, exc, message):
+    with pytest.raises(exc, match=message):
+        ak.SteerConfig(**kwargs)
+
+
+def _op_args(**over):
+    prepared = ak.prepare_anchors(torch.randn(10, 6), A)
+    args = dict(hidden=torch.randn(4, 6), weight=torch.randn(10, 6), bias=None,
+                anchor_ids=prepared.anchor_ids, anchor_weights=prepared.anchor_weights,
+                gram=prepared.gram, row_sets=torch.zeros(4, dtype=torch.long),
+                step_size=torch.full((4,), 0.5), steps=3, objective="lse", reg=0.0,
+                temperature=1.0, margin=math.inf, max_norm=math.inf)
+    args.update(over)
+    return list(args.values())
+
+
+INVALID_OP_CALLS = [
+    (dict(hidden=torch.randn(4, 6, 1)), "hidden must be 2-D"),
+    (dict(weight=torch.randn(10, 5)), "weight"),
+    (dict(anchor_ids=torch.tensor([[1, 10, 3]])), r"anchor_ids must be in \[0, 10\)"),
+    (dict(anchor_ids=torch.tensor([[1.0, 2.0, 3.0]])), "anchor_ids"),
+    (dict(gram=torch.zeros(1, 2, 2)), "gram"),
+    (dict(row_sets=torch.tensor([0, 0, 1, 0])), r"row_sets entries must be in \[-1, 1\)"),
+    (dict(row_sets=torch.zeros(3, dtype=torch.long)), "row_sets"),
+    (dict(step_size=torch.zeros(4, dtype=torch.float64)), "step_size"),
+    (dict(steps=-1), "steps must be >= 0"),
+    (dict(objective="max"), "objective must be 'mean' or 'lse'"),
+    (dict(temperature=0.0), "temperature"),
+    (dict(margin=math.nan), "margin"),
+    (dict(max_norm=-1.0), "max_norm"),
+]
+
+
+@pytest.mark.skipif(not native.available(), reason="anchor_kernels._C not built")
+@pytest.mark.parametrize("over,message", INVALID_OP_CALLS)
+def test_op_validates_its_arguments(over, message):
+    """Direct torch.ops callers get the same care as the Python API."""
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.anchor_kernels.steer_hidden(*_op_args(**over))
+
+
+def test_anchor_gram_values_and_shapes():
+    torch.manual_seed(0)
+    weight = torch.randn(30, 7)
+    gram = ak.anchor_gram(weight, A)
+    rows = weight[list(A.ids)].double()
+    torch.testing.assert_close(gram, (rows @ rows.T).float())
+    bank = ak.AnchorBank([A, ak.AnchorSet([4], [5, 6, 7, 8])])
+    gram_bank = ak.anchor_gram(weight, bank)
+    assert gram_bank.shape == (2, 5, 5) and gram_bank.dtype == torch.float32
+    assert torch.equal(gram_bank[0, :3, :3], gram) and not gram_bank[0, 3:].any() and not gram_bank[0, :, 3:].any()
+
+
+def test_gram_cache_is_reused_and_never_stale():
+    weight = torch.randn(30, 7)
+    first = ak.prepare_anchors(weight, A)
+    assert ak.prepare_anchors(weight, A) is first  # reused across decoding steps
+    assert ak.prepare_anchors(weight, ak.AnchorSet([1, 2], [3])) is first  # equal sets share it
+    with torch.no_grad():
+        weight.mul_(2)  # in-place update
+    second = ak.prepare_anchors(weight, A)
+    assert second is not first
+    torch.testing.assert_close(second.gram, first.gram * 4)
+    weight.data = torch.randn(30, 7)  # storage swap, as module.to() does
+    assert ak.prepare_anchors(weight, A) is not second
+    other = weight.clone()
+    assert ak.prepare_anchors(other, A) is not ak.prepare_anchors(weight, A)
+    if torch.cuda.is_available():
+        moved = ak.prepare_anchors(weight.cuda(), A)
+        assert moved.gram.device.type == "cuda"
+
+
+def test_prepared_anchors_round_trip():
+    weight = torch.randn(30, 7)
+    bank = ak.AnchorBank([A, ak.AnchorSet([4, 9], [5], positive_weights=[1, 3])])
+    assert ak.prepare_anchors(weight, bank).to_bank() == bank
+
+
+@pytest.mark.skipif(not native.available(), reason="anchor_kernels._C not built")
+def test_triton_op_has_the_same_schema():
+    from anchor_kernels import triton_steer
+
+    if triton_steer.IMPORT_ERROR is not None:
+        pytest.skip(str(triton_steer.IMPORT_ERROR))
+    triton_schema = str(torch.ops.anchor_kernels.steer_hidden_triton.default._schema)
+    # Python's annotation `int` is inferred as SymInt: the same argument, possibly symbolic.
+    assert triton_schema[triton_schema.index("("):].replace("SymInt", "int") == native.op_schema()
+
+
+def _opcheck_args(device):
+    torch.manual_seed(0)
+    weight = torch.randn(40, 24, device=device)
+    bank = ak.AnchorBank([A, ak.AnchorSet([4, 5, 6], [7, 8])])
+    prepared = ak.prepare_anchors(weight, bank)
+    hidden = torch.randn(5, 24, device=device)
+    return (hidden, weight, torch.randn(40, device=device), *prepared,
+            torch.tensor([0, 1, -1, 1, 0], device=device), torch.full((5,), 0.3, device=device),
+            4, "lse", 0.1, 1.0, math.inf, 0.5)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_opcheck(backend):
+    op = (torch.ops.anchor_kernels.steer_hidden_triton if backend == "triton"
+          else torch.ops.anchor_kernels.steer_hidden)
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    if backend == "triton" and DEVICE.type == "cpu":
+        utils = ("test_schema",)  # interpreted kernels cannot run on fake tensors
+    torch.library.opcheck(op.default, _opcheck_args(DEVICE), test_utils=utils)
+
+
+def test_auto_backend_and_override(monkeypatch):
+    if native.available():
+        assert resolve_backend("auto", torch.device("cpu")) == "cpu"
+    monkeypatch.setenv("ANCHOR_KERNELS_BACKEND", "reference")
+    assert resolve_backend("auto", torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="backend must be 'auto' or one of"):
+        resolve_backend("fast", torch.device("cpu"))
+    assert "CUDA tensors" in unavailable_reason("cuda", torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=re.escape("backend 'cuda' is unavailable")):
+        _call("cuda")
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu" or not native.available(), reason="CPU compile check")
+def test_compile_fullgraph_cpu():
+    torch.manual_seed(0)
+    weight = torch.randn(50, 16)
+    hidden = torch.randn(3, 16)
+    prepared = ak.prepare_anchors(weight, A)
+    config = ak.SteerConfig(steps=3, max_norm=0.5)
+
+    def step(h, anchors):
+        return ak.steer_hidden(torch.tanh(h) * 4, weight, anchors, config, backend="cpu") @ weight.T
+
+    for anchors in (prepared, A):  # prepared outside, or packed inside the graph
+        compiled = torch.compile(step, fullgraph=True)
+        torch.testing.assert_close(compiled(hidden, anchors), step(hidden, anchors))
