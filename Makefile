@@ -1,0 +1,37 @@
+# Fresh machine to running project in one command each: `make demo`, `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
+
+.PHONY: demo test bench cuda-check clean
+
+$(VENV)/.deps: requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# The extension is rebuilt whenever a native source changes.
+$(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
+	$(BIN)/python -m pip install -q --no-build-isolation -e .
+	touch $@
+
+demo: $(VENV)/.built
+	$(BIN)/python -m anchor_kernels demo
+
+test: $(VENV)/.built
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.built
+	$(BIN)/python -m pytest bench/ --benchmark-only
+
+# Compiles the CUDA kernels and CMake targets with nvcc; needs no GPU and no CUDA torch.
+cuda-check:
+	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/cmake
+
+clean:
+	rm -rf $(VENV) build anchor_kernels/*.so *.egg-info
