@@ -31,7 +31,8 @@ bench: $(VENV)/.built
 # Compiles the CUDA kernels and CMake targets with nvcc; needs no GPU and no CUDA torch.
 cuda-check:
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release
-	cmake --build build/cmake
+	cmake --build build/cmake -j 2
+	ctest --test-dir build/cmake --output-on-failure
 
 clean:
 	rm -rf $(VENV) build anchor_kernels/*.so *.egg-info

@@ -44,7 +44,7 @@ def extension():
             define_macros=[("ANCHOR_KERNELS_WITH_CUDA", None)],
             extra_compile_args={
                 "cxx": CXX_FLAGS,
-                "nvcc": ["-O3", "-std=c++17", "--use_fast_math", *gencode_flags()],
+                "nvcc": ["-O3", "-std=c++17", *gencode_flags()],
             },
         )
     return cpp_extension.CppExtension(

@@ -1,0 +1,273 @@
+// C API test program (no torch). Always: the CPU kernel against an independent fp64 loop in
+// h-space (METHOD.md's update, trust region on ||h - h0||). With AK_TEST_CUDA and a device:
+// the CUDA kernel against the CPU kernel for fp32/fp16/bf16. Exit 0 = pass, 1 = fail.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "anchor_kernels/steer.h"
+#include "dtype_convert.h"
+
+#ifdef AK_TEST_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace {
+
+using anchor_kernels::bfloat16_bits;
+using anchor_kernels::half_bits;
+
+struct Problem {
+  int64_t B, d, V, S, K, steps;
+  ak_objective objective;
+  float reg, tau, margin, max_norm;
+  std::vector<float> hidden, weight, bias, aw, gram, eta;
+  std::vector<int64_t> ids, row_sets;
+};
+
+Problem make_problem(std::mt19937& rng, int64_t B, int64_t d, int64_t S, int64_t K,
+                     ak_objective objective, float max_norm, float margin) {
+  std::normal_distribution<float> normal;
+  std::uniform_real_distribution<float> uni(0.1f, 1.f);
+  Problem p{B, d, S * K + 17, S, K, 6, objective, 0.1f, 0.8f, margin, max_norm};
+  for (int64_t i = 0; i < B * d; ++i) p.hidden.push_back(3 * normal(rng));
+  for (int64_t i = 0; i < p.V * d; ++i) p.weight.push_back(2 * normal(rng) / std::sqrt(float(d)));
+  for (int64_t i = 0; i < p.V; ++i) p.bias.push_back(0.5f * normal(rng));
+  std::vector<int64_t> perm(p.V);
+  for (int64_t i = 0; i < p.V; ++i) perm[i] = i;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  p.ids.assign(S * K, 0);
+  p.aw.assign(S * K, 0.f);
+  for (int64_t s = 0, at = 0; s < S; ++s) {
+    const int64_t size = K - s;  // sets of different sizes: the rest is padding
+    const int64_t n_pos = (size + 1) / 2;
+    float sum_pos = 0, sum_neg = 0;
+    std::vector<float> raw(size);
+    for (int64_t i = 0; i < size; ++i) {
+      p.ids[s * K + i] = perm[at++];
+      raw[i] = uni(rng);
+      (i < n_pos ? sum_pos : sum_neg) += raw[i];
+    }
+    for (int64_t i = 0; i < size; ++i) p.aw[s * K + i] = i < n_pos ? raw[i] / sum_pos : -raw[i] / sum_neg;
+  }
+  p.gram.assign(S * K * K, 0.f);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j) {
+        if (p.aw[s * K + i] == 0 || p.aw[s * K + j] == 0) continue;
+        double acc = 0;
+        for (int64_t x = 0; x < d; ++x)
+          acc += double(p.weight[p.ids[s * K + i] * d + x]) * p.weight[p.ids[s * K + j] * d + x];
+        p.gram[(s * K + i) * K + j] = float(acc);
+      }
+  for (int64_t r = 0; r < B; ++r) {
+    p.row_sets.push_back(int64_t(rng() % (S + 1)) - 1);
+    p.eta.push_back(0.5f * uni(rng));
+  }
+  return p;
+}
+
+ak_steer_params params_for(const Problem& p, ak_dtype dtype, const void* hidden, const void* weight,
+                           const void* bias, void* out, const int64_t* ids, const float* aw,
+                           const float* gram, const int64_t* row_sets, const float* eta) {
+  ak_steer_params q{};
+  q.dtype = dtype;
+  q.rows = p.B; q.dim = p.d; q.vocab = p.V;
+  q.hidden = hidden; q.hidden_row_stride = p.d;
+  q.weight = weight; q.weight_row_stride = p.d;
+  q.bias = bias;
+  q.anchor_ids = ids; q.anchor_weights = aw; q.gram = gram;
+  q.num_sets = p.S; q.set_size = p.K;
+  q.row_sets = row_sets; q.step_size = eta;
+  q.steps = p.steps; q.objective = p.objective;
+  q.reg = p.reg; q.temperature = p.tau; q.margin = p.margin; q.max_norm = p.max_norm;
+  q.out = out; q.out_row_stride = p.d;
+  return q;
+}
+
+// The update of METHOD.md in h-space, fp64, with grad G = W_A^T dG/dz_A.
+std::vector<double> reference(const Problem& p) {
+  std::vector<double> out(p.hidden.begin(), p.hidden.end());
+  for (int64_t r = 0; r < p.B; ++r) {
+    const int64_t s = p.row_sets[r];
+    if (s < 0) continue;
+    const double* h0 = nullptr;
+    std::vector<double> h0v(p.hidden.begin() + r * p.d, p.hidden.begin() + (r + 1) * p.d);
+    h0 = h0v.data();
+    std::vector<double> h(h0v), z(p.K), g(p.K);
+    double h0n = 0;
+    for (int64_t x = 0; x < p.d; ++x) h0n += h0[x] * h0[x];
+    h0n = std::sqrt(h0n);
+    for (int64_t t = 0; t < p.steps; ++t) {
+      for (int64_t i = 0; i < p.K; ++i) {
+        const int64_t id = p.ids[s * p.K + i];
+        double acc = p.bias[id];
+        for (int64_t x = 0; x < p.d; ++x) acc += p.weight[id * p.d + x] * h[x];
+        z[i] = acc;
+      }
+      double gap = 0;
+      const float* w = &p.aw[s * p.K];
+      if (p.objective == AK_OBJECTIVE_MEAN) {
+        for (int64_t i = 0; i < p.K; ++i) { gap += w[i] * z[i]; g[i] = w[i]; }
+      } else {
+        double lse[2] = {0, 0};
+        for (int sign = 0; sign < 2; ++sign) {
+          double m = -INFINITY, sum = 0;
+          for (int64_t i = 0; i < p.K; ++i)
+            if ((sign == 0 && w[i] > 0) || (sign == 1 && w[i] < 0))
+              m = std::max(m, z[i] / p.tau + std::log(std::fabs(double(w[i]))));
+          for (int64_t i = 0; i < p.K; ++i)
+            if ((sign == 0 && w[i] > 0) || (sign == 1 && w[i] < 0)) {
+              g[i] = std::exp(z[i] / p.tau + std::log(std::fabs(double(w[i]))) - m);
+              sum += g[i];
+            }
+          for (int64_t i = 0; i < p.K; ++i)
+            if ((sign == 0 && w[i] > 0) || (sign == 1 && w[i] < 0)) g[i] *= (sign ? -1.0 : 1.0) / sum;
+          lse[sign] = m + std::log(sum);
+        }
+        for (int64_t i = 0; i < p.K; ++i) if (w[i] == 0) g[i] = 0;
+        gap = p.tau * (lse[0] - lse[1]);
+      }
+      if (!(std::isfinite(gap) && gap < p.margin)) continue;
+      for (int64_t x = 0; x < p.d; ++x) {
+        double grad = 0;
+        for (int64_t i = 0; i < p.K; ++i) grad += g[i] * p.weight[p.ids[s * p.K + i] * p.d + x];
+        h[x] += p.eta[r] * (grad - p.reg * (h[x] - h0[x]));
+      }
+      if (std::isfinite(p.max_norm)) {
+        double n = 0;
+        for (int64_t x = 0; x < p.d; ++x) n += (h[x] - h0[x]) * (h[x] - h0[x]);
+        n = std::sqrt(n);
+        const double limit = p.max_norm * h0n;
+        if (n > limit)
+          for (int64_t x = 0; x < p.d; ++x) h[x] = h0[x] + (h[x] - h0[x]) * limit / n;
+      }
+    }
+    std::copy(h.begin(), h.end(), out.begin() + r * p.d);
+  }
+  return out;
+}
+
+// Per row: ||got - want|| <= tol ||want - h0|| + roundoff ||want||.
+bool close(const Problem& p, const std::vector<double>& got, const std::vector<double>& want,
+           double tol, double roundoff, const char* what) {
+  for (int64_t r = 0; r < p.B; ++r) {
+    double err = 0, delta = 0, norm = 0;
+    for (int64_t x = 0; x < p.d; ++x) {
+      const int64_t i = r * p.d + x;
+      err += (got[i] - want[i]) * (got[i] - want[i]);
+      delta += (want[i] - p.hidden[i]) * (want[i] - p.hidden[i]);
+      norm += want[i] * want[i];
+    }
+    if (std::sqrt(err) > tol * std::sqrt(delta) + roundoff * std::sqrt(norm) + 1e-30) {
+      std::printf("FAIL %s: row %lld err %.3g |delta| %.3g\n", what, (long long)r, std::sqrt(err),
+                  std::sqrt(delta));
+      return false;
+    }
+  }
+  return true;
+}
+
+template <typename T>
+std::vector<T> convert(const std::vector<float>& v) {
+  std::vector<T> out;
+  for (float x : v) out.push_back(anchor_kernels::from_float<T>(x));
+  return out;
+}
+
+template <typename T>
+std::vector<double> widen(const std::vector<T>& v) {
+  std::vector<double> out;
+  for (const T& x : v) out.push_back(anchor_kernels::to_float(x));
+  return out;
+}
+
+template <typename T>
+std::vector<double> run_cpu(Problem& p, ak_dtype dtype) {
+  // Round the inputs to T first so both sides see the same values.
+  auto h = convert<T>(p.hidden), w = convert<T>(p.weight), b = convert<T>(p.bias);
+  const std::vector<double> rounded = widen(h);
+  p.hidden.assign(rounded.begin(), rounded.end());
+  std::vector<T> out(p.B * p.d);
+  const ak_steer_params q = params_for(p, dtype, h.data(), w.data(), b.data(), out.data(),
+                                       p.ids.data(), p.aw.data(), p.gram.data(), p.row_sets.data(),
+                                       p.eta.data());
+  if (ak_steer_rows_cpu(&q, 0, p.B) != AK_OK) return {};
+  return widen(out);
+}
+
+#ifdef AK_TEST_CUDA
+template <typename V>
+V* to_device(const std::vector<V>& v) {
+  V* ptr = nullptr;
+  cudaMalloc(&ptr, v.size() * sizeof(V) + 16);
+  cudaMemcpy(ptr, v.data(), v.size() * sizeof(V), cudaMemcpyHostToDevice);
+  return ptr;
+}
+
+template <typename T>
+std::vector<double> run_cuda(const Problem& p, ak_dtype dtype) {
+  auto h = to_device(convert<T>(p.hidden));
+  auto w = to_device(convert<T>(p.weight));
+  auto b = to_device(convert<T>(p.bias));
+  auto ids = to_device(p.ids);
+  auto aw = to_device(p.aw);
+  auto gram = to_device(p.gram);
+  auto rs = to_device(p.row_sets);
+  auto eta = to_device(p.eta);
+  T* out = to_device(std::vector<T>(p.B * p.d));
+  const ak_steer_params q = params_for(p, dtype, h, w, b, out, ids, aw, gram, rs, eta);
+  const ak_status st = ak_steer_hidden_cuda(&q, nullptr);
+  std::vector<T> host(p.B * p.d);
+  const cudaError_t err = cudaMemcpy(host.data(), out, host.size() * sizeof(T), cudaMemcpyDeviceToHost);
+  for (void* ptr : {(void*)h, (void*)w, (void*)b, (void*)ids, (void*)aw, (void*)gram, (void*)rs,
+                    (void*)eta, (void*)out})
+    cudaFree(ptr);
+  if (st != AK_OK || err != cudaSuccess) {
+    std::printf("FAIL cuda launch: status %d, %s\n", int(st), cudaGetErrorString(err));
+    return {};
+  }
+  return widen(host);
+}
+#endif
+
+}  // namespace
+
+int main() {
+  std::mt19937 rng(1234);
+  const int64_t dims[] = {1, 7, 64, 130, 1000};
+  const int64_t set_sizes[] = {2, 5, 64, 100};
+  bool ok = true;
+  int cases = 0;
+#ifdef AK_TEST_CUDA
+  int devices = 0;
+  const bool have_gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
+  if (!have_gpu) std::printf("no CUDA device: the CUDA kernel checks are skipped\n");
+#endif
+  for (int64_t d : dims)
+    for (int64_t K : set_sizes)
+      for (int obj = 0; obj < 2; ++obj)
+        for (float max_norm : {INFINITY, 0.05f}) {
+          const ak_objective objective = obj ? AK_OBJECTIVE_LSE : AK_OBJECTIVE_MEAN;
+          const float margin = obj ? 3.f : INFINITY;
+          Problem p = make_problem(rng, 9, d, 2, K, objective, max_norm, margin);
+          Problem p32 = p;
+          const std::vector<double> got = run_cpu<float>(p32, AK_FLOAT32);
+          ok &= !got.empty() && close(p32, got, reference(p32), 1e-4, 0x1p-24, "cpu fp32 vs fp64");
+          ++cases;
+#ifdef AK_TEST_CUDA
+          if (!have_gpu) continue;
+          Problem ph = p, pb = p;
+          const auto cpu16 = run_cpu<half_bits>(ph, AK_FLOAT16);
+          const auto cpub16 = run_cpu<bfloat16_bits>(pb, AK_BFLOAT16);
+          ok &= close(p32, run_cuda<float>(p32, AK_FLOAT32), got, 1e-4, 0x1p-24, "cuda fp32");
+          ok &= close(ph, run_cuda<half_bits>(ph, AK_FLOAT16), cpu16, 2e-2, 0x1p-10, "cuda fp16");
+          ok &= close(pb, run_cuda<bfloat16_bits>(pb, AK_BFLOAT16), cpub16, 2e-2, 0x1p-7, "cuda bf16");
+#endif
+        }
+  std::printf("%d cases: %s\n", cases, ok ? "passed" : "FAILED");
+  return ok ? 0 : 1;
+}
