@@ -26,7 +26,7 @@ test: $(VENV)/.built
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.built
-	$(BIN)/python -m pytest bench/ --benchmark-only
+	$(BIN)/python -m pytest bench/ --benchmark-only --benchmark-columns=median,iqr,mean,rounds --benchmark-json=bench/results/latest-$$(uname -n).json
 
 # Compiles the CUDA kernels and CMake targets with nvcc; needs no GPU and no CUDA torch.
 cuda-check:

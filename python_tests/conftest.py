@@ -31,7 +31,15 @@ def kernel_backends(device=DEVICE):
     return out
 
 
-def assert_steer_close(out, hidden, expected_fp64, dtype):
+def roundoff(dtype, backend=None):
+    # Triton's CPU interpreter truncates fp32 -> bf16 casts (even with rounding="rtne"); GPUs
+    # round to nearest even. Truncation costs up to a whole ulp instead of half of one.
+    if backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1":
+        return 2.0**-7
+    return ROUNDOFF[dtype]
+
+
+def assert_steer_close(out, hidden, expected_fp64, dtype, backend=None):
     """Per row: ||(out - h0) - (ref - h0)|| <= tol ||ref - h0|| + roundoff(dtype) ||ref||.
 
     The second term is the unavoidable rounding of writing h' in ``dtype``."""
@@ -41,7 +49,7 @@ def assert_steer_close(out, hidden, expected_fp64, dtype):
     ref = expected_fp64.reshape(-1, d).double().cpu()
     h0 = hidden.reshape(-1, d).double().cpu()
     err = (got - ref).norm(dim=-1)
-    bound = TOLERANCE[dtype] * (ref - h0).norm(dim=-1) + ROUNDOFF[dtype] * ref.norm(dim=-1) + 1e-30
+    bound = TOLERANCE[dtype] * (ref - h0).norm(dim=-1) + roundoff(dtype, backend) * ref.norm(dim=-1) + 1e-30
     bad = (err > bound).nonzero().flatten().tolist()
     assert not bad, (f"{len(bad)} rows out of tolerance, first rows {bad[:5]}: "
                      f"err {err[bad[:5]].tolist()} > bound {bound[bad[:5]].tolist()}; "

@@ -76,7 +76,7 @@ def check_against_reference(backend, dtype, case):
                           bias=args["bias"], backend=backend, row_sets=args["row_sets"],
                           step_size=args["step_size"])
     expected = reference_fp64(**args)
-    assert_steer_close(out, args["hidden"], expected, dtype)
+    assert_steer_close(out, args["hidden"], expected, dtype, backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -141,7 +141,7 @@ def test_nonfinite_rows_pass_through_and_do_not_leak(backend, dtype, objective):
     assert torch.equal(_bits(out[1:3]), _bits(hidden[1:3]))
     finite = hidden[[0, 3]]
     expected = reference_fp64(finite, weight, anchors, config)
-    assert_steer_close(out[[0, 3]], finite, expected, dtype)
+    assert_steer_close(out[[0, 3]], finite, expected, dtype, backend)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())

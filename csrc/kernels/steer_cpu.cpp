@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "dtype_convert.h"
@@ -95,18 +96,25 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
   const T* weight = static_cast<const T*>(p.weight);
   const T* bias = static_cast<const T*>(p.bias);
   std::vector<float> h(d), acc(d), z0(K), z(K), s(K), c(K), log_w(K);
-  // Anchor rows as fp32, converted once per set per call (not per row).
+  std::vector<const float*> rows(K);
+  // 16-bit anchor rows as fp32, converted once per set per call (not per row); fp32 rows are
+  // read in place.
   std::vector<std::vector<float>> rows_of_set(p.num_sets);
-  auto anchor_rows = [&](int64_t set) -> const float* {
+  auto anchor_rows = [&](int64_t set) {
+    const int64_t* ids = p.anchor_ids + set * K;
+    if constexpr (std::is_same_v<T, float>) {
+      for (int64_t i = 0; i < K; ++i) rows[i] = weight + ids[i] * p.weight_row_stride;
+      return;
+    }
     std::vector<float>& buf = rows_of_set[set];
     if (buf.empty()) {
       buf.resize(K * d);
       for (int64_t i = 0; i < K; ++i) {
-        const T* src = weight + p.anchor_ids[set * K + i] * p.weight_row_stride;
+        const T* src = weight + ids[i] * p.weight_row_stride;
         for (int64_t j = 0; j < d; ++j) buf[i * d + j] = to_float(src[j]);
       }
     }
-    return buf.data();
+    for (int64_t i = 0; i < K; ++i) rows[i] = buf.data() + i * d;
   };
 
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -123,13 +131,13 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
     const float* w = p.anchor_weights + set * K;
     for (int64_t i = 0; i < K; ++i)
       if (ids[i] < 0 || ids[i] >= p.vocab) return AK_ERROR_ANCHOR_ID;
-    const float* rows = anchor_rows(set);
+    anchor_rows(set);
 
     for (int64_t j = 0; j < d; ++j) h[j] = to_float(h_in[j]);
     const float h0_norm = std::sqrt(dot(h.data(), h.data(), d));
     for (int64_t i = 0; i < K; ++i) {
       log_w[i] = w[i] == 0.f ? 0.f : std::log(std::fabs(w[i]));
-      z0[i] = w[i] == 0.f ? 0.f : dot(rows + i * d, h.data(), d);
+      z0[i] = w[i] == 0.f ? 0.f : dot(rows[i], h.data(), d);
       if (bias && w[i] != 0.f) z0[i] += to_float(bias[ids[i]]);
     }
     const bool moved = solve_coefficients(p, z0.data(), w, log_w.data(), p.gram + set * K * K,
@@ -140,7 +148,7 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
     }
     std::copy(h.begin(), h.end(), acc.begin());
     for (int64_t i = 0; i < K; ++i)
-      if (c[i] != 0.f) axpy(c[i], rows + i * d, acc.data(), d);
+      if (c[i] != 0.f) axpy(c[i], rows[i], acc.data(), d);
     for (int64_t j = 0; j < d; ++j) h_out[j] = from_float<T>(acc[j]);
   }
   return AK_OK;
