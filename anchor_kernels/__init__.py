@@ -7,10 +7,19 @@
 from . import native
 from .anchors import AnchorBank, AnchorSet, PreparedAnchors, anchor_gram, prepare_anchors
 from .config import SteerConfig
+from .logits import LogitSteerer
 from .steer import BACKENDS, resolve_backend, steer_hidden
 
 __all__ = [
-    "AnchorBank", "AnchorSet", "PreparedAnchors", "SteerConfig", "BACKENDS",
+    "AnchorBank", "AnchorSet", "LogitSteerer", "PreparedAnchors", "SteerConfig", "BACKENDS",
     "anchor_gram", "native", "prepare_anchors", "resolve_backend", "steer_hidden",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "hf":  # imported on first use: transformers is optional
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

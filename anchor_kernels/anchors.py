@@ -74,6 +74,14 @@ class AnchorSet:
         object.__setattr__(self, "negative_weights",
                            _set_weights(self.negative_weights, len(neg), "negative_weights"))
 
+    @classmethod
+    def from_words(cls, tokenizer, positive, negative, multi_token: str = "drop") -> "AnchorSet":
+        """Anchor set from words for any HF tokenizer (see anchor_kernels.words); the result's
+        ``.report`` says which tokens each word gave and which words were dropped, and why."""
+        from .words import anchor_set_from_words
+
+        return anchor_set_from_words(cls, tokenizer, positive, negative, multi_token)
+
     @property
     def size(self) -> int:
         """K = |P| + |N|."""

@@ -1,0 +1,62 @@
+"""The logit-space form (METHOD.md): the same edit from raw logits, for engines whose plug-in
+API only sees logits (an HF LogitsProcessor, vLLM v1 logits processors, ...).
+
+    W h' + b = (W h0 + b) + M c_T,   M = W W_A^T  [V, K] per set, computed once.
+"""
+from __future__ import annotations
+
+import torch
+
+from .anchors import PreparedAnchors, prepare_anchors
+from .config import SteerConfig
+from .kspace import solve_coefficients
+from .steer import _per_row, _row_sets, _step_size
+
+
+class LogitSteerer:
+    """Applies anchor steering to raw logits ``[..., V]``.
+
+    The logits must be raw: before soft-capping (Gemma 2's ``final_logit_softcapping``),
+    temperature, repetition penalties or any other processor, or the edit is not the one
+    METHOD.md defines. The trust region (``max_norm``) needs ``||h0||``, which logits do not
+    carry; pass ``hidden_norm`` per call if you have it.
+    """
+
+    def __init__(self, weight: torch.Tensor, anchors, config: SteerConfig | None = None,
+                 bias: torch.Tensor | None = None):
+        self.config = SteerConfig() if config is None else config
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError("weight must be the [V, d] LM-head weight")
+        if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
+            raise ValueError(f"bias must be a [V] = [{weight.shape[0]}] tensor")
+        # The bias cancels in W h' + b - (W h0 + b); it is accepted for symmetry with steer_hidden.
+        self.prepared: PreparedAnchors = prepare_anchors(weight, anchors)
+        self.vocab = weight.shape[0]
+        w = weight.detach().float()
+        # M per set: [S, V, K]. Padding columns are zero because their Gram rows are.
+        rows = w[self.prepared.anchor_ids] * (self.prepared.anchor_weights != 0).unsqueeze(-1)
+        self.mixing = torch.einsum("vd,skd->svk", w, rows)
+
+    @property
+    def num_sets(self) -> int:
+        return self.prepared.anchor_ids.shape[0]
+
+    def __call__(self, logits: torch.Tensor, row_sets=None, step_size=None,
+                 hidden_norm: torch.Tensor | None = None) -> torch.Tensor:
+        if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] != self.vocab:
+            raise ValueError(f"logits must be [..., V] with V = {self.vocab}, got "
+                             f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+        if logits.device != self.mixing.device:
+            raise ValueError(f"logits are on {logits.device} but the steerer is on {self.mixing.device}")
+        lead = logits.shape[:-1]
+        flat = logits.reshape(-1, self.vocab)
+        rows = _row_sets(row_sets, self.num_sets, lead, logits.device)
+        eta = _step_size(step_size, self.config, lead, logits.device)
+        norm = None if hidden_norm is None else _per_row(hidden_norm, "hidden_norm", lead, logits.device, torch.float32)
+        ids = self.prepared.anchor_ids[rows.clamp(0, self.num_sets - 1)]      # [B, K]
+        z0 = flat.float().gather(-1, ids)
+        c = solve_coefficients(z0, self.prepared, rows, eta, self.config, hidden_norm=norm)
+        delta = torch.zeros_like(flat, dtype=torch.float32)
+        for s in range(self.num_sets):
+            delta += (c * (rows == s).unsqueeze(-1)) @ self.mixing[s].T
+        return (flat.float() + delta).to(logits.dtype).reshape(logits.shape)
