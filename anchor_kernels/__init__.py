@@ -4,7 +4,7 @@
     anchors = ak.AnchorSet(positive=[...], negative=[...])
     h_new = ak.steer_hidden(hidden, lm_head.weight, anchors, ak.SteerConfig(steps=10))
 """
-from . import native
+from . import lexicons, native
 from .anchors import AnchorBank, AnchorSet, PreparedAnchors, anchor_gram, prepare_anchors
 from .config import SteerConfig
 from .logits import LogitSteerer
@@ -12,7 +12,7 @@ from .steer import BACKENDS, resolve_backend, steer_hidden
 
 __all__ = [
     "AnchorBank", "AnchorSet", "LogitSteerer", "PreparedAnchors", "SteerConfig", "BACKENDS",
-    "anchor_gram", "native", "prepare_anchors", "resolve_backend", "steer_hidden",
+    "anchor_gram", "lexicons", "native", "prepare_anchors", "resolve_backend", "steer_hidden",
 ]
 __version__ = "0.1.0"
 

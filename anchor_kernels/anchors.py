@@ -82,6 +82,14 @@ class AnchorSet:
 
         return anchor_set_from_words(cls, tokenizer, positive, negative, multi_token)
 
+    @classmethod
+    def from_lexicon(cls, tokenizer, name: str, multi_token: str = "drop") -> "AnchorSet":
+        """Anchor set from a shipped lexicon: ``anchor_kernels.lexicons.names()``."""
+        from . import lexicons
+
+        lexicon = lexicons.load(name)
+        return cls.from_words(tokenizer, lexicon["positive"], lexicon["negative"], multi_token)
+
     @property
     def size(self) -> int:
         """K = |P| + |N|."""

@@ -250,3 +250,36 @@ def test_from_words(build, mark):
         ak.AnchorSet.from_words(tok, positive=["kind"], negative=["qqqq"])
     with pytest.raises(TypeError, match="list of words"):
         ak.AnchorSet.from_words(tok, positive="kind", negative=["hate"])
+
+
+def test_lexicons_ship_with_provenance_and_map_to_tokens():
+    from anchor_kernels import lexicons
+
+    assert {"harmless", "positive_sentiment", "honest"} <= set(lexicons.names())
+    for name in lexicons.names():
+        lexicon = lexicons.load(name)
+        assert lexicon["positive"] and lexicon["negative"] and lexicon["provenance"]
+        assert all("licence" in p for p in lexicon["provenance"])
+        assert not set(lexicon["positive"]) & set(lexicon["negative"])
+    tok = _byte_level_bpe()
+    anchors = ak.AnchorSet.from_lexicon(tok, "harmless")
+    vocab = tok.get_vocab()
+    assert vocab["Ġsafe"] in anchors.positive and vocab["Ġkill"] in anchors.negative
+    with pytest.raises(ValueError, match="unknown lexicon"):
+        lexicons.load("evil")
+
+
+def test_shipped_lexicons_are_what_the_script_derives(tmp_path, monkeypatch):
+    pytest.importorskip("vaderSentiment")
+    pytest.importorskip("better_profanity")
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("build_lexicons", root / "scripts" / "build_lexicons.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(script, "OUT", tmp_path)
+    script.main()
+    for built in tmp_path.glob("*.json"):
+        assert built.read_text() == (root / "anchor_kernels" / "lexicons" / built.name).read_text(), built.name
