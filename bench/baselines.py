@@ -1,8 +1,9 @@
-"""Baselines the kernels are measured against (the fp64 reference is the third)."""
+"""Baselines the kernels are measured against."""
 import torch
 
 import anchor_kernels as ak
 from anchor_kernels.kspace import solve_coefficients
+from anchor_kernels.reference import anchor_gap
 
 
 def eager_kspace(hidden, weight, prepared: ak.PreparedAnchors, config: ak.SteerConfig, bias=None):
@@ -17,3 +18,20 @@ def eager_kspace(hidden, weight, prepared: ak.PreparedAnchors, config: ak.SteerC
                            torch.full((batch,), config.step_size, device=hidden.device), config,
                            hidden_norm=h0.norm(dim=-1))
     return (h0 + c @ rows).to(hidden.dtype)
+
+
+def literal_autograd(hidden, weight, anchors: ak.AnchorSet, config: ak.SteerConfig, bias=None):
+    """Prior work's approach, in the model's dtype: at every step a full-vocabulary LM-head
+    forward and an autograd backward (T passes over the [V, d] head)."""
+    pos = torch.tensor(anchors.positive, device=hidden.device)
+    neg = torch.tensor(anchors.negative, device=hidden.device)
+    h0 = hidden.detach()
+    h = h0.clone()
+    with torch.enable_grad():
+        for _ in range(config.steps):
+            x = h.detach().requires_grad_(True)
+            logits = torch.nn.functional.linear(x, weight, bias).float()   # [B, V]
+            gap = anchor_gap(logits[:, pos], logits[:, neg], anchors, config)
+            (grad,) = torch.autograd.grad(gap.sum(), x)
+            h = (h + config.step_size * (grad - config.reg * (h - h0))).detach()
+    return h

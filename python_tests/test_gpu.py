@@ -1,0 +1,98 @@
+"""GPU-only checks: CUDA-graph capture/replay, torch.compile(fullgraph=True), cuda vs triton,
+and generation on the GPU backends in bf16. Skipped (with the reason) where no GPU exists."""
+import math
+
+import pytest
+import torch
+
+import anchor_kernels as ak
+from anchor_kernels.steer import unavailable_reason
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.device("cuda")
+GPU_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(
+    torch.cuda.is_available() and unavailable_reason(b, CUDA) is not None,
+    reason=str(torch.cuda.is_available() and unavailable_reason(b, CUDA)))) for b in ("cuda", "triton")]
+
+
+def _problem(dtype=torch.bfloat16, B=37, d=1000, V=5000):
+    torch.manual_seed(0)
+    weight = (torch.randn(V, d, device=CUDA) / math.sqrt(d)).to(dtype)
+    bank = ak.AnchorBank([ak.AnchorSet(list(range(10, 30)), list(range(30, 50))),
+                          ak.AnchorSet([60, 61, 62], [70, 71])])
+    prepared = ak.prepare_anchors(weight, bank)
+    hidden = (torch.randn(B, d, device=CUDA) * 3).to(dtype)
+    row_sets = torch.randint(-1, 2, (B,), device=CUDA)
+    step_size = torch.rand(B, device=CUDA)
+    config = ak.SteerConfig(steps=10, objective="lse", max_norm=0.3)
+    return hidden, weight, prepared, row_sets, step_size, config
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_capture_and_replay(backend):
+    hidden, weight, prepared, row_sets, step_size, config = _problem()
+    static = hidden.clone()
+
+    def step():
+        return ak.steer_hidden(static, weight, prepared, config, backend=backend, row_sets=row_sets,
+                               step_size=step_size)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        static.copy_(torch.randn_like(static, dtype=torch.float32).to(static.dtype) * 3)
+        graph.replay()
+        assert torch.equal(captured, step())
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_compile_fullgraph(backend, mode):
+    hidden, weight, prepared, row_sets, step_size, config = _problem()
+
+    def decode_step(h):
+        steered = ak.steer_hidden(torch.nn.functional.silu(h), weight, prepared, config, backend=backend,
+                                  row_sets=row_sets, step_size=step_size)
+        return steered.float() @ weight.float().T
+
+    compiled = torch.compile(decode_step, fullgraph=True, mode=mode)
+    for _ in range(3):
+        torch.testing.assert_close(compiled(hidden), decode_step(hidden), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_and_triton_agree(dtype):
+    for backend in ("cuda", "triton"):
+        if unavailable_reason(backend, CUDA):
+            pytest.skip(unavailable_reason(backend, CUDA))
+    hidden, weight, prepared, row_sets, step_size, config = _problem(dtype)
+    outs = [ak.steer_hidden(hidden, weight, prepared, config, backend=b, row_sets=row_sets,
+                            step_size=step_size).double() for b in ("cuda", "triton")]
+    delta = (outs[0] - outs[1]).norm(dim=-1)
+    moved = (outs[0] - hidden.double()).norm(dim=-1)
+    assert bool((delta <= 2e-2 * moved + 2**-7 * outs[0].norm(dim=-1)).all())
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_hf_generation_on_gpu_bf16(backend):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+                                      pad_token_id=0, eos_token_id=None)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).to(CUDA).eval()
+    ids = torch.randint(3, 96, (4, 6), device=CUDA)
+    anchors = ak.AnchorSet([5, 9, 17], [23, 42])
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        plain = model.generate(ids, **kw)
+        with ak.hf.steer(model, anchors, ak.SteerConfig(steps=10, step_size=1.0), backend=backend):
+            steered = model.generate(ids, **kw)
+    assert steered.shape == plain.shape and not torch.equal(steered, plain)
