@@ -25,8 +25,14 @@ demo: $(VENV)/.built
 test: $(VENV)/.built
 	$(BIN)/python -m pytest
 
+# CPU: the short grids; on a GPU machine: AK_BENCH_FULL=1 make bench BENCH_MODE=
+BENCH_MODE ?= --quick
+DEVICE := $(shell $(BIN)/python -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null)
 bench: $(VENV)/.built
-	$(BIN)/python -m pytest bench/ --benchmark-only --benchmark-columns=median,iqr,mean,rounds --benchmark-json=bench/results/latest-$$(uname -n).json
+	$(BIN)/python -m pytest bench/ --benchmark-only --benchmark-columns=median,iqr,rounds --benchmark-json=bench/results/bench-$(DEVICE).json
+	$(BIN)/python bench/sweep.py $(BENCH_MODE)
+	$(BIN)/python bench/e2e_decode.py $(BENCH_MODE)
+	$(BIN)/python bench/report.py
 
 # Compiles the CUDA kernels and CMake targets with nvcc; needs no GPU and no CUDA torch.
 cuda-check:
