@@ -58,10 +58,11 @@ setup(
     version="0.1.0",
     description="Fused kernels for anchor-word steering of LLM hidden states",
     packages=find_packages(include=["anchor_kernels", "anchor_kernels.*"]),
-    package_data={"anchor_kernels": ["lexicons/*.json"]},
+    package_data={"anchor_kernels": ["lexicons/*.json", "data/*.txt", "models/default/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "packaging"],
     extras_require={"triton": ["triton>=3.0"]},
     ext_modules=[extension()],
+    entry_points={"console_scripts": ["anchor-kernels=anchor_kernels.cli:main"]},
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
