@@ -132,12 +132,24 @@ def cmd_gap(args) -> int:
     return 0
 
 
-def _plot_gap(gaps, path: Path):
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, fig, path: Path):
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_gap(gaps, path: Path):
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, g in gaps.items():
         mean = g.mean(0)
@@ -146,10 +158,7 @@ def _plot_gap(gaps, path: Path):
     ax.set_xlabel("generation step")
     ax.set_ylabel("mean positive - mean negative anchor logit")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def cmd_eval(args) -> int:
@@ -181,11 +190,7 @@ def cmd_eval(args) -> int:
 
 
 def _plot_eval(rows, path: Path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for metric, ax in zip(("sentiment", "gap"), axes):
         for family, marker in (("unsteered", "o"), ("steer", "s"), ("logit_bias", "^")):
@@ -196,10 +201,7 @@ def _plot_eval(rows, path: Path):
         ax.set_xlabel("continuation perplexity under the unsteered model (fluency cost)")
         ax.set_ylabel({"sentiment": "VADER compound sentiment", "gap": "anchor logit gap"}[metric])
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
