@@ -11,7 +11,7 @@ from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).parent
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp-simd"]
+CXX_FLAGS = ["-O3", "-fopenmp-simd"]  # the C++ standard is torch's choice
 
 
 def want_cuda() -> bool:
@@ -44,7 +44,7 @@ def extension():
             define_macros=[("ANCHOR_KERNELS_WITH_CUDA", None)],
             extra_compile_args={
                 "cxx": CXX_FLAGS,
-                "nvcc": ["-O3", "-std=c++17", *gencode_flags()],
+                "nvcc": ["-O3", *gencode_flags()],
             },
         )
     return cpp_extension.CppExtension(

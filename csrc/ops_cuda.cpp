@@ -1,6 +1,6 @@
 // CUDA implementation of anchor_kernels::steer_hidden: a thin binding over the torch-free
 // launcher in kernels/steer_cuda.cu. Current stream, device guard, no sync: graph-capturable.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -19,7 +19,7 @@ at::Tensor steer_hidden_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                                    row_sets, step_size, steps, std::string(objective), reg,
                                    temperature, margin, max_norm);
   const ak_status st =
-      ak_steer_hidden_cuda(&call.params, at::cuda::getCurrentCUDAStream().stream());
+      ak_steer_hidden_cuda(&call.params, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(st != AK_ERROR_UNSUPPORTED, "steer_hidden: the cuda backend supports K <= ",
               ak_cuda_max_set_size(), " anchors per set and d <= 32768, got K = ",
               call.params.set_size, ", d = ", call.params.dim);
