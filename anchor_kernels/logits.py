@@ -52,7 +52,8 @@ class LogitSteerer:
         flat = logits.reshape(-1, self.vocab)
         rows = _row_sets(row_sets, self.num_sets, lead, logits.device)
         eta = _step_size(step_size, self.config, lead, logits.device)
-        norm = None if hidden_norm is None else _per_row(hidden_norm, "hidden_norm", lead, logits.device, torch.float32)
+        norm = (None if hidden_norm is None
+                else _per_row(hidden_norm, "hidden_norm", lead, logits.device, torch.float32).to(logits.device))
         ids = self.prepared.anchor_ids[rows.clamp(0, self.num_sets - 1)]      # [B, K]
         z0 = flat.float().gather(-1, ids)
         c = solve_coefficients(z0, self.prepared, rows, eta, self.config, hidden_norm=norm)

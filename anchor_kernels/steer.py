@@ -89,16 +89,15 @@ def _check_inputs(hidden, weight, bias) -> None:
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
 
-def _eager() -> bool:
-    """True when reading values back to the host is allowed (not tracing, not capturing)."""
-    if torch.compiler.is_compiling():
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+def _host_values(t: torch.Tensor) -> bool:
+    """Whether checking t's values costs no device sync (and we are not tracing)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _per_row(value, name: str, lead_shape, device, dtype) -> torch.Tensor:
+    """One entry per row of hidden, as a flat tensor on the host or already on ``device``."""
     rows = math.prod(lead_shape)
-    t = torch.as_tensor(value, device=device)
+    t = torch.as_tensor(value)
     if t.dtype == torch.bool or t.is_complex() or (dtype == torch.long and t.is_floating_point()):
         raise TypeError(f"{name} must hold {'integers' if dtype == torch.long else 'reals'}, got {t.dtype}")
     if tuple(t.shape) not in (tuple(lead_shape), (rows,)):
@@ -107,6 +106,8 @@ def _per_row(value, name: str, lead_shape, device, dtype) -> torch.Tensor:
     return t.reshape(rows).to(dtype)
 
 
+# Values are checked only where that needs no device sync (lists, CPU tensors): a per-step
+# sync would stall decoding. On-device row_sets out of range leave their rows untouched.
 def _row_sets(row_sets, num_sets: int, lead_shape, device) -> torch.Tensor:
     if row_sets is None:
         if num_sets > 1:
@@ -115,19 +116,19 @@ def _row_sets(row_sets, num_sets: int, lead_shape, device) -> torch.Tensor:
         return torch.zeros(math.prod(lead_shape), dtype=torch.long, device=device)
     t = _per_row(row_sets, "row_sets", lead_shape, device, torch.long)
     bad = (t < -1) | (t >= num_sets)
-    if _eager() and t.numel() and bool(bad.any()):
+    if _host_values(t) and bool(bad.any()):
         raise ValueError(f"row_sets entries must be in [-1, {num_sets}), got "
                          f"{sorted(set(t[bad].tolist()))}")
-    return t
+    return t.to(device)
 
 
 def _step_size(step_size, config: SteerConfig, lead_shape, device) -> torch.Tensor:
     if step_size is None:
         return torch.full((math.prod(lead_shape),), config.step_size, dtype=torch.float32, device=device)
     t = _per_row(step_size, "step_size", lead_shape, device, torch.float32)
-    if _eager() and t.numel() and not bool((torch.isfinite(t) & (t >= 0)).all()):
+    if _host_values(t) and not bool((torch.isfinite(t) & (t >= 0)).all()):
         raise ValueError("step_size entries must be finite and >= 0")
-    return t
+    return t.to(device)
 
 
 def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: SteerConfig | None = None,
