@@ -20,7 +20,7 @@ $(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
 	touch $@
 
 demo: $(VENV)/.built
-	$(BIN)/python -m anchor_kernels demo
+	$(BIN)/anchor-kernels generate --max-new-tokens 25 --prompt "The trouble with people is" "My boss told me that" "I hate it when" "Life is"
 
 test: $(VENV)/.built
 	$(BIN)/python -m pytest
