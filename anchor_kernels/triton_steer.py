@@ -3,8 +3,9 @@
 Grid = (row tiles, anchor sets). Program (t, s) serves the rows of tile t whose set is s, so
 ``tl.dot`` sees one W_A per program while a mixed bank is still a single launch; rows of
 other sets cost it one masked load of row_sets. Program (t, 0) also copies the rows that no set
-claims (row_sets = -1 or out of range). Limits: K <= MAX_SET_SIZE (the fp32 Gram of a set is
-held by one program); any d (tiled by BLOCK_D).
+claims (row_sets = -1 or out of range). Limits: K <= MAX_SET_SIZE; any d (tiled by BLOCK_D).
+Up to IN_REGISTER_SET_SIZE the fp32 Gram of a set stays in the program for all steps; past it,
+each step computes Gm c in chunks of GRAM_CHUNK columns through a per-row fp32 scratch of c.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import Optional
 import torch
 
 
-MAX_SET_SIZE = 128
+MAX_SET_SIZE = 256
+IN_REGISTER_SET_SIZE = 128
+GRAM_CHUNK = 32
 BLOCK_ROWS = 16  # tl.dot needs M >= 16
 
 try:
@@ -30,10 +33,11 @@ if IMPORT_ERROR is None:
     @triton.jit
     def _steer_hidden_kernel(
         hidden_ptr, weight_ptr, bias_ptr, ids_ptr, aw_ptr, gram_ptr, row_sets_ptr, eta_ptr,
-        out_ptr, rows, dim, num_sets, set_size, hidden_row_stride, weight_row_stride,
+        out_ptr, scratch_ptr, rows, dim, num_sets, set_size, hidden_row_stride, weight_row_stride,
         out_row_stride, steps, reg, tau, margin, max_norm,
         LSE: tl.constexpr, TRUST: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        CHUNKED: tl.constexpr, CHUNK: tl.constexpr,
     ):
         """out[r] = h0 + W_A^T c_T for rows r of this tile using set s (METHOD.md, K-space):
         z0 = W_A h0 + b_A; each step z = z0 + Gm c, c += eta m (s(z) - reg c), trust region
@@ -70,9 +74,10 @@ if IMPORT_ERROR is None:
                 z0 += tl.load(bias_ptr + ids, mask=live, other=0.0).to(tl.float32)[None, :]
             limit = max_norm * tl.sqrt(h_sq)
 
-            kk = tl.arange(0, BLOCK_K)
-            gram_t = tl.load(gram_ptr + s * set_size * set_size + kk[None, :] * set_size + k[:, None],
-                             mask=k_ok[:, None] & (kk < set_size)[None, :], other=0.0)
+            gram_base = gram_ptr + s * set_size * set_size
+            if not CHUNKED:  # gram_t[j, i] = Gm[i, j], held for all steps
+                gram_t = tl.load(gram_base + k[None, :] * set_size + k[:, None],
+                                 mask=k_ok[:, None] & k_ok[None, :], other=0.0)
             log_w = tl.log(tl.where(live, tl.abs(w), 1.0))
             pos = (w > 0.0)[None, :]
             neg = (w < 0.0)[None, :]
@@ -99,7 +104,21 @@ if IMPORT_ERROR is None:
                 finite = (gap == gap) & (tl.abs(gap) < float("inf"))
                 active = mine & finite & (gap < margin)
                 c = tl.where(active[:, None], c + eta[:, None] * (grad - reg * c), c)
-                gc = tl.dot(c, gram_t, input_precision="ieee")
+                if CHUNKED:
+                    # Rows are this program's alone (one set per row): no other program touches them.
+                    row_scratch = scratch_ptr + r[:, None] * BLOCK_K
+                    tl.store(row_scratch + k[None, :], c, mask=mine[:, None])
+                    tl.debug_barrier()
+                    gc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+                    for j0 in tl.static_range(0, BLOCK_K, CHUNK):
+                        jj = j0 + tl.arange(0, CHUNK)
+                        c_part = tl.load(row_scratch + jj[None, :], mask=mine[:, None], other=0.0)
+                        g_part = tl.load(gram_base + k[None, :] * set_size + jj[:, None],
+                                         mask=(jj < set_size)[:, None] & k_ok[None, :], other=0.0)
+                        gc += tl.dot(c_part, g_part, input_precision="ieee")
+                    tl.debug_barrier()  # all reads done before the next step overwrites c
+                else:
+                    gc = tl.dot(c, gram_t, input_precision="ieee")
                 if TRUST:
                     q = tl.sum(c * gc, axis=1)
                     scale = tl.where(q > limit * limit, limit / tl.sqrt(q), 1.0)
@@ -166,13 +185,16 @@ if IMPORT_ERROR is None:
         if rows == 0:
             return out
         grid = (triton.cdiv(rows, BLOCK_ROWS), S)
+        block_k = max(16, triton.next_power_of_2(K))
+        chunked = block_k > IN_REGISTER_SET_SIZE
+        scratch = hidden.new_empty((rows, block_k) if chunked else (1, 1), dtype=torch.float32)
         torch.library.wrap_triton(_steer_hidden_kernel)[grid](
             hidden, weight, weight if bias is None else bias, anchor_ids.contiguous(),
             anchor_weights.contiguous(), gram.contiguous(), row_sets.contiguous(),
-            step_size.contiguous(), out, rows, dim, S, K, hidden.stride(0), weight.stride(0),
+            step_size.contiguous(), out, scratch, rows, dim, S, K, hidden.stride(0), weight.stride(0),
             out.stride(0), steps, reg, temperature, margin, max_norm,
             LSE=objective == "lse", TRUST=max_norm != float("inf"), HAS_BIAS=bias is not None,
-            BLOCK_B=BLOCK_ROWS, BLOCK_K=max(16, triton.next_power_of_2(K)),
-            BLOCK_D=min(128, max(16, triton.next_power_of_2(dim))),
+            BLOCK_B=BLOCK_ROWS, BLOCK_K=block_k, BLOCK_D=min(128, max(16, triton.next_power_of_2(dim))),
+            CHUNKED=chunked, CHUNK=GRAM_CHUNK,
         )
         return out

@@ -55,8 +55,6 @@ def _call(provider, hidden, weight, anchors, prepared, config):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("B,d,V,K,T", SHAPES, ids=lambda v: str(v))
 def test_steer(benchmark, provider, B, d, V, K, T):
-    if provider == "triton" and K > 128:
-        pytest.skip("triton backend: K <= 128")
     hidden, weight, anchors, prepared, config = problem(B, d, V, K, T)
     benchmark.group = f"B={B} d={d} V={V} K={K} T={T} {DTYPE}"
     benchmark.extra_info.update(device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",

@@ -100,7 +100,7 @@ def main(argv=None):
                 try:
                     ms = median_ms(lambda: ak.steer_hidden(hidden, weight, prepared, config, backend=name), device)
                     row[f"{name}_ms"], row[f"{name}_x_floor"] = ms, ms / floor
-                except RuntimeError as exc:  # a documented limit, e.g. triton's K <= 128
+                except RuntimeError as exc:  # a documented limit, e.g. triton's K <= 256
                     row[f"{name}_ms"], row[f"{name}_x_floor"] = None, str(exc).split(";")[0]
             rows.append(row)
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)

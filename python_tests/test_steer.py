@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import anchor_kernels as ak
+from anchor_kernels.steer import unavailable_reason
 from conftest import DEVICE, DTYPES, assert_steer_close, kernel_backends, reference_fp64
 
 # Interpreted Triton is ~100x slower than the C++ kernel: fewer examples keep CI fast.
@@ -179,3 +180,30 @@ def test_steering_raises_the_gap(backend):
         return anchor_gap(z[:, [3, 5, 7]], z[:, [11, 13]], anchors, config)
 
     assert bool((gap(out) > gap(hidden) + 0.1).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("K", [129, 256])
+def test_large_anchor_sets(backend, dtype, K):
+    """Past 128 anchors Triton computes Gm c in chunks; every backend must still match."""
+    g = torch.Generator().manual_seed(K)
+    V, d, B = 400, 24, 19
+    weight = (torch.randn(V, d, generator=g) / math.sqrt(d)).to(dtype).to(DEVICE)
+    hidden = (torch.randn(B, d, generator=g) * 3).to(dtype).to(DEVICE)
+    perm = torch.randperm(V, generator=g).tolist()
+    bank = ak.AnchorBank([ak.AnchorSet(perm[: K // 2], perm[K // 2: K]), ak.AnchorSet(perm[K: K + 2], perm[K + 2: K + 9])])
+    row_sets = torch.randint(-1, 2, (B,), generator=g).to(DEVICE)
+    for objective, max_norm in (("lse", None), ("mean", 0.1)):
+        config = ak.SteerConfig(steps=5, step_size=0.4, objective=objective, reg=0.1, max_norm=max_norm)
+        out = ak.steer_hidden(hidden, weight, bank, config, backend=backend, row_sets=row_sets)
+        assert_steer_close(out, hidden, reference_fp64(hidden, weight, bank, config, row_sets=row_sets), dtype, backend)
+
+
+def test_triton_rejects_sets_past_its_limit():
+    if unavailable_reason("triton", DEVICE) is not None:
+        pytest.skip(unavailable_reason("triton", DEVICE))
+    weight = torch.randn(300, 8, device=DEVICE)
+    with pytest.raises(RuntimeError, match="at most 256 tokens"):
+        ak.steer_hidden(torch.randn(2, 8, device=DEVICE), weight, ak.AnchorSet(list(range(150)), list(range(150, 257))),
+                        backend="triton")
