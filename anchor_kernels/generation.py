@@ -87,7 +87,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: in
     logits = torch.stack(out.logits, dim=1).float()
     if logit_bias:  # the distribution actually sampled from
         logits = logits + processors[0].vector.to(logits.device)
-    ids = [[t for t in row.tolist()] for row in new]
+    ids = new.tolist()
     return Generation([tokenizer.decode(r, skip_special_tokens=True) for r in ids], ids, logits)
 
 

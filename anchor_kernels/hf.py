@@ -54,7 +54,8 @@ def steer(model, anchors, config: SteerConfig | None = None, *, row_sets=None, s
                                bias=getattr(module, "bias", None), backend=backend,
                                row_sets=expand_per_request(row_sets, rows, "row_sets"),
                                step_size=expand_per_request(step_size, rows, "step_size"))
-        new = torch.cat([hidden[..., :-1, :], steered.unsqueeze(-2)], dim=-2)
+        new = (steered.unsqueeze(-2) if hidden.shape[-2] == 1  # decode: no copy of the rest
+               else torch.cat([hidden[..., :-1, :], steered.unsqueeze(-2)], dim=-2))
         if args:
             return (new, *args[1:]), kwargs
         return args, {**kwargs, "input": new}

@@ -23,7 +23,8 @@ def solve_coefficients(z0: torch.Tensor, prepared: PreparedAnchors, row_sets: to
     valid = (row_sets >= 0) & (row_sets < num_sets)
     rs = torch.where(valid, row_sets, 0)
     w = prepared.anchor_weights[rs]                      # [B, K]
-    gram = prepared.gram[rs]                             # [B, K, K]
+    # Gm c per row against each set's shared Gram: S small matmuls, no [B, K, K] gather.
+    in_set = [(row_sets == s).unsqueeze(-1) for s in range(num_sets)]
     pos, neg = w > 0, w < 0
     log_w = torch.where(w != 0, w.abs(), 1.0).log()
     z0 = z0.float()
@@ -49,7 +50,7 @@ def solve_coefficients(z0: torch.Tensor, prepared: PreparedAnchors, row_sets: to
             gap = (w * z).sum(-1)
         active = valid & torch.isfinite(gap) & (gap < config.margin_value)
         c = torch.where(active[:, None], c + eta * (grad - config.reg * c), c)
-        gc = torch.bmm(gram, c.unsqueeze(-1)).squeeze(-1)
+        gc = sum(torch.where(mask, c @ prepared.gram[s], 0.0) for s, mask in enumerate(in_set))
         if config.max_norm is not None:
             q = (c * gc).sum(-1)
             scale = torch.where(q > limit * limit, limit / q.sqrt(), 1.0)[:, None]
