@@ -1,7 +1,8 @@
 """Builds anchor_kernels._C: the C++ CPU kernel always, the CUDA kernel when torch has CUDA
 and nvcc is present. Build knobs (environment):
   ANCHOR_KERNELS_SKIP_CUDA=1        build the CPU extension only
-  ANCHOR_KERNELS_CUDA_ARCHS="80;90a"  SM targets (default: 80 and 90a)
+  ANCHOR_KERNELS_CUDA_ARCHS="80;90a"  SM targets (default: 80 and 90a), plus compute_90 PTX that
+                                    the driver compiles for newer GPUs (Blackwell and later)
 """
 import os
 import shutil
@@ -30,7 +31,8 @@ def want_cuda() -> bool:
 
 def gencode_flags() -> list[str]:
     archs = os.environ.get("ANCHOR_KERNELS_CUDA_ARCHS", "80;90a").split(";")
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs if a]
+    return flags + ["-gencode=arch=compute_90,code=compute_90"]
 
 
 def extension():

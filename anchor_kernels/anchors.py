@@ -7,13 +7,13 @@ a static shape (no host sync, CUDA-graph safe): ``anchor_ids [S, K]`` (int64),
 """
 from __future__ import annotations
 
+import collections
 import math
 import numbers
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
 
 
 def _token_ids(ids, name: str) -> tuple[int, ...]:
@@ -32,7 +32,7 @@ def _token_ids(ids, name: str) -> tuple[int, ...]:
         out.append(int(t))
     if not out:
         raise ValueError(f"{name} must hold at least one token id")
-    dup = sorted({t for t in out if out.count(t) > 1})
+    dup = sorted(t for t, n in collections.Counter(out).items() if n > 1)
     if dup:
         raise ValueError(f"{name} holds duplicate token ids {dup}")
     return tuple(out)
@@ -42,14 +42,31 @@ def _set_weights(weights, n: int, name: str) -> tuple[float, ...]:
     if weights is None:
         return (1.0 / n,) * n
     if isinstance(weights, torch.Tensor):
+        if weights.is_complex() or weights.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got a {weights.dtype} tensor")
         weights = weights.flatten().tolist()
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive numbers, got {type(weights).__name__}")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real):
+            raise TypeError(f"{name} must hold real numbers, got {w!r}")
     weights = [float(w) for w in weights]
     if len(weights) != n:
         raise ValueError(f"{name} has {len(weights)} entries but its set has {n} token ids")
     if not all(math.isfinite(w) and w > 0 for w in weights):
         raise ValueError(f"{name} must all be finite and > 0, got {weights}")
-    total = math.fsum(weights)
-    return tuple(w / total for w in weights)
+    # Normalise by the largest first: the sum of huge weights would overflow to inf.
+    top = max(weights)
+    scaled = [w / top for w in weights]
+    total = math.fsum(scaled)
+    out = tuple(w / total for w in scaled)
+    if not all(w > 0 for w in out):
+        raise ValueError(f"{name} span too wide a range: normalised, some are 0 in float64 ({weights})")
+    # The kernels hold weights in fp32, and log(w) must stay finite there.
+    if min(out) < 1e-30:
+        raise ValueError(f"{name}: the smallest normalised weight {min(out):.3g} is below 1e-30, "
+                         "which fp32 kernels cannot represent; drop that token instead")
+    return out
 
 
 @dataclass(frozen=True)
@@ -138,11 +155,26 @@ def as_bank(anchors) -> AnchorBank:
 
 
 class PreparedAnchors(NamedTuple):
-    """A bank packed for one LM-head weight, on that weight's device."""
+    """A bank packed for one LM-head weight, on that weight's device: a snapshot.
+
+    The Gram matrices are computed from the weight's values when it is built. ``steer_hidden``
+    checks that the weight it is given matches what the handle was built for (vocabulary, d,
+    dtype, device, storage and, where torch tracks it, the version counter, so an in-place
+    update is caught), but writes that bypass the version counter (through ``.numpy()``, or a
+    ``.data`` swap onto the same address) cannot be seen: after changing the weight, call
+    ``prepare_anchors`` again.
+    """
 
     anchor_ids: torch.Tensor      # [S, K] int64
     anchor_weights: torch.Tensor  # [S, K] fp32, signed, 0 = padding
     gram: torch.Tensor            # [S, K, K] fp32
+    vocab: int = -1               # V of the weight it was built for
+    source: tuple = ()            # (data_ptr, version or None, shape, dtype, device) of that weight
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the ops take: ``anchor_ids, anchor_weights, gram``."""
+        return self.anchor_ids, self.anchor_weights, self.gram
 
     def to_bank(self) -> AnchorBank:
         """The bank these tensors were packed from (reads them back to the host)."""
@@ -153,6 +185,29 @@ class PreparedAnchors(NamedTuple):
                                   positive_weights=[x for x in w if x > 0],
                                   negative_weights=[-x for x in w if x < 0]))
         return AnchorBank(sets)
+
+    def check_weight(self, weight: torch.Tensor) -> None:
+        """Raises if ``weight`` is not (any more) the weight this handle was built for."""
+        if self.anchor_ids.device != weight.device:
+            raise ValueError(f"anchors were prepared on {self.anchor_ids.device} but weight is on "
+                             f"{weight.device}: call prepare_anchors(weight, anchors) for this weight")
+        if self.vocab != weight.shape[0]:
+            raise ValueError(f"anchors were prepared for a weight with V = {self.vocab} rows, but weight "
+                             f"has V = {weight.shape[0]}: call prepare_anchors(weight, anchors) for this weight")
+        if torch.compiler.is_compiling() or not self.source:
+            return
+        ptr, version, shape, dtype, device = self.source
+        if (ptr, shape, dtype, device) != (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device):
+            raise ValueError("anchors were prepared for another weight tensor (storage, shape, dtype or "
+                             "device differ): call prepare_anchors(weight, anchors) for this weight")
+        if version is not None and _version(weight) != version:
+            raise ValueError("weight was modified in place since prepare_anchors built these anchors "
+                             "(its version counter moved): call prepare_anchors(weight, anchors) again")
+
+
+def _version(weight: torch.Tensor) -> int | None:
+    # Inference tensors (weights loaded under torch.inference_mode) have no version counter.
+    return None if weight.is_inference() else weight._version
 
 
 def check_vocab(bank: AnchorBank, vocab: int) -> None:
@@ -172,39 +227,30 @@ def _pack(bank: AnchorBank, weight: torch.Tensor) -> PreparedAnchors:
     ids = ids.to(weight.device)
     weights = weights.to(weight.device)
     # fp64 so that a global TF32 setting cannot degrade the Gram; it is computed once per set.
-    rows = weight.detach()[ids].double() * (weights != 0).unsqueeze(-1)
+    # where, not a product: padding must never read a real row (0 * NaN would be NaN).
+    rows = torch.where((weights != 0).unsqueeze(-1), weight.detach()[ids].double(), 0.0)
     gram = torch.bmm(rows, rows.transpose(1, 2)).float()
-    return PreparedAnchors(ids, weights.float(), gram)
-
-
-# weight -> {bank: (version, data_ptr, prepared)}; weakly keyed so a dropped model frees it.
-_cache = WeakTensorKeyDictionary()
+    source = () if torch.compiler.is_compiling() else (
+        weight.data_ptr(), _version(weight), tuple(weight.shape), weight.dtype, weight.device)
+    return PreparedAnchors(ids, weights.float(), gram, int(weight.shape[0]), source)
 
 
 def prepare_anchors(weight: torch.Tensor, anchors) -> PreparedAnchors:
-    """Pack ``anchors`` for ``weight`` ([V, d]) and compute the Gram matrices, cached.
+    """Pack ``anchors`` for ``weight`` ([V, d]) and compute their Gram matrices, once.
 
-    The cache entry is reused only while ``weight`` is the same tensor with the same storage
-    and version counter, so an in-place update, a ``.data`` swap or a move to another device
-    recomputes it. Under torch.compile the cache is bypassed (dynamo cannot trace it): pass
-    the result of this function, prepared outside the compiled region, as ``anchors`` instead.
+    There is no hidden cache: ``steer_hidden`` given an AnchorSet or AnchorBank packs it on
+    every call, so it always uses the weight's current values. Build this handle once and pass
+    it as ``anchors`` where the per-call packing matters (every decoding step; inside
+    torch.compile). It is a snapshot: see ``PreparedAnchors``.
     """
     if isinstance(anchors, PreparedAnchors):
+        anchors.check_weight(weight)
         return anchors
     bank = as_bank(anchors)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D [V, d] tensor, got "
                          f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
-    if torch.compiler.is_compiling():
-        return _pack(bank, weight)
-    stamp = (weight._version, weight.data_ptr(), weight.device, weight.dtype, tuple(weight.shape))
-    per_weight = _cache.setdefault(weight, {})
-    hit = per_weight.get(bank)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    prepared = _pack(bank, weight)
-    per_weight[bank] = (stamp, prepared)
-    return prepared
+    return _pack(bank, weight)
 
 
 def anchor_gram(weight: torch.Tensor, anchors) -> torch.Tensor:

@@ -6,6 +6,13 @@ import numbers
 from dataclasses import dataclass
 
 OBJECTIVES = ("mean", "lse")
+# The kernels compute in fp32: every value must be finite there, and the loop must end.
+FP32_MAX = 3.4028234663852886e38
+MAX_STEPS = 10_000
+# Below this the lse weights are a hard max in fp32 (z / tau overflows for |z| > 3e32 tau, and
+# the fp64 answer itself moves by percents under 1e-7 relative input changes near 1e-7).
+MIN_TEMPERATURE = 1e-4
+MAX_TEMPERATURE = 1e6
 
 
 @dataclass(frozen=True)
@@ -21,7 +28,10 @@ class SteerConfig:
       objective="lse" ``log p(P) - log p(N)`` at tau=1: the gap in probability space, which
                       saturates once negatives are suppressed; "mean" grows without bound.
       reg=0.0         lambda. Off: the trust region (max_norm) is the clearer bound on the edit.
-      temperature=1.0 tau. 1 makes lse exactly the log-probability ratio.
+      temperature=1.0 tau. 1 makes lse exactly the log-probability ratio. Allowed range
+                      [1e-4, 1e6]: as tau -> 0 the softmax weights become a hard max and the
+                      edit is ill-conditioned (the fp64 answer moves by percents under 1e-7
+                      relative input changes near tau = 1e-7), so no fp32 kernel can track it.
       margin=None     +inf: every row is edited at every step. Set it to leave rows that already
                       show a gap >= margin alone.
       max_norm=None   rho: no trust region. ``||h' - h0|| <= rho ||h0||`` when set.
@@ -34,17 +44,22 @@ class SteerConfig:
     temperature: float = 1.0
     margin: float | None = None
     max_norm: float | None = None
+    relative_step: bool = False
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):
             raise TypeError(f"steps must be an int, got {self.steps!r}")
-        if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not 0 <= self.steps <= MAX_STEPS:
+            raise ValueError(f"steps must be in [0, {MAX_STEPS}], got {self.steps}")
+        if not isinstance(self.relative_step, bool):
+            raise TypeError(f"relative_step must be a bool, got {self.relative_step!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         _check_float("step_size", self.step_size, minimum=0.0)
         _check_float("reg", self.reg, minimum=0.0)
-        _check_float("temperature", self.temperature, minimum=0.0, strict=True)
+        _check_float("temperature", self.temperature, minimum=MIN_TEMPERATURE)
+        if self.temperature > MAX_TEMPERATURE:
+            raise ValueError(f"temperature must be <= {MAX_TEMPERATURE:g}, got {self.temperature}")
         if self.margin is not None:
             _check_float("margin", self.margin)
         if self.max_norm is not None:
@@ -62,7 +77,7 @@ class SteerConfig:
 def _check_float(name: str, value, minimum: float | None = None, strict: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+    if not math.isfinite(value) or abs(value) > FP32_MAX:
+        raise ValueError(f"{name} must be finite in float32 (|{name}| <= {FP32_MAX:.4g}), got {value}")
     if minimum is not None and (value <= minimum if strict else value < minimum):
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum}, got {value}")

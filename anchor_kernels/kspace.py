@@ -1,9 +1,12 @@
-"""The K-space loop of METHOD.md in eager PyTorch, from anchor logits alone.
+"""The K-space loop of METHOD.md in eager PyTorch.
 
-This is what engines that only expose logits need (see logits.py). It works on any device and
-any batch of bank rows. The fused kernels do the same maths in one launch.
+Two users: engines that only expose logits (``solve_coefficients``, from anchor logits alone;
+see logits.py), and the ops' backward (``steer_rows_differentiable``: the whole edit from h0
+and W, differentiable by autograd). The fused kernels do the same maths in one launch.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -11,48 +14,92 @@ from .anchors import PreparedAnchors
 from .config import SteerConfig
 
 
+def _gap_and_grad(z: torch.Tensor, w: torch.Tensor, config: SteerConfig):
+    """G per row and s = dG/dz (padding, w = 0: s = 0) for signed anchor weights ``w``; every
+    row needs a positive and a negative anchor. Masked with -inf before exp, so autograd never
+    meets 0 * inf."""
+    if config.objective == "mean":
+        return (w * z).sum(-1), w.expand_as(z)
+    tau = config.temperature
+    a = z / tau + torch.where(w != 0, w.abs(), 1.0).log()
+    a_pos = a.masked_fill(~(w > 0), -torch.inf)
+    a_neg = a.masked_fill(~(w < 0), -torch.inf)
+    lse_p = torch.logsumexp(a_pos, -1, keepdim=True)
+    lse_n = torch.logsumexp(a_neg, -1, keepdim=True)
+    grad = (a_pos - lse_p).exp() - (a_neg - lse_n).exp()
+    return tau * (lse_p - lse_n).squeeze(-1), grad
+
+
+def kspace_loop(z0: torch.Tensor, w: torch.Tensor, gram_times: Callable[[torch.Tensor], torch.Tensor],
+                eta: torch.Tensor, valid: torch.Tensor, config: SteerConfig,
+                hidden_norm: torch.Tensor | None) -> torch.Tensor:
+    """c_T for rows with anchor logits ``z0 [B, K]``, signed weights ``w [B, K]``, per-row
+    ``eta [B]`` and ``gram_times(c) = Gm c`` per row. Rows where ``valid`` is False get c = 0.
+    ``hidden_norm`` (= ||h0||) is needed by the trust region and by ``relative_step``."""
+    needs_norm = config.max_norm is not None or config.relative_step
+    if needs_norm and hidden_norm is None:
+        raise ValueError("max_norm (the trust region) and relative_step need ||h0||, which logits do not "
+                         "carry: pass hidden_norm, or steer the hidden state instead")
+    eta = eta[:, None]
+    if config.relative_step:
+        _, s0 = _gap_and_grad(z0, w, config)
+        g_sq = (s0 * gram_times(s0)).sum(-1, keepdim=True)
+        ok = (g_sq > 0) & torch.isfinite(g_sq)
+        eta = torch.where(ok, eta * hidden_norm[:, None] / torch.where(ok, g_sq, 1.0).sqrt(), 0.0)
+        eta = torch.where(torch.isfinite(eta), eta, 0.0)
+    limit = None if config.max_norm is None else config.max_norm * hidden_norm
+    c = torch.zeros_like(z0)
+    gc = torch.zeros_like(z0)                            # Gm c, carried across steps
+    for _ in range(config.steps):
+        gap, grad = _gap_and_grad(z0 + gc, w, config)
+        active = valid & torch.isfinite(gap) & (gap < config.margin_value)
+        c = torch.where(active[:, None], c + eta * (grad - config.reg * c), c)
+        gc = gram_times(c)
+        if limit is not None:
+            q = (c * gc).sum(-1)
+            over = q > limit * limit
+            scale = torch.where(over, limit / torch.where(over, q, 1.0).sqrt(), 1.0)[:, None]
+            c, gc = c * scale, gc * scale
+    return c
+
+
 def solve_coefficients(z0: torch.Tensor, prepared: PreparedAnchors, row_sets: torch.Tensor,
                        step_size: torch.Tensor, config: SteerConfig,
                        hidden_norm: torch.Tensor | None = None) -> torch.Tensor:
     """c_T such that h' = h0 + W_A^T c_T, from ``z0 [B, K]`` (the anchor logits of each row's set).
 
-    row_sets [B] (-1 or out of range: c = 0), step_size [B]. The trust region needs
-    ``hidden_norm [B]`` (= ||h0||).
+    row_sets [B] (-1 or out of range: c = 0), step_size [B], hidden_norm [B] (= ||h0||) for the
+    trust region and ``relative_step``.
     """
     num_sets = prepared.anchor_ids.shape[0]
     valid = (row_sets >= 0) & (row_sets < num_sets)
-    rs = torch.where(valid, row_sets, 0)
-    w = prepared.anchor_weights[rs]                      # [B, K]
+    w = prepared.anchor_weights[torch.where(valid, row_sets, 0)]     # [B, K]
     # Gm c per row against each set's shared Gram: S small matmuls, no [B, K, K] gather.
     in_set = [(row_sets == s).unsqueeze(-1) for s in range(num_sets)]
-    pos, neg = w > 0, w < 0
-    log_w = torch.where(w != 0, w.abs(), 1.0).log()
-    z0 = z0.float()
-    eta = step_size.float()[:, None]
-    c = torch.zeros_like(z0)
-    gc = torch.zeros_like(z0)                            # Gm c, carried across steps
-    if config.max_norm is not None:
-        if hidden_norm is None:
-            raise ValueError("max_norm (the trust region) needs ||h0||, which logits do not carry: "
-                             "pass hidden_norm or steer the hidden state instead")
-        limit = config.max_norm * hidden_norm.float()
-    for _ in range(config.steps):
-        z = z0 + gc
-        if config.objective == "lse":
-            tau = config.temperature
-            a = z / tau + log_w
-            lse_p = torch.logsumexp(a.masked_fill(~pos, -torch.inf), -1, keepdim=True)
-            lse_n = torch.logsumexp(a.masked_fill(~neg, -torch.inf), -1, keepdim=True)
-            grad = torch.where(pos, (a - lse_p).exp(), 0.0) - torch.where(neg, (a - lse_n).exp(), 0.0)
-            gap = tau * (lse_p - lse_n).squeeze(-1)
-        else:
-            grad = w
-            gap = (w * z).sum(-1)
-        active = valid & torch.isfinite(gap) & (gap < config.margin_value)
-        c = torch.where(active[:, None], c + eta * (grad - config.reg * c), c)
-        gc = sum(torch.where(mask, c @ prepared.gram[s], 0.0) for s, mask in enumerate(in_set))
-        if config.max_norm is not None:
-            q = (c * gc).sum(-1)
-            scale = torch.where(q > limit * limit, limit / q.sqrt(), 1.0)[:, None]
-            c, gc = c * scale, gc * scale
-    return c
+
+    def gram_times(c):
+        return sum(torch.where(mask, c @ prepared.gram[s], 0.0) for s, mask in enumerate(in_set))
+
+    norm = None if hidden_norm is None else hidden_norm.float()
+    return kspace_loop(z0.float(), w, gram_times, step_size.float(), valid, config, norm)
+
+
+def steer_rows_differentiable(hidden, weight, bias, anchor_ids, anchor_weights, row_sets, step_size,
+                              config: SteerConfig) -> torch.Tensor:
+    """The whole edit ``hidden [B, d] -> h'`` in eager torch (fp32), differentiable in hidden,
+    weight and bias: what the ops' backward differentiates. Gathers [B, K, d] anchor rows, so
+    it is for gradients, not for decoding."""
+    num_sets = anchor_ids.shape[0]
+    valid = (row_sets >= 0) & (row_sets < num_sets)
+    rs = torch.where(valid, row_sets, 0)
+    w = anchor_weights[rs].float()                                     # [B, K]
+    live = (w != 0).unsqueeze(-1)
+    rows = torch.where(live, weight[anchor_ids[rs]].float(), 0.0)        # [B, K, d]
+    h0 = hidden.float()
+    z0 = torch.einsum("bkd,bd->bk", rows, h0)
+    if bias is not None:
+        z0 = z0 + torch.where(live.squeeze(-1), bias[anchor_ids[rs]].float(), 0.0)
+    gram = rows @ rows.transpose(1, 2)                                  # [B, K, K]
+    c = kspace_loop(z0, w, lambda v: (gram @ v.unsqueeze(-1)).squeeze(-1), step_size.float(),
+                    valid & (step_size != 0), config, h0.norm(dim=-1))
+    return h0 + torch.einsum("bk,bkd->bd", c, rows)

@@ -40,8 +40,13 @@ if _C is not None:
 
     @torch.library.register_fake("anchor_kernels::steer_hidden")
     def _steer_hidden_fake(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets,
-                           step_size, steps, objective, reg, temperature, margin, max_norm):
+                           step_size, steps, objective, reg, temperature, margin, max_norm,
+                           relative_step):
         torch._check(hidden.dim() == 2, lambda: "steer_hidden: hidden must be 2-D [B, d]")
         torch._check(weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
                      lambda: "steer_hidden: weight must be [V, d] with hidden's d")
         return hidden.new_empty(hidden.shape)
+
+    from .autograd import register as _register_autograd
+
+    _register_autograd("anchor_kernels::steer_hidden")

@@ -2,7 +2,13 @@
 
 Full-vocabulary logits in fp64, autograd for grad G, a plain loop over steps, the trust region
 applied in h-space. Slow on purpose: it shares nothing with the K-space kernels but the
-definition.
+definition. It is itself differentiable (create_graph), so it is also the oracle for the ops'
+gradients.
+
+G depends on the anchor rows of W only. A non-finite value in another row cannot change the
+edit, but IEEE autograd of the full [b, V] logits would spread it (0 * NaN = NaN) into grad G,
+so such rows are zeroed before the logits are formed: the oracle computes what the method
+defines, and the kernels (which never read those rows) must match it.
 """
 from __future__ import annotations
 
@@ -24,17 +30,35 @@ def anchor_gap(z_pos: torch.Tensor, z_neg: torch.Tensor, anchors: AnchorSet,
             - tau * torch.logsumexp(z_neg / tau + beta.log(), dim=-1))
 
 
-def _steer_rows_one_set(h0, weight, bias, anchors: AnchorSet, eta, config: SteerConfig):
+def _steer_rows_one_set(h0, weight, bias, anchors: AnchorSet, eta, config: SteerConfig,
+                        create_graph: bool):
     pos = torch.tensor(anchors.positive, device=h0.device)
     neg = torch.tensor(anchors.negative, device=h0.device)
+    is_anchor = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+    is_anchor[list(anchors.ids)] = True
+    weight = torch.where(is_anchor[:, None] | torch.isfinite(weight), weight, 0.0)
+    if bias is not None:
+        bias = torch.where(is_anchor | torch.isfinite(bias), bias, 0.0)
     h = h0.clone()
+    if config.relative_step:
+        # eta is the fraction of ||h0|| the first step moves h: divide by ||grad G(h0)||.
+        x = h if h.requires_grad else h.detach().requires_grad_(True)
+        logits = x @ weight.T
+        if bias is not None:
+            logits = logits + bias
+        gap = anchor_gap(logits[:, pos], logits[:, neg], anchors, config)
+        (grad,) = torch.autograd.grad(gap.sum(), x, create_graph=create_graph)
+        g_norm = grad.norm(dim=-1)
+        ok = (g_norm > 0) & torch.isfinite(g_norm)
+        eta = torch.where(ok, eta * h0.norm(dim=-1) / torch.where(ok, g_norm, 1.0), 0.0)
+        eta = torch.where(torch.isfinite(eta), eta, 0.0)
     for _ in range(config.steps):
-        x = h.detach().requires_grad_(True)
+        x = h if h.requires_grad else h.detach().requires_grad_(True)
         logits = x @ weight.T                      # [b, V]: the whole vocabulary
         if bias is not None:
             logits = logits + bias
         gap = anchor_gap(logits[:, pos], logits[:, neg], anchors, config)
-        (grad,) = torch.autograd.grad(gap.sum(), x)
+        (grad,) = torch.autograd.grad(gap.sum(), x, create_graph=create_graph)
         active = torch.isfinite(gap) & (gap < config.margin_value) & (eta != 0)
         step = eta[:, None] * (grad - config.reg * (h - h0))
         h = torch.where(active[:, None], h + step, h)
@@ -43,22 +67,29 @@ def _steer_rows_one_set(h0, weight, bias, anchors: AnchorSet, eta, config: Steer
             norm = diff.norm(dim=-1)
             limit = config.max_norm * h0.norm(dim=-1)
             over = norm > limit
-            h = torch.where(over[:, None], h0 + diff * (limit / norm)[:, None], h)
+            h = torch.where(over[:, None], h0 + diff * (limit / torch.where(over, norm, 1.0))[:, None], h)
     return h
 
 
 def steer_rows_fp64(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     anchors: AnchorBank, row_sets: torch.Tensor, step_size: torch.Tensor,
                     config: SteerConfig) -> torch.Tensor:
-    """``hidden [B, d]`` -> steered ``[B, d]`` in fp64 (rows with ``row_sets == -1`` unchanged)."""
-    h0 = hidden.detach().double()
-    w = weight.detach().double()
-    b = None if bias is None else bias.detach().double()
+    """``hidden [B, d]`` -> steered ``[B, d]`` in fp64 (rows with ``row_sets == -1`` unchanged).
+
+    Differentiable in hidden, weight and bias where they require grad (and grad mode is on)."""
+    create_graph = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not create_graph:
+        hidden, weight = hidden.detach(), weight.detach()
+        bias = None if bias is None else bias.detach()
+    h0 = hidden.double()
+    w = weight.double()
+    b = None if bias is None else bias.double()
     out = h0.clone()
     with torch.enable_grad():
         for index, anchor_set in enumerate(anchors.sets):
             rows = (row_sets == index).nonzero().flatten()
             if rows.numel():
-                out[rows] = _steer_rows_one_set(h0[rows], w, b, anchor_set,
-                                                step_size[rows].double(), config)
-    return out
+                out = out.index_put((rows,), _steer_rows_one_set(
+                    h0[rows], w, b, anchor_set, step_size[rows].double(), config, create_graph))
+    return out if create_graph else out.detach()

@@ -127,7 +127,7 @@ def _step_size(step_size, config: SteerConfig, lead_shape, device) -> torch.Tens
         return torch.full((math.prod(lead_shape),), config.step_size, dtype=torch.float32, device=device)
     t = _per_row(step_size, "step_size", lead_shape, device, torch.float32)
     if _host_values(t) and not bool((torch.isfinite(t) & (t >= 0)).all()):
-        raise ValueError("step_size entries must be finite and >= 0")
+        raise ValueError("step_size entries must be >= 0 and finite in float32")
     return t.to(device)
 
 
@@ -145,7 +145,10 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
     backend:   "auto" (best for the device; env ANCHOR_KERNELS_BACKEND overrides),
                "reference" (fp64 oracle), "cpu", "cuda" or "triton".
     Returns a new tensor shaped and typed like hidden. Rows with a non-finite value in hidden
-    have a non-finite gap, are never edited, and come back bit for bit.
+    have a non-finite gap, are never edited, and come back bit for bit. Differentiable in
+    hidden, weight and bias (the backward recomputes the edit in eager K-space form).
+    An AnchorSet/AnchorBank is packed against weight's current values on every call (no hidden
+    cache); pass ``prepare_anchors(weight, anchors)`` to pack once.
     """
     config = SteerConfig() if config is None else config
     if not isinstance(config, SteerConfig):
@@ -153,6 +156,8 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
     _check_inputs(hidden, weight, bias)
     prepared = anchors if isinstance(anchors, PreparedAnchors) else None
     bank = None if prepared is not None else as_bank(anchors)
+    if prepared is not None:
+        prepared.check_weight(weight)
     num_sets = bank.num_sets if bank is not None else prepared.anchor_ids.shape[0]
     name = resolve_backend(backend, hidden.device)
     lead_shape, d = hidden.shape[:-1], hidden.shape[-1]
@@ -170,7 +175,7 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
         from .triton_steer import steer_hidden_triton as op
     else:
         op = torch.ops.anchor_kernels.steer_hidden
-    out = op(h2, weight, bias, *prepared, rows, eta, config.steps, config.objective,
+    out = op(h2, weight, bias, *prepared.tensors, rows, eta, config.steps, config.objective,
              float(config.reg), float(config.temperature), config.margin_value,
-             config.max_norm_value)
+             config.max_norm_value, config.relative_step)
     return out.reshape(hidden.shape)

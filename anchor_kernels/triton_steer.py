@@ -1,17 +1,21 @@
 """Triton backend: the whole steering edit in one launch, registered as a torch op.
 
-Grid = (row tiles, anchor sets). Program (t, s) serves the rows of tile t whose set is s, so
+Grid = row tiles x anchor sets, flattened to one axis (no 65,535 limit on either). Program (t, s) serves the rows of tile t whose set is s, so
 ``tl.dot`` sees one W_A per program while a mixed bank is still a single launch; rows of
-other sets cost it one masked load of row_sets. Program (t, 0) also copies the rows that no set
-claims (row_sets = -1 or out of range). Limits: K <= MAX_SET_SIZE; any d (tiled by BLOCK_D).
+other sets cost it one masked load of row_sets, and a tile with no row of set s does nothing
+more. Program (t, 0) also copies the rows that no set claims (row_sets = -1 or out of range). Limits: K <= MAX_SET_SIZE; any d (tiled by BLOCK_D).
 Up to IN_REGISTER_SET_SIZE the fp32 Gram of a set stays in the program for all steps; past it,
 each step computes Gm c in chunks of GRAM_CHUNK columns through a per-row fp32 scratch of c.
 """
 from __future__ import annotations
 
+import math
+import os
 from typing import Optional
 
 import torch
+
+from .config import FP32_MAX, MAX_STEPS, MIN_TEMPERATURE, MAX_TEMPERATURE
 
 
 MAX_SET_SIZE = 256
@@ -28,97 +32,183 @@ except ImportError as exc:
     triton = tl = None
     IMPORT_ERROR = exc
 
+
+def launch_config(set_size: int, dim: int) -> dict:
+    """The compile-time configuration the launcher picks for a set size K and a width d.
+
+    One place, used by the launcher and by the ahead-of-time compile check
+    (``python -m anchor_kernels.aot``), so what CI compiles is what runs. BLOCK_D shrinks as K
+    grows so the [BLOCK_K, BLOCK_D] anchor tile and its layout conversions fit shared memory on
+    every target (sm_80: 163 KiB; sm_86/89: 99 KiB) without register spills.
+    """
+    block_k = max(16, 1 << (set_size - 1).bit_length())
+    if block_k > MAX_SET_SIZE:
+        raise ValueError(f"set_size {set_size} > {MAX_SET_SIZE}")
+    block_d_cap, warps = {16: (128, 4), 32: (128, 4), 64: (64, 4), 128: (64, 8), 256: (32, 8)}[block_k]
+    block_d = min(block_d_cap, max(16, 1 << (dim - 1).bit_length()))
+    return dict(BLOCK_B=BLOCK_ROWS, BLOCK_K=block_k, BLOCK_D=block_d,
+                CHUNKED=block_k > IN_REGISTER_SET_SIZE, CHUNK=GRAM_CHUNK, num_warps=warps)
+
+
+def _interpreting() -> bool:
+    # Triton 3.9's CPU interpreter returns garbage for bf16 x bf16 tl.dot, so 16-bit operands
+    # are widened to fp32 there; compiled kernels multiply them natively (tensor cores).
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_scalars(steps, objective, reg, temperature, margin, max_norm) -> None:
+    """The scalar ranges every op entry point enforces (csrc/steer_args.h holds the same)."""
+    torch._check(objective in ("mean", "lse"), lambda: f"steer_hidden: objective must be 'mean' or 'lse', got {objective!r}")
+    torch._check(0 <= steps <= MAX_STEPS, lambda: f"steer_hidden: steps must be in [0, {MAX_STEPS}], got {steps}")
+    torch._check(0 <= reg <= FP32_MAX, lambda: f"steer_hidden: reg must be >= 0 and finite in float32, got {reg}")
+    torch._check(MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE,
+                 lambda: f"steer_hidden: temperature must be in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {temperature}")
+    torch._check(not math.isnan(margin) and (math.isinf(margin) or abs(margin) <= FP32_MAX),
+                 lambda: f"steer_hidden: margin must be finite in float32 or +inf, got {margin}")
+    torch._check(max_norm >= 0 and (math.isinf(max_norm) or max_norm <= FP32_MAX),
+                 lambda: f"steer_hidden: max_norm must be >= 0 and finite in float32, or +inf, got {max_norm}")
+
+
 if IMPORT_ERROR is None:
+
+    @triton.jit
+    def _gap_and_grad(z, w, log_w, tau, LSE: tl.constexpr, BLOCK_B: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+        """G per row and s = dG/dz per anchor (padding: s = 0), METHOD.md "The value gap"."""
+        pos = (w > 0.0)[None, :]
+        neg = (w < 0.0)[None, :]
+        if LSE:
+            a = z / tau + log_w[None, :]
+            a_pos = tl.where(pos, a, float("-inf"))
+            a_neg = tl.where(neg, a, float("-inf"))
+            m_pos = tl.max(a_pos, axis=1)
+            m_neg = tl.max(a_neg, axis=1)
+            e_pos = tl.where(pos, tl.exp(a_pos - m_pos[:, None]), 0.0)
+            e_neg = tl.where(neg, tl.exp(a_neg - m_neg[:, None]), 0.0)
+            sum_pos = tl.sum(e_pos, axis=1)
+            sum_neg = tl.sum(e_neg, axis=1)
+            grad = e_pos / sum_pos[:, None] - e_neg / sum_neg[:, None]
+            gap = tau * ((m_pos + tl.log(sum_pos)) - (m_neg + tl.log(sum_neg)))
+        else:
+            grad = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32) + w[None, :]
+            gap = tl.sum(grad * z, axis=1)
+        return gap, grad
+
+    @triton.jit
+    def _gram_times(c, gram_t, gram_base, row_scratch, mine, k, k_ok, set_size,
+                    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr,
+                    CHUNK: tl.constexpr):
+        """Gm c per row. Chunked: c goes through the rows' own scratch (one set per row, so
+        one program per row: no other program touches it)."""
+        if CHUNKED:
+            tl.store(row_scratch + k[None, :], c, mask=mine[:, None])
+            tl.debug_barrier()
+            gc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+            for j0 in tl.static_range(0, BLOCK_K, CHUNK):
+                jj = j0 + tl.arange(0, CHUNK)
+                c_part = tl.load(row_scratch + jj[None, :], mask=mine[:, None], other=0.0)
+                g_part = tl.load(gram_base + k[None, :] * set_size + jj[:, None],
+                                 mask=(jj < set_size)[:, None] & k_ok[None, :], other=0.0)
+                gc += tl.dot(c_part, g_part, input_precision="ieee")
+            tl.debug_barrier()  # all reads done before the next call overwrites the scratch
+        else:
+            gc = tl.dot(c, gram_t, input_precision="ieee")
+        return gc
 
     @triton.jit
     def _steer_hidden_kernel(
         hidden_ptr, weight_ptr, bias_ptr, ids_ptr, aw_ptr, gram_ptr, row_sets_ptr, eta_ptr,
-        out_ptr, scratch_ptr, rows, dim, num_sets, set_size, hidden_row_stride, weight_row_stride,
-        out_row_stride, steps, reg, tau, margin, max_norm,
-        LSE: tl.constexpr, TRUST: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+        out_ptr, scratch_ptr, rows, dim, vocab, num_sets, set_size, hidden_row_stride,
+        weight_row_stride, out_row_stride, steps, reg, tau, margin, max_norm,
+        LSE: tl.constexpr, TRUST: tl.constexpr, HAS_BIAS: tl.constexpr, RELATIVE: tl.constexpr,
+        NATIVE_DOT16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
         CHUNKED: tl.constexpr, CHUNK: tl.constexpr,
     ):
         """out[r] = h0 + W_A^T c_T for rows r of this tile using set s (METHOD.md, K-space):
         z0 = W_A h0 + b_A; each step z = z0 + Gm c, c += eta m (s(z) - reg c), trust region
-        on c^T Gm c. Gm c is carried across steps so a step is one K x K dot."""
-        tile = tl.program_id(0)
-        s = tl.program_id(1)
-        r = tile * BLOCK_B + tl.arange(0, BLOCK_B)
+        on c^T Gm c. Gm c is carried across steps so a step is one K x K dot. Offsets are
+        int64: a strided prefill view can span more than 2^31 elements."""
+        pid = tl.program_id(0)
+        tile = pid // num_sets
+        s = pid % num_sets
+        r = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
         in_range = r < rows
         rs = tl.load(row_sets_ptr + r, mask=in_range, other=-1)
         unclaimed = (rs < 0) | (rs >= num_sets)
         mine = in_range & (rs == s)
-        store = mine | (in_range & unclaimed & (tl.zeros((BLOCK_B,), dtype=tl.int32) + s == 0))
-        if tl.sum(store.to(tl.int32), axis=0) > 0:
+        copy_only = in_range & unclaimed & (tl.zeros((BLOCK_B,), dtype=tl.int32) + s == 0)
+        h_rows = hidden_ptr + r[:, None] * hidden_row_stride
+        o_rows = out_ptr + r[:, None] * out_row_stride
+        if tl.sum(mine.to(tl.int32), axis=0) == 0:
+            # No row of this tile uses set s: only copy the unclaimed rows (program s = 0).
+            if tl.sum(copy_only.to(tl.int32), axis=0) > 0:
+                for d0 in range(0, dim, BLOCK_D):
+                    dd = d0 + tl.arange(0, BLOCK_D)
+                    m = copy_only[:, None] & (dd < dim)[None, :]
+                    tl.store(o_rows + dd[None, :], tl.load(h_rows + dd[None, :], mask=m), mask=m)
+        else:
+            store = mine | copy_only
             k = tl.arange(0, BLOCK_K)
             k_ok = k < set_size
-            ids = tl.load(ids_ptr + s * set_size + k, mask=k_ok, other=0)
-            w = tl.load(aw_ptr + s * set_size + k, mask=k_ok, other=0.0)
+            set_off = s.to(tl.int64) * set_size
+            ids = tl.load(ids_ptr + set_off + k, mask=k_ok, other=0)
+            w = tl.load(aw_ptr + set_off + k, mask=k_ok, other=0.0)
             live = w != 0.0
+            # A live id outside the vocabulary leaves the set's rows untouched and is never
+            # read (callers validate ids on the host; no sync here).
+            bad_ids = tl.sum((live & ((ids < 0) | (ids >= vocab))).to(tl.int32), axis=0)
+            mine = mine & (tl.zeros((BLOCK_B,), dtype=tl.int32) + bad_ids == 0)
+            live = live & (tl.zeros((BLOCK_K,), dtype=tl.int32) + bad_ids == 0)
             eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
+            w_rows = weight_ptr + ids[:, None] * weight_row_stride
 
-            # z0 = W_A h0 (+ b_A) and ||h0||, one pass over d.
+            # z0 = W_A h0 (+ b_A) and ||h0||, one pass over d. 16-bit inputs are multiplied
+            # as they are (exact products, fp32 accumulation); fp32 uses 3xTF32 (fp32 accuracy).
             z0 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
             h_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
             for d0 in range(0, dim, BLOCK_D):
                 dd = d0 + tl.arange(0, BLOCK_D)
                 d_ok = dd < dim
-                h = tl.load(hidden_ptr + r[:, None] * hidden_row_stride + dd[None, :],
-                            mask=mine[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                wa = tl.load(weight_ptr + ids[:, None] * weight_row_stride + dd[None, :],
-                             mask=live[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                z0 += tl.dot(h, tl.trans(wa), input_precision="ieee")
-                h_sq += tl.sum(h * h, axis=1)
+                h = tl.load(h_rows + dd[None, :], mask=mine[:, None] & d_ok[None, :], other=0.0)
+                wa = tl.load(w_rows + dd[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
+                if h.dtype == tl.float32 or not NATIVE_DOT16:
+                    z0 += tl.dot(h.to(tl.float32), tl.trans(wa.to(tl.float32)), input_precision="tf32x3")
+                else:
+                    z0 += tl.dot(h, tl.trans(wa))
+                hf = h.to(tl.float32)
+                h_sq += tl.sum(hf * hf, axis=1)
             if HAS_BIAS:
                 z0 += tl.load(bias_ptr + ids, mask=live, other=0.0).to(tl.float32)[None, :]
-            limit = max_norm * tl.sqrt(h_sq)
+            h_norm = tl.sqrt(h_sq)
+            limit = max_norm * h_norm
 
-            gram_base = gram_ptr + s * set_size * set_size
-            if not CHUNKED:  # gram_t[j, i] = Gm[i, j], held for all steps
+            gram_base = gram_ptr + set_off * set_size
+            row_scratch = scratch_ptr + r[:, None] * BLOCK_K
+            if CHUNKED:
+                gram_t = 0.0
+            else:  # gram_t[j, i] = Gm[i, j], held for all steps
                 gram_t = tl.load(gram_base + k[None, :] * set_size + k[:, None],
                                  mask=k_ok[:, None] & k_ok[None, :], other=0.0)
             log_w = tl.log(tl.where(live, tl.abs(w), 1.0))
-            pos = (w > 0.0)[None, :]
-            neg = (w < 0.0)[None, :]
             c = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
             gc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+            if RELATIVE:
+                # The first step moves h by eta ||h0||: divide by ||grad G(h0)|| = sqrt(s0^T Gm s0).
+                _, s0 = _gap_and_grad(z0, w, log_w, tau, LSE, BLOCK_B, BLOCK_K)
+                s0 = tl.where(mine[:, None], s0, 0.0)
+                g_sq = tl.sum(s0 * _gram_times(s0, gram_t, gram_base, row_scratch, mine, k, k_ok,
+                                               set_size, BLOCK_B, BLOCK_K, CHUNKED, CHUNK), axis=1)
+                ok = (g_sq > 0.0) & (g_sq < float("inf"))
+                eta = tl.where(ok, eta * h_norm / tl.sqrt(tl.where(ok, g_sq, 1.0)), 0.0)
+                eta = tl.where((eta == eta) & (eta < float("inf")), eta, 0.0)
             for _ in range(steps):
-                z = z0 + gc
-                if LSE:
-                    a = z / tau + log_w[None, :]
-                    a_pos = tl.where(pos, a, float("-inf"))
-                    a_neg = tl.where(neg, a, float("-inf"))
-                    m_pos = tl.max(a_pos, axis=1)
-                    m_neg = tl.max(a_neg, axis=1)
-                    e_pos = tl.where(pos, tl.exp(a_pos - m_pos[:, None]), 0.0)
-                    e_neg = tl.where(neg, tl.exp(a_neg - m_neg[:, None]), 0.0)
-                    sum_pos = tl.sum(e_pos, axis=1)
-                    sum_neg = tl.sum(e_neg, axis=1)
-                    grad = e_pos / sum_pos[:, None] - e_neg / sum_neg[:, None]
-                    gap = tau * ((m_pos + tl.log(sum_pos)) - (m_neg + tl.log(sum_neg)))
-                else:
-                    grad = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32) + w[None, :]
-                    gap = tl.sum(grad * z, axis=1)
+                gap, grad = _gap_and_grad(z0 + gc, w, log_w, tau, LSE, BLOCK_B, BLOCK_K)
                 # A non-finite gap (non-finite hidden row) freezes the row.
                 finite = (gap == gap) & (tl.abs(gap) < float("inf"))
-                active = mine & finite & (gap < margin)
+                active = mine & finite & (gap < margin) & (eta != 0.0)
                 c = tl.where(active[:, None], c + eta[:, None] * (grad - reg * c), c)
-                if CHUNKED:
-                    # Rows are this program's alone (one set per row): no other program touches them.
-                    row_scratch = scratch_ptr + r[:, None] * BLOCK_K
-                    tl.store(row_scratch + k[None, :], c, mask=mine[:, None])
-                    tl.debug_barrier()
-                    gc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
-                    for j0 in tl.static_range(0, BLOCK_K, CHUNK):
-                        jj = j0 + tl.arange(0, CHUNK)
-                        c_part = tl.load(row_scratch + jj[None, :], mask=mine[:, None], other=0.0)
-                        g_part = tl.load(gram_base + k[None, :] * set_size + jj[:, None],
-                                         mask=(jj < set_size)[:, None] & k_ok[None, :], other=0.0)
-                        gc += tl.dot(c_part, g_part, input_precision="ieee")
-                    tl.debug_barrier()  # all reads done before the next step overwrites c
-                else:
-                    gc = tl.dot(c, gram_t, input_precision="ieee")
+                gc = _gram_times(c, gram_t, gram_base, row_scratch, mine, k, k_ok, set_size,
+                                 BLOCK_B, BLOCK_K, CHUNKED, CHUNK)
                 if TRUST:
                     q = tl.sum(c * gc, axis=1)
                     scale = tl.where(q > limit * limit, limit / tl.sqrt(q), 1.0)
@@ -129,14 +219,13 @@ if IMPORT_ERROR is None:
             for d0 in range(0, dim, BLOCK_D):
                 dd = d0 + tl.arange(0, BLOCK_D)
                 d_ok = dd < dim
-                h = tl.load(hidden_ptr + r[:, None] * hidden_row_stride + dd[None, :],
-                            mask=store[:, None] & d_ok[None, :], other=0.0)
-                wa = tl.load(weight_ptr + ids[:, None] * weight_row_stride + dd[None, :],
-                             mask=live[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-                delta = tl.dot(c, wa, input_precision="ieee")
+                h = tl.load(h_rows + dd[None, :], mask=store[:, None] & d_ok[None, :], other=0.0)
+                wa = tl.load(w_rows + dd[None, :], mask=live[:, None] & d_ok[None, :],
+                             other=0.0).to(tl.float32)
+                delta = tl.dot(c, wa, input_precision="tf32x3")
                 new = (h.to(tl.float32) + delta).to(h.dtype)
-                tl.store(out_ptr + r[:, None] * out_row_stride + dd[None, :],
-                         tl.where(moved[:, None], new, h), mask=store[:, None] & d_ok[None, :])
+                tl.store(o_rows + dd[None, :], tl.where(moved[:, None], new, h),
+                         mask=store[:, None] & d_ok[None, :])
 
     def _check(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size):
         dev = hidden.device
@@ -156,6 +245,8 @@ if IMPORT_ERROR is None:
                      lambda: "steer_hidden: anchor_weights must be [S, K] and gram [S, K, K] like anchor_ids")
         torch._check(row_sets.shape[0] == hidden.shape[0] and step_size.shape[0] == hidden.shape[0],
                      lambda: "steer_hidden: row_sets and step_size need one entry per row of hidden")
+        torch._check(S * triton.cdiv(max(hidden.shape[0], 1), BLOCK_ROWS) < 2**31,
+                     lambda: "steer_hidden: too many rows x anchor sets for one Triton grid")
         torch._check(K <= MAX_SET_SIZE, lambda: f"steer_hidden: the triton backend supports anchor sets of at most "
                                                  f"{MAX_SET_SIZE} tokens, got K = {K}; use backend='cuda' or 'cpu'")
         if bias is not None:
@@ -169,12 +260,10 @@ if IMPORT_ERROR is None:
         hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
         anchor_ids: torch.Tensor, anchor_weights: torch.Tensor, gram: torch.Tensor,
         row_sets: torch.Tensor, step_size: torch.Tensor, steps: int, objective: str, reg: float,
-        temperature: float, margin: float, max_norm: float,
+        temperature: float, margin: float, max_norm: float, relative_step: bool,
     ) -> torch.Tensor:
         _check(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size)
-        torch._check(objective in ("mean", "lse"), lambda: f"steer_hidden: objective must be 'mean' or 'lse', got {objective!r}")
-        torch._check(steps >= 0 and reg >= 0 and temperature > 0 and max_norm >= 0,
-                     lambda: "steer_hidden: needs steps >= 0, reg >= 0, temperature > 0, max_norm >= 0")
+        check_scalars(steps, objective, reg, temperature, margin, max_norm)
         if hidden.stride(-1) != 1:
             hidden = hidden.contiguous()
         if weight.stride(-1) != 1:
@@ -184,17 +273,19 @@ if IMPORT_ERROR is None:
         S, K = anchor_ids.shape
         if rows == 0:
             return out
-        grid = (triton.cdiv(rows, BLOCK_ROWS), S)
-        block_k = max(16, triton.next_power_of_2(K))
-        chunked = block_k > IN_REGISTER_SET_SIZE
-        scratch = hidden.new_empty((rows, block_k) if chunked else (1, 1), dtype=torch.float32)
+        cfg = launch_config(K, dim)
+        grid = (triton.cdiv(rows, BLOCK_ROWS) * S,)
+        scratch = hidden.new_empty((rows, cfg["BLOCK_K"]) if cfg["CHUNKED"] else (1, 1), dtype=torch.float32)
         torch.library.wrap_triton(_steer_hidden_kernel)[grid](
             hidden, weight, weight if bias is None else bias, anchor_ids.contiguous(),
             anchor_weights.contiguous(), gram.contiguous(), row_sets.contiguous(),
-            step_size.contiguous(), out, scratch, rows, dim, S, K, hidden.stride(0), weight.stride(0),
-            out.stride(0), steps, reg, temperature, margin, max_norm,
+            step_size.contiguous(), out, scratch, rows, dim, weight.shape[0], S, K, hidden.stride(0),
+            weight.stride(0), out.stride(0), steps, reg, temperature, margin, max_norm,
             LSE=objective == "lse", TRUST=max_norm != float("inf"), HAS_BIAS=bias is not None,
-            BLOCK_B=BLOCK_ROWS, BLOCK_K=block_k, BLOCK_D=min(128, max(16, triton.next_power_of_2(dim))),
-            CHUNKED=chunked, CHUNK=GRAM_CHUNK,
+            RELATIVE=relative_step, NATIVE_DOT16=not _interpreting(), **cfg,
         )
         return out
+
+    from .autograd import register as _register_autograd
+
+    _register_autograd("anchor_kernels::steer_hidden_triton")

@@ -4,20 +4,29 @@
 #include <pybind11/pybind11.h>
 
 #include <atomic>
+#include <optional>
+#include <string>
+
+#include <pybind11/stl.h>
 
 #include "steer_args.h"
 
 namespace anchor_kernels {
+
+#ifdef ANCHOR_KERNELS_WITH_CUDA
+std::optional<std::string> cuda_check_device(int device);  // ops_cuda.cpp
+#endif
 
 at::Tensor steer_hidden_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, const at::Tensor& anchor_ids,
                             const at::Tensor& anchor_weights, const at::Tensor& gram,
                             const at::Tensor& row_sets, const at::Tensor& step_size,
                             int64_t steps, c10::string_view objective, double reg,
-                            double temperature, double margin, double max_norm) {
+                            double temperature, double margin, double max_norm,
+                            bool relative_step) {
   SteerCall call = make_steer_call(hidden, weight, bias, anchor_ids, anchor_weights, gram,
                                    row_sets, step_size, steps, std::string(objective), reg,
-                                   temperature, margin, max_norm);
+                                   temperature, margin, max_norm, relative_step);
   TORCH_CHECK(ak_steer_check_params(&call.params) == AK_OK,
               "steer_hidden: invalid arguments (internal check)");
   // Each chunk converts the anchor rows once, so keep chunks a few rows long.
@@ -42,7 +51,8 @@ TORCH_LIBRARY(anchor_kernels, m) {
   m.def(
       "steer_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor anchor_ids, "
       "Tensor anchor_weights, Tensor gram, Tensor row_sets, Tensor step_size, int steps, "
-      "str objective, float reg, float temperature, float margin, float max_norm) -> Tensor");
+      "str objective, float reg, float temperature, float margin, float max_norm, "
+      "bool relative_step) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(anchor_kernels, CPU, m) {
@@ -58,4 +68,11 @@ TORCH_LIBRARY_IMPL(anchor_kernels, CPU, m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "anchor_kernels native ops; importing registers torch.ops.anchor_kernels.*";
   m.attr("cuda_built") = AK_CUDA_BUILT;
+  m.attr("max_steps") = AK_MAX_STEPS;
+  m.attr("min_temperature") = AK_MIN_TEMPERATURE;
+  m.attr("max_temperature") = AK_MAX_TEMPERATURE;
+#ifdef ANCHOR_KERNELS_WITH_CUDA
+  m.def("cuda_check_device", &anchor_kernels::cuda_check_device,
+        "None if the CUDA kernels run on this device index, else why not");
+#endif
 }

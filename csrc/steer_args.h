@@ -47,7 +47,7 @@ inline SteerCall make_steer_call(const at::Tensor& hidden, const at::Tensor& wei
                                  const at::Tensor& gram, const at::Tensor& row_sets,
                                  const at::Tensor& step_size, int64_t steps,
                                  const std::string& objective, double reg, double temperature,
-                                 double margin, double max_norm) {
+                                 double margin, double max_norm, bool relative_step) {
   const at::Device dev = hidden.device();
   TORCH_CHECK(hidden.dim() == 2, "steer_hidden: hidden must be 2-D [B, d], got shape ",
               hidden.sizes());
@@ -74,16 +74,22 @@ inline SteerCall make_steer_call(const at::Tensor& hidden, const at::Tensor& wei
   check_tensor(step_size, "step_size", at::kFloat, 1, dev);
   TORCH_CHECK(step_size.size(0) == hidden.size(0), "steer_hidden: step_size has ",
               step_size.size(0), " entries but hidden has ", hidden.size(0), " rows");
-  TORCH_CHECK(steps >= 0, "steer_hidden: steps must be >= 0, got ", steps);
+  TORCH_CHECK(steps >= 0 && steps <= AK_MAX_STEPS, "steer_hidden: steps must be in [0, ",
+              AK_MAX_STEPS, "], got ", steps);
   TORCH_CHECK(objective == "mean" || objective == "lse",
               "steer_hidden: objective must be 'mean' or 'lse', got '", objective, "'");
-  TORCH_CHECK(std::isfinite(reg) && reg >= 0, "steer_hidden: reg must be finite and >= 0, got ",
-              reg);
-  TORCH_CHECK(std::isfinite(temperature) && temperature > 0,
-              "steer_hidden: temperature must be finite and > 0, got ", temperature);
-  TORCH_CHECK(!std::isnan(margin), "steer_hidden: margin must not be NaN (+inf disables it)");
-  TORCH_CHECK(!std::isnan(max_norm) && max_norm >= 0,
-              "steer_hidden: max_norm must be >= 0 (+inf disables it), got ", max_norm);
+  constexpr double kFloatMax = 3.4028234663852886e38;
+  TORCH_CHECK(std::isfinite(reg) && reg >= 0 && reg <= kFloatMax,
+              "steer_hidden: reg must be >= 0 and finite in float32, got ", reg);
+  TORCH_CHECK(temperature >= AK_MIN_TEMPERATURE && temperature <= AK_MAX_TEMPERATURE,
+              "steer_hidden: temperature must be in [", AK_MIN_TEMPERATURE, ", ",
+              AK_MAX_TEMPERATURE, "], got ", temperature);
+  TORCH_CHECK(!std::isnan(margin) && (std::isinf(margin) || std::fabs(margin) <= kFloatMax),
+              "steer_hidden: margin must be finite in float32 or +inf (which disables it), got ",
+              margin);
+  TORCH_CHECK(max_norm >= 0 && (std::isinf(max_norm) || max_norm <= kFloatMax),
+              "steer_hidden: max_norm must be >= 0 and finite in float32, or +inf (no trust "
+              "region), got ", max_norm);
 
   SteerCall call;
   call.hidden = unit_stride_rows(hidden);
@@ -119,6 +125,7 @@ inline SteerCall make_steer_call(const at::Tensor& hidden, const at::Tensor& wei
   p.row_sets = call.row_sets.data_ptr<int64_t>();
   p.step_size = call.step_size.data_ptr<float>();
   p.steps = steps;
+  p.relative_step = relative_step ? 1 : 0;
   p.objective = objective == "lse" ? AK_OBJECTIVE_LSE : AK_OBJECTIVE_MEAN;
   p.reg = static_cast<float>(reg);
   p.temperature = static_cast<float>(temperature);

@@ -70,6 +70,10 @@ INVALID_ANCHORS = [
     (dict(positive=[1, 2], negative=[3], positive_weights=[1.0]), ValueError, "positive_weights has 1"),
     (dict(positive=[1], negative=[3], negative_weights=[0.0]), ValueError, "negative_weights must all be finite and > 0"),
     (dict(positive=[1], negative=[3], negative_weights=[math.inf]), ValueError, "negative_weights"),
+    (dict(positive=[1, 2], negative=[3], positive_weights="12"), TypeError, "positive_weights must be a sequence"),
+    (dict(positive=[1, 2], negative=[3], positive_weights=[1, "2"]), TypeError, "positive_weights must hold real"),
+    (dict(positive=[1, 2], negative=[3], positive_weights=[True, 1]), TypeError, "positive_weights must hold real"),
+    (dict(positive=[1, 2], negative=[3], positive_weights=[1.0, 1e-40]), ValueError, "below 1e-30"),
 ]
 
 
@@ -87,13 +91,21 @@ def test_empty_bank_and_bad_member():
 
 
 INVALID_CONFIGS = [
-    (dict(steps=-1), ValueError, "steps must be >= 0"),
+    (dict(steps=-1), ValueError, r"steps must be in \[0, 10000\]"),
+    (dict(steps=2**62), ValueError, r"steps must be in \[0, 10000\]"),
     (dict(steps=1.5), TypeError, "steps must be an int"),
     (dict(step_size=math.nan), ValueError, "step_size must be finite"),
+    (dict(step_size=1e39), ValueError, "step_size must be finite in float32"),
     (dict(step_size=-0.1), ValueError, "step_size must be >= 0"),
     (dict(reg=math.inf), ValueError, "reg must be finite"),
-    (dict(temperature=0.0), ValueError, "temperature must be > 0"),
+    (dict(reg=1e39), ValueError, "reg must be finite in float32"),
+    (dict(temperature=0.0), ValueError, "temperature must be >= 0.0001"),
+    (dict(temperature=1e-38), ValueError, "temperature must be >= 0.0001"),
+    (dict(temperature=1e-50), ValueError, "temperature must be >= 0.0001"),
+    (dict(temperature=1e7), ValueError, "temperature must be <= 1e"),
     (dict(margin=math.nan), ValueError, "margin must be finite"),
+    (dict(margin=-1e39), ValueError, "margin must be finite in float32"),
+    (dict(relative_step=1), TypeError, "relative_step must be a bool"),
     (dict(max_norm=-1.0), ValueError, "max_norm must be >= 0"),
     (dict(max_norm=math.inf), ValueError, "max_norm must be finite"),
     (dict(objective="max"), ValueError, "objective must be one of"),
@@ -112,7 +124,7 @@ def _op_args(**over):
                 anchor_ids=prepared.anchor_ids, anchor_weights=prepared.anchor_weights,
                 gram=prepared.gram, row_sets=torch.zeros(4, dtype=torch.long),
                 step_size=torch.full((4,), 0.5), steps=3, objective="lse", reg=0.0,
-                temperature=1.0, margin=math.inf, max_norm=math.inf)
+                temperature=1.0, margin=math.inf, max_norm=math.inf, relative_step=False)
     args.update(over)
     return list(args.values())
 
@@ -126,9 +138,12 @@ INVALID_OP_CALLS = [
     (dict(row_sets=torch.tensor([0, 0, 1, 0])), r"row_sets entries must be in \[-1, 1\)"),
     (dict(row_sets=torch.zeros(3, dtype=torch.long)), "row_sets"),
     (dict(step_size=torch.zeros(4, dtype=torch.float64)), "step_size"),
-    (dict(steps=-1), "steps must be >= 0"),
+    (dict(steps=-1), r"steps must be in \[0, 10000\]"),
+    (dict(steps=2**40), r"steps must be in \[0, 10000\]"),
     (dict(objective="max"), "objective must be 'mean' or 'lse'"),
     (dict(temperature=0.0), "temperature"),
+    (dict(temperature=1e-38), "temperature"),
+    (dict(reg=1e39), "reg must be >= 0 and finite in float32"),
     (dict(margin=math.nan), "margin"),
     (dict(max_norm=-1.0), "max_norm"),
 ]
@@ -154,23 +169,27 @@ def test_anchor_gram_values_and_shapes():
     assert torch.equal(gram_bank[0, :3, :3], gram) and not gram_bank[0, 3:].any() and not gram_bank[0, :, 3:].any()
 
 
-def test_gram_cache_is_reused_and_never_stale():
+def test_prepared_anchors_are_checked_against_the_weight():
+    """No hidden cache: AnchorSets are packed per call; a PreparedAnchors handle is a snapshot
+    that refuses a weight it was not built for, or one modified in place since."""
     weight = torch.randn(30, 7)
-    first = ak.prepare_anchors(weight, A)
-    assert ak.prepare_anchors(weight, A) is first  # reused across decoding steps
-    assert ak.prepare_anchors(weight, ak.AnchorSet([1, 2], [3])) is first  # equal sets share it
+    hidden = torch.randn(2, 7)
+    prepared = ak.prepare_anchors(weight, A)
+    assert ak.prepare_anchors(weight, prepared) is prepared
+    ak.steer_hidden(hidden, weight, prepared)
     with torch.no_grad():
         weight.mul_(2)  # in-place update
-    second = ak.prepare_anchors(weight, A)
-    assert second is not first
-    torch.testing.assert_close(second.gram, first.gram * 4)
-    weight.data = torch.randn(30, 7)  # storage swap, as module.to() does
-    assert ak.prepare_anchors(weight, A) is not second
-    other = weight.clone()
-    assert ak.prepare_anchors(other, A) is not ak.prepare_anchors(weight, A)
-    if torch.cuda.is_available():
-        moved = ak.prepare_anchors(weight.cuda(), A)
-        assert moved.gram.device.type == "cuda"
+    with pytest.raises(ValueError, match="modified in place since prepare_anchors"):
+        ak.steer_hidden(hidden, weight, prepared)
+    fresh = ak.prepare_anchors(weight, A)
+    torch.testing.assert_close(fresh.gram, prepared.gram * 4)
+    with pytest.raises(ValueError, match="prepared for another weight tensor"):
+        ak.steer_hidden(hidden, weight.clone(), fresh)
+    with pytest.raises(ValueError, match="V = 30 rows, but weight has V = 20"):
+        ak.steer_hidden(hidden, weight[:20], fresh)
+    meta = ak.prepare_anchors(torch.randn(30, 7, device="meta"), A)
+    with pytest.raises(ValueError, match="prepared on meta"):
+        ak.steer_hidden(hidden, weight, meta)
 
 
 def test_prepared_anchors_round_trip():
@@ -196,16 +215,16 @@ def _opcheck_args(device):
     bank = ak.AnchorBank([A, ak.AnchorSet([4, 5, 6], [7, 8])])
     prepared = ak.prepare_anchors(weight, bank)
     hidden = torch.randn(5, 24, device=device)
-    return (hidden, weight, torch.randn(40, device=device), *prepared,
+    return (hidden, weight, torch.randn(40, device=device), *prepared.tensors,
             torch.tensor([0, 1, -1, 1, 0], device=device), torch.full((5,), 0.3, device=device),
-            4, "lse", 0.1, 1.0, math.inf, 0.5)
+            4, "lse", 0.1, 1.0, math.inf, 0.5, True)
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
 def test_opcheck(backend):
     op = (torch.ops.anchor_kernels.steer_hidden_triton if backend == "triton"
           else torch.ops.anchor_kernels.steer_hidden)
-    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static")
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static")
     if backend == "triton" and DEVICE.type == "cpu":
         utils = ("test_schema",)  # interpreted kernels cannot run on fake tensors
     torch.library.opcheck(op.default, _opcheck_args(DEVICE), test_utils=utils)

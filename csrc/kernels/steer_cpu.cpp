@@ -120,6 +120,14 @@ bool solve_coefficients(const ak_steer_params& p, const float* z0, const float* 
   const bool trust = std::isfinite(p.max_norm);
   const float limit = p.max_norm * h0_norm;
   std::fill(c, c + K, 0.f);
+  if (p.relative_step) {
+    // ||grad G(h0)||^2 = s0^T Gm s0: the step is scaled so the first one moves h by eta ||h0||.
+    gap_and_grad(z0, w, log_w, K, lse, p.temperature, s);
+    float g_sq = 0.f;
+    for (int64_t i = 0; i < K; ++i) g_sq += s[i] * dot(gram + i * K, s, K);
+    eta = g_sq > 0.f && std::isfinite(g_sq) ? eta * h0_norm / std::sqrt(g_sq) : 0.f;
+    if (!(std::isfinite(eta) && eta > 0.f)) return false;
+  }
   for (int64_t t = 0; t < p.steps; ++t) {
     for (int64_t i = 0; i < K; ++i) z[i] = z0[i] + dot(gram + i * K, c, K);
     const float gap = gap_and_grad(z, w, log_w, K, lse, p.temperature, s);
@@ -196,10 +204,12 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
       std::memcpy(h_out, h_in, d * sizeof(T));
       continue;
     }
-    std::copy(h.begin(), h.end(), acc.begin());
+    // The edit W_A^T c is summed on its own before it meets h0: adding K terms onto h0 one at
+    // a time would round each against |h0|, which is far larger than the edit.
+    std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t i = 0; i < K; ++i)
       if (c[i] != 0.f) axpy(c[i], rows[i], acc.data(), d);
-    for (int64_t j = 0; j < d; ++j) h_out[j] = from_float<T>(acc[j]);
+    for (int64_t j = 0; j < d; ++j) h_out[j] = from_float<T>(h[j] + acc[j]);
   }
   return AK_OK;
 }
@@ -209,11 +219,14 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
 extern "C" ak_status ak_steer_check_params(const ak_steer_params* p) {
   if (!p) return AK_ERROR_INVALID_ARGUMENT;
   const bool shapes_ok = p->rows >= 0 && p->dim >= 1 && p->vocab >= 1 && p->num_sets >= 1 &&
-                         p->set_size >= 1 && p->steps >= 0;
-  const bool strides_ok = p->rows <= 1 || (p->hidden_row_stride >= p->dim &&
+                         p->set_size >= 1 && p->steps >= 0 && p->steps <= AK_MAX_STEPS;
+  // hidden is only read, so its rows may overlap (an expanded, stride-0 batch); out's may not.
+  const bool strides_ok = p->rows <= 1 || (p->hidden_row_stride >= 0 &&
                                            p->out_row_stride >= p->dim);
-  const bool config_ok = std::isfinite(p->reg) && p->reg >= 0.f && std::isfinite(p->temperature) &&
-                         p->temperature > 0.f && !std::isnan(p->margin) &&
+  const bool config_ok = std::isfinite(p->reg) && p->reg >= 0.f &&
+                         p->temperature >= AK_MIN_TEMPERATURE &&
+                         p->temperature <= AK_MAX_TEMPERATURE && !std::isnan(p->margin) &&
+                         (p->relative_step == 0 || p->relative_step == 1) &&
                          !std::isnan(p->max_norm) && p->max_norm >= 0.f &&
                          (p->objective == AK_OBJECTIVE_MEAN || p->objective == AK_OBJECTIVE_LSE) &&
                          (p->dtype == AK_FLOAT32 || p->dtype == AK_FLOAT16 ||

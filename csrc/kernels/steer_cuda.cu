@@ -1,16 +1,19 @@
 // CUDA implementation of the anchor steering kernel (torch-free; see steer.h).
 //
-// One block per row, one launch per call. Phase 1 gathers the K anchor rows with 16-byte
-// loads (a warp per anchor, shuffle reduction) into z0 = W_A h0 + b_A; phase 2 runs the
-// T-step K-space loop in shared memory (the Gram of a set is staged in shared memory when it
-// fits, read through L2 otherwise); phase 3 writes h' = h0 + W_A^T c with 16-byte loads.
-// Limits (AK_ERROR_UNSUPPORTED past them, never a wrong result): K <= 1024, d <= 32768.
+// One block per row, one launch per call. Phase 1 stages h0 and the set's anchor ids in shared
+// memory and gathers the K anchor rows with 16-byte loads (a warp per anchor, shuffle
+// reduction) into z0 = W_A h0 + b_A; phase 2 runs the T-step K-space loop in shared memory (the
+// Gram of a set is staged in shared memory when it fits, read through L2 otherwise); phase 3
+// writes h' = h0 + W_A^T c with 16-byte loads and stores, the edit summed before it meets h0.
+// Limits (AK_ERROR_UNSUPPORTED past them, never a wrong result): K <= 1024, d <= 32768, and
+// the row's shared memory within the device's opt-in limit.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
+#include <mutex>
 
 #include "anchor_kernels/steer.h"
 
@@ -21,6 +24,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int64_t kMaxSetSize = 1024;
 constexpr int64_t kMaxDim = 32768;
 constexpr int64_t kGramInSharedMax = 64;  // K*K*4 = 16 KiB
+constexpr int kMaxDevices = 64;
 
 __device__ __forceinline__ float load_float(const float* p) { return *p; }
 __device__ __forceinline__ float load_float(const __half* p) { return __half2float(*p); }
@@ -38,6 +42,13 @@ struct Vec {
     const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = load_float(v + i);
+  }
+  __device__ __forceinline__ static void store(T* p, const float (&in)[N]) {
+    uint4 raw;
+    T* v = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int i = 0; i < N; ++i) store_float(v + i, in[i]);
+    *reinterpret_cast<uint4*>(p) = raw;
   }
 };
 
@@ -70,65 +81,152 @@ __device__ __forceinline__ float2 block_reduce2(float a, float b, float2* scratc
   return r;
 }
 
+// Untouched rows: 16 bytes at a time where both rows allow it.
 template <typename T>
-__device__ void copy_row(const T* in, T* out, int64_t d) {
+__device__ void copy_row(const T* in, T* out, int64_t d, bool vec) {
+  if (vec) {
+    const uint4* src = reinterpret_cast<const uint4*>(in);
+    uint4* dst = reinterpret_cast<uint4*>(out);
+    for (int64_t j = threadIdx.x; j < d / Vec<T>::N; j += blockDim.x) dst[j] = src[j];
+    return;
+  }
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) out[j] = in[j];
 }
 
+// s = dG/dz at z = z0 + gc (padding gets 0); returns G on every thread. Thread i only writes
+// s[i] for its own i, so callers sync before another thread reads s.
+__device__ float gap_and_grad(const float* z0, const float* gc, const float* w,
+                              const float* log_w, float* s, int64_t K, bool lse, float tau,
+                              float2* scratch) {
+  const int tid = threadIdx.x;
+  if (!lse) {
+    float part = 0.f;
+    for (int64_t i = tid; i < K; i += blockDim.x) {
+      part += w[i] * (z0[i] + gc[i]);
+      s[i] = w[i];
+    }
+    return block_reduce2<false>(part, 0.f, scratch).x;
+  }
+  float m_pos = -INFINITY, m_neg = -INFINITY;
+  for (int64_t i = tid; i < K; i += blockDim.x) {
+    const float a = (z0[i] + gc[i]) / tau + log_w[i];
+    if (w[i] > 0.f) m_pos = fmaxf(m_pos, a);
+    if (w[i] < 0.f) m_neg = fmaxf(m_neg, a);
+  }
+  const float2 m = block_reduce2<true>(m_pos, m_neg, scratch);
+  float s_pos = 0.f, s_neg = 0.f;
+  for (int64_t i = tid; i < K; i += blockDim.x) {
+    const float a = (z0[i] + gc[i]) / tau + log_w[i];
+    const float e = w[i] == 0.f ? 0.f : expf(a - (w[i] > 0.f ? m.x : m.y));
+    s[i] = e;
+    if (w[i] > 0.f) s_pos += e;
+    if (w[i] < 0.f) s_neg += e;
+  }
+  const float2 sums = block_reduce2<false>(s_pos, s_neg, scratch);
+  for (int64_t i = tid; i < K; i += blockDim.x)
+    s[i] = w[i] > 0.f ? s[i] / sums.x : (w[i] < 0.f ? -s[i] / sums.y : 0.f);
+  return tau * ((m.x + logf(sums.x)) - (m.y + logf(sums.y)));
+}
+
+// gv = Gm v and returns v^T Gm v (every thread). Gm is symmetric, so thread i reads column i
+// (gram[j*K + i]): consecutive threads read consecutive words, no bank conflicts, coalesced.
+__device__ float gram_apply(const float* gram, const float* v, float* gv, int64_t K,
+                            float2* scratch) {
+  float q_part = 0.f;
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < K; ++j) acc += gram[j * K + i] * v[j];
+    gv[i] = acc;
+    q_part += v[i] * acc;
+  }
+  return block_reduce2<false>(q_part, 0.f, scratch).x;
+}
+
+struct VecFlags {
+  bool weight, hidden, out;
+};
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads) steer_kernel(ak_steer_params p, bool vec_ok) {
-  extern __shared__ float smem[];
+__global__ void __launch_bounds__(kThreads, 2) steer_kernel(ak_steer_params p, VecFlags vec) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ float2 scratch[kWarps];
   const int64_t row = blockIdx.x;
   const int64_t K = p.set_size, d = p.dim;
   const T* h_in = static_cast<const T*>(p.hidden) + row * p.hidden_row_stride;
   T* h_out = static_cast<T*>(p.out) + row * p.out_row_stride;
+  const bool copy_vec = vec.hidden && vec.out;
   const int64_t set = p.row_sets[row];
-  const float eta = p.step_size[row];
-  if (set < 0 || set >= p.num_sets || p.steps == 0 || eta == 0.f) {
-    copy_row(h_in, h_out, d);
+  const float eta_in = p.step_size[row];
+  if (set < 0 || set >= p.num_sets || p.steps == 0 || eta_in == 0.f) {
+    copy_row(h_in, h_out, d, copy_vec);
     return;
   }
-  const int64_t* ids = p.anchor_ids + set * K;
+  const int64_t* ids_global = p.anchor_ids + set * K;
   const float* w = p.anchor_weights + set * K;
   const float* gram_global = p.gram + set * K * K;
   const T* weight = static_cast<const T*>(p.weight);
   const T* bias = static_cast<const T*>(p.bias);
 
-  float* h = smem;      // [d]
-  float* z0 = h + d;    // [K]
-  float* c = z0 + K;    // [K]
-  float* gc = c + K;    // [K]  Gm c, carried across steps
-  float* s = gc + K;    // [K]
-  float* log_w = s + K; // [K]
-  float* gram_shared = log_w + K;  // [K*K] when K <= kGramInSharedMax
+  int64_t* ids = reinterpret_cast<int64_t*>(smem_raw);  // [K]
+  float* h = reinterpret_cast<float*>(ids + K);         // [d]
+  float* z0 = h + d;     // [K]
+  float* c = z0 + K;     // [K]
+  float* gc = c + K;     // [K]  Gm c, carried across steps
+  float* s = gc + K;     // [K]
+  float* log_w = s + K;  // [K]
+  float* tmp = log_w + K;  // [K]
+  float* gram_shared = tmp + K;  // [K*K] when K <= kGramInSharedMax
   const bool gram_in_shared = K <= kGramInSharedMax;
   const float* gram = gram_in_shared ? gram_shared : gram_global;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  constexpr int N = Vec<T>::N;
+  int bad_id = 0;
+  for (int64_t i = tid; i < K; i += blockDim.x) {
+    const int64_t id = ids_global[i];
+    // Padding is never read; a live id outside the vocabulary leaves the row untouched (the
+    // launcher's callers validate ids on the host: no sync here).
+    const bool live = w[i] != 0.f;
+    bad_id |= live && (id < 0 || id >= p.vocab);
+    ids[i] = live ? id : 0;
+    c[i] = 0.f;
+    gc[i] = 0.f;
+    log_w[i] = live ? logf(fabsf(w[i])) : 0.f;
+  }
+  if (gram_in_shared)
+    for (int64_t i = tid; i < K * K; i += blockDim.x) gram_shared[i] = gram_global[i];
   float h_sq = 0.f;
-  for (int64_t j = tid; j < d; j += blockDim.x) {
+  int64_t staged = 0;
+  if (vec.hidden) {
+    staged = d / N * N;
+    for (int64_t j = int64_t(tid) * N; j < staged; j += int64_t(blockDim.x) * N) {
+      float v[N];
+      Vec<T>::load(h_in + j, v);
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        h[j + e] = v[e];
+        h_sq += v[e] * v[e];
+      }
+    }
+  }
+  for (int64_t j = staged + tid; j < d; j += blockDim.x) {
     const float v = load_float(h_in + j);
     h[j] = v;
     h_sq += v * v;
   }
-  for (int64_t i = tid; i < K; i += blockDim.x) {
-    c[i] = 0.f;
-    gc[i] = 0.f;
-    log_w[i] = w[i] == 0.f ? 0.f : logf(fabsf(w[i]));
+  if (__syncthreads_or(bad_id)) {
+    copy_row(h_in, h_out, d, copy_vec);
+    return;
   }
-  if (gram_in_shared)
-    for (int64_t i = tid; i < K * K; i += blockDim.x) gram_shared[i] = gram_global[i];
-  const float h_norm = sqrtf(block_reduce2<false>(h_sq, 0.f, scratch).x);  // also syncs h
+  const float h_norm = sqrtf(block_reduce2<false>(h_sq, 0.f, scratch).x);
 
   // Phase 1: z0 = W_A h0 + b_A, a warp per anchor.
-  constexpr int N = Vec<T>::N;
   for (int64_t k = warp; k < K; k += kWarps) {
     float acc = 0.f;
     if (w[k] != 0.f) {
       const T* wrow = weight + ids[k] * p.weight_row_stride;
       int64_t j0 = 0;
-      if (vec_ok) {
+      if (vec.weight) {
         j0 = d / N * N;
         for (int64_t j = int64_t(lane) * N; j < j0; j += 32 * N) {
           float v[N];
@@ -145,59 +243,35 @@ __global__ void __launch_bounds__(kThreads) steer_kernel(ak_steer_params p, bool
   }
   __syncthreads();
 
-  // Phase 2: the K-space loop.
   const bool lse = p.objective == AK_OBJECTIVE_LSE;
   const bool trust = isfinite(p.max_norm);
   const float limit = p.max_norm * h_norm, tau = p.temperature;
-  for (int64_t t = 0; t < p.steps; ++t) {
-    float gap;
-    if (lse) {
-      float m_pos = -INFINITY, m_neg = -INFINITY;
-      for (int64_t i = tid; i < K; i += blockDim.x) {
-        const float a = (z0[i] + gc[i]) / tau + log_w[i];
-        if (w[i] > 0.f) m_pos = fmaxf(m_pos, a);
-        if (w[i] < 0.f) m_neg = fmaxf(m_neg, a);
-      }
-      const float2 m = block_reduce2<true>(m_pos, m_neg, scratch);
-      float s_pos = 0.f, s_neg = 0.f;
-      for (int64_t i = tid; i < K; i += blockDim.x) {
-        const float a = (z0[i] + gc[i]) / tau + log_w[i];
-        const float e = w[i] == 0.f ? 0.f : expf(a - (w[i] > 0.f ? m.x : m.y));
-        s[i] = e;
-        if (w[i] > 0.f) s_pos += e;
-        if (w[i] < 0.f) s_neg += e;
-      }
-      const float2 sums = block_reduce2<false>(s_pos, s_neg, scratch);
-      for (int64_t i = tid; i < K; i += blockDim.x)
-        s[i] = w[i] > 0.f ? s[i] / sums.x : (w[i] < 0.f ? -s[i] / sums.y : 0.f);
-      gap = tau * ((m.x + logf(sums.x)) - (m.y + logf(sums.y)));
-    } else {
-      float part = 0.f;
-      for (int64_t i = tid; i < K; i += blockDim.x) {
-        part += w[i] * (z0[i] + gc[i]);
-        s[i] = w[i];
-      }
-      gap = block_reduce2<false>(part, 0.f, scratch).x;
+  float eta = eta_in;
+  if (p.relative_step) {
+    // The first step moves h by eta ||h0||: divide by ||grad G(h0)|| = sqrt(s0^T Gm s0).
+    gap_and_grad(z0, gc, w, log_w, s, K, lse, tau, scratch);
+    __syncthreads();
+    const float g_sq = gram_apply(gram, s, tmp, K, scratch);
+    eta = g_sq > 0.f && isfinite(g_sq) ? eta * h_norm / sqrtf(g_sq) : 0.f;
+    if (!(isfinite(eta) && eta > 0.f)) {
+      copy_row(h_in, h_out, d, copy_vec);
+      return;
     }
+  }
+
+  // Phase 2: the K-space loop.
+  for (int64_t t = 0; t < p.steps; ++t) {
+    const float gap = gap_and_grad(z0, gc, w, log_w, s, K, lse, tau, scratch);
     // A non-finite gap (non-finite hidden row) freezes the row: it comes out unchanged.
     if (!(isfinite(gap) && gap < p.margin)) continue;  // uniform across the block
     for (int64_t i = tid; i < K; i += blockDim.x) c[i] += eta * (s[i] - p.reg * c[i]);
     __syncthreads();
-    float q_part = 0.f;
-    for (int64_t i = tid; i < K; i += blockDim.x) {
-      float acc = 0.f;
-      for (int64_t j = 0; j < K; ++j) acc += gram[i * K + j] * c[j];
-      gc[i] = acc;
-      q_part += c[i] * acc;
-    }
-    if (trust) {
-      const float q = block_reduce2<false>(q_part, 0.f, scratch).x;  // ||h - h0||^2
-      if (q > limit * limit) {
-        const float scale = limit / sqrtf(q);
-        for (int64_t i = tid; i < K; i += blockDim.x) {
-          c[i] *= scale;
-          gc[i] *= scale;
-        }
+    const float q = gram_apply(gram, c, gc, K, scratch);  // ||h - h0||^2 = c^T Gm c
+    if (trust && q > limit * limit) {
+      const float scale = limit / sqrtf(q);
+      for (int64_t i = tid; i < K; i += blockDim.x) {
+        c[i] *= scale;
+        gc[i] *= scale;
       }
     }
     __syncthreads();
@@ -206,58 +280,130 @@ __global__ void __launch_bounds__(kThreads) steer_kernel(ak_steer_params p, bool
   int moved_part = 0;
   for (int64_t i = tid; i < K; i += blockDim.x) moved_part |= c[i] != 0.f;
   if (!__syncthreads_or(moved_part)) {
-    copy_row(h_in, h_out, d);
+    copy_row(h_in, h_out, d, copy_vec);
     return;
   }
 
-  // Phase 3: h' = h0 + W_A^T c, 16-byte loads along d.
+  // Phase 3: h' = h0 + W_A^T c, 16-byte loads along d; two anchors per iteration keep two
+  // independent loads in flight (ids come from shared memory, not a dependent global load).
+  // Anchors with c = 0 (padding among them) are skipped, so padding never reads a real row;
+  // the branch is uniform across the block.
   int64_t j0 = 0;
-  if (vec_ok) {
+  if (vec.weight && vec.out) {
     j0 = d / N * N;
     for (int64_t j = int64_t(tid) * N; j < j0; j += int64_t(blockDim.x) * N) {
-      float acc[N];
+      float acc[N] = {};
+      for (int64_t k = 0; k < K; k += 2) {
+        const float ca = c[k], cb = k + 1 < K ? c[k + 1] : 0.f;
+        float a[N] = {}, b[N] = {};
+        if (ca != 0.f) Vec<T>::load(weight + ids[k] * p.weight_row_stride + j, a);
+        if (cb != 0.f) Vec<T>::load(weight + ids[k + 1] * p.weight_row_stride + j, b);
 #pragma unroll
-      for (int e = 0; e < N; ++e) acc[e] = h[j + e];
-      for (int64_t k = 0; k < K; ++k) {
-        if (c[k] == 0.f) continue;
-        float v[N];
-        Vec<T>::load(weight + ids[k] * p.weight_row_stride + j, v);
-#pragma unroll
-        for (int e = 0; e < N; ++e) acc[e] += c[k] * v[e];
+        for (int e = 0; e < N; ++e) acc[e] += ca * a[e] + cb * b[e];
       }
 #pragma unroll
-      for (int e = 0; e < N; ++e) store_float(h_out + j + e, acc[e]);
+      for (int e = 0; e < N; ++e) acc[e] += h[j + e];
+      Vec<T>::store(h_out + j, acc);
     }
   }
   for (int64_t j = j0 + tid; j < d; j += blockDim.x) {
-    float acc = h[j];
+    float acc = 0.f;
     for (int64_t k = 0; k < K; ++k)
       if (c[k] != 0.f) acc += c[k] * load_float(weight + ids[k] * p.weight_row_stride + j);
-    store_float(h_out + j, acc);
+    store_float(h_out + j, h[j] + acc);
   }
 }
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+thread_local const char* last_error = "no error";
+
+ak_status cuda_failed(cudaError_t err) {
+  last_error = cudaGetErrorString(err);
+  cudaGetLastError();  // reported here: do not leave it for the next caller
+  return err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction
+             ? AK_ERROR_NO_KERNEL_IMAGE
+             : AK_ERROR_CUDA;
+}
+
+// Per device: the opt-in shared memory limit, and whether each kernel's dynamic limit was
+// raised to it. Raised once, to the maximum, so it is never lowered under a captured graph,
+// and under a lock so that host threads do not race on it.
+struct DeviceState {
+  int smem_optin = -1;
+  bool raised[3] = {false, false, false};
+};
+std::mutex device_mutex;
+DeviceState device_state[kMaxDevices];
+
 template <typename T>
-ak_status launch(const ak_steer_params& p, cudaStream_t stream) {
-  const int64_t N = 16 / sizeof(T);
-  const bool vec_ok = aligned16(p.weight) && (p.weight_row_stride % N) == 0;
-  const int64_t K = p.set_size;
-  const size_t smem = sizeof(float) * (p.dim + 5 * K + (K <= kGramInSharedMax ? K * K : 0));
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(
-        steer_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return AK_ERROR_CUDA;
+ak_status prepare_device(int device, int dtype_index, size_t smem, int* smem_optin) {
+  std::lock_guard<std::mutex> lock(device_mutex);
+  DeviceState& st = device_state[device];
+  if (st.smem_optin < 0) {
+    const cudaError_t err =
+        cudaDeviceGetAttribute(&st.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (err != cudaSuccess) return cuda_failed(err);
   }
-  steer_kernel<T><<<static_cast<unsigned>(p.rows), kThreads, smem, stream>>>(p, vec_ok);
-  // Peek, not get: the caller may still read the error message.
-  return cudaPeekAtLastError() == cudaSuccess ? AK_OK : AK_ERROR_CUDA;
+  *smem_optin = st.smem_optin;
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, steer_kernel<T>);
+  if (err != cudaSuccess) return cuda_failed(err);
+  if (smem + attr.sharedSizeBytes > static_cast<size_t>(st.smem_optin)) return AK_ERROR_UNSUPPORTED;
+  if (smem > 48 * 1024 && !st.raised[dtype_index]) {
+    err = cudaFuncSetAttribute(steer_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               st.smem_optin - static_cast<int>(attr.sharedSizeBytes));
+    if (err != cudaSuccess) return cuda_failed(err);
+    st.raised[dtype_index] = true;
+  }
+  return AK_OK;
+}
+
+template <typename T>
+ak_status launch(const ak_steer_params& p, cudaStream_t stream, int dtype_index) {
+  const int64_t N = 16 / sizeof(T);
+  VecFlags vec;
+  vec.weight = aligned16(p.weight) && (p.weight_row_stride % N) == 0;
+  vec.hidden = aligned16(p.hidden) && (p.hidden_row_stride % N) == 0 && p.dim % N == 0;
+  vec.out = aligned16(p.out) && (p.out_row_stride % N) == 0 && p.dim % N == 0;
+  const int64_t K = p.set_size;
+  const size_t smem = sizeof(int64_t) * K +
+                      sizeof(float) * (p.dim + 6 * K + (K <= kGramInSharedMax ? K * K : 0));
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return cuda_failed(err);
+  if (device >= kMaxDevices) return AK_ERROR_UNSUPPORTED;
+  int smem_optin = 0;
+  const ak_status st = prepare_device<T>(device, dtype_index, smem, &smem_optin);
+  if (st != AK_OK) return st;
+  // cudaLaunchKernelEx reports this launch's own configuration error; <<<>>> plus
+  // cudaPeekAtLastError would also blame it for earlier, unrelated errors.
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(p.rows));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  err = cudaLaunchKernelEx(&config, steer_kernel<T>, p, vec);
+  return err == cudaSuccess ? AK_OK : cuda_failed(err);
 }
 
 }  // namespace
 
 extern "C" int64_t ak_cuda_max_set_size(void) { return kMaxSetSize; }
+extern "C" int64_t ak_cuda_max_dim(void) { return kMaxDim; }
+extern "C" const char* ak_cuda_last_error(void) { return last_error; }
+
+extern "C" ak_status ak_cuda_check_device(int device) {
+  int current = 0;
+  cudaError_t err = cudaGetDevice(&current);
+  if (err != cudaSuccess) return cuda_failed(err);
+  err = cudaSetDevice(device);
+  if (err != cudaSuccess) return cuda_failed(err);
+  cudaFuncAttributes attr;
+  err = cudaFuncGetAttributes(&attr, steer_kernel<float>);
+  cudaSetDevice(current);
+  return err == cudaSuccess ? AK_OK : cuda_failed(err);
+}
 
 extern "C" ak_status ak_steer_hidden_cuda(const ak_steer_params* p, void* stream) {
   const ak_status st = ak_steer_check_params(p);
@@ -267,9 +413,9 @@ extern "C" ak_status ak_steer_hidden_cuda(const ak_steer_params* p, void* stream
   if (p->rows == 0) return AK_OK;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (p->dtype) {
-    case AK_FLOAT32: return launch<float>(*p, s);
-    case AK_FLOAT16: return launch<__half>(*p, s);
-    case AK_BFLOAT16: return launch<__nv_bfloat16>(*p, s);
+    case AK_FLOAT32: return launch<float>(*p, s, 0);
+    case AK_FLOAT16: return launch<__half>(*p, s, 1);
+    case AK_BFLOAT16: return launch<__nv_bfloat16>(*p, s, 2);
   }
   return AK_ERROR_INVALID_ARGUMENT;
 }

@@ -5,6 +5,7 @@
  * The maths is ../../../../shared/docs/METHOD.md (K-space form):
  *
  *   z0 = W_A h0 + b_A;  c = 0
+ *   if relative_step: eta = step_size * ||h0|| / ||grad G(h0)||   (0 if either norm is 0)
  *   repeat steps times:  z = z0 + Gm c;  m = (G(z) finite && G(z) < margin)
  *                        c += eta * m * (s(z) - reg * c);  trust region on c^T Gm c
  *   h' = h0 + W_A^T c     (a row whose c stays exactly 0 is copied bit for bit)
@@ -21,6 +22,11 @@
 extern "C" {
 #endif
 
+/* Ranges every entry point enforces (fp32 arithmetic; a loop that ends). */
+#define AK_MAX_STEPS 10000
+#define AK_MIN_TEMPERATURE 1e-4f
+#define AK_MAX_TEMPERATURE 1e6f
+
 typedef enum { AK_FLOAT32 = 0, AK_FLOAT16 = 1, AK_BFLOAT16 = 2 } ak_dtype;
 typedef enum { AK_OBJECTIVE_MEAN = 0, AK_OBJECTIVE_LSE = 1 } ak_objective;
 
@@ -29,8 +35,10 @@ typedef enum {
   AK_ERROR_INVALID_ARGUMENT = 1, /* a shape, stride, size or config value is out of range */
   AK_ERROR_ROW_SET = 2,          /* row_sets[r] is outside [-1, num_sets) (CPU only) */
   AK_ERROR_ANCHOR_ID = 3,        /* an anchor id is outside [0, vocab) (CPU only) */
-  AK_ERROR_UNSUPPORTED = 4,      /* set_size or dim past what the CUDA kernel supports */
-  AK_ERROR_CUDA = 5              /* a CUDA launch failed: see cudaGetLastError() */
+  AK_ERROR_UNSUPPORTED = 4,      /* set_size, dim or shared memory past what the CUDA kernel
+                                    supports on this device */
+  AK_ERROR_CUDA = 5,             /* this launch failed: see ak_cuda_last_error() */
+  AK_ERROR_NO_KERNEL_IMAGE = 6   /* the library holds no kernel for this GPU architecture */
 } ak_status;
 
 typedef struct {
@@ -50,10 +58,11 @@ typedef struct {
   int64_t set_size;            /* K (padded) */
   const int64_t* row_sets;     /* [B]: set index per row, -1 = leave the row untouched */
   const float* step_size;      /* [B]: eta per row */
-  int64_t steps;               /* T >= 0 */
+  int64_t steps;               /* 0 <= T <= AK_MAX_STEPS */
+  int32_t relative_step;       /* 1: step_size is the fraction of ||h0|| the first step moves h */
   ak_objective objective;
   float reg;                   /* lambda >= 0 */
-  float temperature;           /* tau > 0 (lse only) */
+  float temperature;           /* tau in [AK_MIN_TEMPERATURE, AK_MAX_TEMPERATURE] (lse only) */
   float margin;                /* +inf: always update */
   float max_norm;              /* rho >= 0; +inf: no trust region */
   void* out;                   /* [B, d], unit stride along d; may not alias hidden */
@@ -74,6 +83,14 @@ ak_status ak_steer_hidden_cuda(const ak_steer_params* p, void* stream);
 
 /* Largest set_size / dim the CUDA kernel accepts (AK_ERROR_UNSUPPORTED past them). */
 int64_t ak_cuda_max_set_size(void);
+int64_t ak_cuda_max_dim(void);
+
+/* AK_OK if the CUDA kernels can run on `device` (a kernel image for its architecture is in
+ * the library), AK_ERROR_NO_KERNEL_IMAGE if not, AK_ERROR_CUDA if the device is unusable. */
+ak_status ak_cuda_check_device(int device);
+
+/* The message of the error behind the last AK_ERROR_CUDA on this host thread. */
+const char* ak_cuda_last_error(void);
 
 #ifdef __cplusplus
 }
