@@ -65,6 +65,8 @@ def _steer_args(p):
 
 def _prompts(args) -> list[str]:
     if getattr(args, "prompt", None):
+        if not all(p.strip() for p in args.prompt):
+            raise ValueError("--prompt: prompts must not be empty")
         return args.prompt
     path = args.prompts if getattr(args, "prompts", None) else generation.DEFAULT_PROMPTS
     if not Path(path).is_file():
@@ -116,6 +118,8 @@ def cmd_gap(args) -> int:
         runs["steered"] = generation.generate(model, tokenizer, prompts, args.max_new_tokens, args.seed, anchors=anchors,
                                               config=config, backend=args.backend, sample=not args.greedy)
     gaps = {name: generation.mean_logit_gap(run.logits, anchors) for name, run in runs.items()}  # [B, steps]
+    if args.csv.is_dir() or args.png.is_dir():
+        raise ValueError(f"--csv/--png must be file paths, got a directory: {args.csv if args.csv.is_dir() else args.png}")
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         writer = csv.writer(f)
@@ -241,6 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, RuntimeError, OSError) as exc:
         print(f"anchor-kernels: error: {exc}", file=sys.stderr)
         return 2

@@ -25,8 +25,11 @@ def load_model(path: Path | str | None = None, dtype=torch.float32):
     if not (path / "config.json").is_file():
         hint = " (the embedded model is built by scripts/train_default_model.py)" if path == DEFAULT_MODEL else ""
         raise FileNotFoundError(f"no HF model folder at {path}: config.json is missing{hint}")
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a broken config.json, missing weights
+        raise ValueError(f"could not load the HF model folder {path}: {type(exc).__name__}: {exc}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

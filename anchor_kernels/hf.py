@@ -3,21 +3,37 @@
     with ak.hf.steer(model, anchors, config):
         model.generate(...)
 
-The LM-head input is edited at its last position on every forward: the prompt's last token at
-prefill and every decoded token after it. ``row_sets`` / ``step_size`` are given per request.
-When generate expands the batch (``num_beams``, ``num_return_sequences``), it repeats each request
+Every position the LM head is given is edited, so every logit the model emits inside the
+block is a steered one: at prefill generate hands the head only the last position
+(``logits_to_keep``), at decode the new token, and under assisted or prompt-lookup decoding
+every candidate position being verified, so those match steered greedy decoding. A model
+called directly on a whole sequence gets all its positions steered.
+
+``row_sets`` / ``step_size`` are given per request (the head input's first dimension). When
+generate expands the batch (``num_beams``, ``num_return_sequences``), it repeats each request
 consecutively (``repeat_interleave``), so a batch of N = k * len(row_sets) rows gives row r the
 entry of request r // k. The same rule applies to ``AnchorLogitsProcessor``.
+
+Scope: the edit applies only to forwards run in the context (thread, asyncio task) that
+entered the block; other threads using the same model concurrently are not steered. The
+anchors are prepared for the LM-head weight on entry; modifying that weight in place inside
+the block raises on the next forward instead of steering with a stale Gram.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 
+from .anchors import prepare_anchors
 from .config import SteerConfig
 from .logits import LogitSteerer
 from .steer import steer_hidden
+
+# The steer() blocks active in this context: the hooks only act for their own block.
+_ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("anchor_kernels_hf_steer",
+                                                                   default=frozenset())
 
 
 def _lm_head(model) -> torch.nn.Module:
@@ -40,30 +56,41 @@ def expand_per_request(values, rows: int, name: str):
 @contextlib.contextmanager
 def steer(model, anchors, config: SteerConfig | None = None, *, row_sets=None, step_size=None,
           backend: str = "auto"):
-    """Steers every forward of ``model``'s LM head inside the block; restores it on exit, even
-    after an exception. Works with tied embeddings and an LM-head bias."""
+    """Steers the forwards of ``model``'s LM head run in this context inside the block; restores
+    it on exit, even after an exception. Works with tied embeddings and an LM-head bias."""
     head = _lm_head(model)
+    config = SteerConfig() if config is None else config
+    if not isinstance(config, SteerConfig):
+        raise TypeError(f"config must be a SteerConfig, got {type(config).__name__}")
+    prepared = prepare_anchors(head.weight, anchors)
+    block = object()
 
-    def edit_last_position(module, args, kwargs):
+    def edit_positions(module, args, kwargs):
+        if block not in _ACTIVE.get():
+            return None
         hidden = args[0] if args else kwargs["input"]
         if hidden.dim() < 2:
-            raise ValueError(f"the LM-head input must be [..., L, d], got {tuple(hidden.shape)}")
-        last = hidden[..., -1, :]
-        rows = last.reshape(-1, last.shape[-1]).shape[0]
-        steered = steer_hidden(last, module.weight, anchors, config,
-                               bias=getattr(module, "bias", None), backend=backend,
-                               row_sets=expand_per_request(row_sets, rows, "row_sets"),
-                               step_size=expand_per_request(step_size, rows, "step_size"))
-        new = (steered.unsqueeze(-2) if hidden.shape[-2] == 1  # decode: no copy of the rest
-               else torch.cat([hidden[..., :-1, :], steered.unsqueeze(-2)], dim=-2))
+            raise ValueError(f"the LM-head input must be [batch, ..., d], got {tuple(hidden.shape)}")
+        batch = hidden.shape[0]
+        per_request = hidden[0].numel() // hidden.shape[-1]  # positions per batch row
+
+        def per_row(values, name):
+            values = expand_per_request(values, batch, name)
+            return None if values is None else values.repeat_interleave(per_request)
+
+        new = steer_hidden(hidden, module.weight, prepared, config, bias=getattr(module, "bias", None),
+                           backend=backend, row_sets=per_row(row_sets, "row_sets"),
+                           step_size=per_row(step_size, "step_size"))
         if args:
             return (new, *args[1:]), kwargs
         return args, {**kwargs, "input": new}
 
-    handle = head.register_forward_pre_hook(edit_last_position, with_kwargs=True)
+    handle = head.register_forward_pre_hook(edit_positions, with_kwargs=True)
+    token = _ACTIVE.set(_ACTIVE.get() | {block})
     try:
         yield model
     finally:
+        _ACTIVE.reset(token)
         handle.remove()
 
 
@@ -83,6 +110,9 @@ class AnchorLogitsProcessor(LogitsProcessor):
     logits. ``row_sets`` / ``step_size`` are per request (see the module docstring)."""
 
     def __init__(self, steerer: LogitSteerer, row_sets=None, step_size=None):
+        if not isinstance(steerer, LogitSteerer):
+            raise TypeError(f"steerer must be a LogitSteerer (build one with "
+                            f"ak.hf.logit_steerer(model, anchors, config)), got {type(steerer).__name__}")
         self.steerer, self.row_sets, self.step_size = steerer, row_sets, step_size
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -10,7 +10,10 @@ import torch
 from .anchors import PreparedAnchors, prepare_anchors
 from .config import SteerConfig
 from .kspace import solve_coefficients
-from .steer import _per_row, _row_sets, _step_size
+from .steer import _host_values, _per_row, _row_sets, _step_size
+
+# Rows of W converted to fp32 at a time while M is built: bounds the transient copy.
+MIXING_CHUNK_BYTES = 64 << 20
 
 
 class LogitSteerer:
@@ -18,24 +21,32 @@ class LogitSteerer:
 
     The logits must be raw: before soft-capping (Gemma 2's ``final_logit_softcapping``),
     temperature, repetition penalties or any other processor, or the edit is not the one
-    METHOD.md defines. The trust region (``max_norm``) needs ``||h0||``, which logits do not
-    carry; pass ``hidden_norm`` per call if you have it.
+    METHOD.md defines. The trust region (``max_norm``) and ``relative_step`` need ``||h0||``,
+    which logits do not carry; pass ``hidden_norm`` per call if you have it.
     """
 
     def __init__(self, weight: torch.Tensor, anchors, config: SteerConfig | None = None,
                  bias: torch.Tensor | None = None):
         self.config = SteerConfig() if config is None else config
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError("weight must be the [V, d] LM-head weight")
+        if not isinstance(self.config, SteerConfig):
+            raise TypeError(f"config must be a SteerConfig, got {type(self.config).__name__}")
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+            raise ValueError("weight must be the [V, d] floating-point LM-head weight")
         if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
             raise ValueError(f"bias must be a [V] = [{weight.shape[0]}] tensor")
         # The bias cancels in W h' + b - (W h0 + b); it is accepted for symmetry with steer_hidden.
         self.prepared: PreparedAnchors = prepare_anchors(weight, anchors)
         self.vocab = weight.shape[0]
-        w = weight.detach().float()
-        # M per set: [S, V, K]. Padding columns are zero because their Gram rows are.
-        rows = w[self.prepared.anchor_ids] * (self.prepared.anchor_weights != 0).unsqueeze(-1)
-        self.mixing = torch.einsum("vd,skd->svk", w, rows)
+        w = weight.detach()
+        # M per set: [S, V, K] fp32, built a chunk of W at a time (no fp32 copy of the head).
+        # Padding columns are zero; where, not a product, so they never read a real row.
+        live = (self.prepared.anchor_weights != 0).unsqueeze(-1)
+        rows = torch.where(live, w[self.prepared.anchor_ids].float(), 0.0)
+        S, K = self.prepared.anchor_ids.shape
+        self.mixing = torch.empty(S, self.vocab, K, dtype=torch.float32, device=w.device)
+        chunk = max(1, MIXING_CHUNK_BYTES // (4 * w.shape[1]))
+        for v0 in range(0, self.vocab, chunk):
+            self.mixing[:, v0: v0 + chunk] = torch.einsum("vd,skd->svk", w[v0: v0 + chunk].float(), rows)
 
     @property
     def num_sets(self) -> int:
@@ -52,8 +63,12 @@ class LogitSteerer:
         flat = logits.reshape(-1, self.vocab)
         rows = _row_sets(row_sets, self.num_sets, lead, logits.device)
         eta = _step_size(step_size, self.config, lead, logits.device)
-        norm = (None if hidden_norm is None
-                else _per_row(hidden_norm, "hidden_norm", lead, logits.device, torch.float32).to(logits.device))
+        norm = None
+        if hidden_norm is not None:
+            norm = _per_row(hidden_norm, "hidden_norm", lead, logits.device, torch.float32)
+            if _host_values(norm) and not bool((torch.isfinite(norm) & (norm >= 0)).all()):
+                raise ValueError("hidden_norm entries must be finite and >= 0 (they are ||h0||)")
+            norm = norm.to(logits.device)
         ids = self.prepared.anchor_ids[rows.clamp(0, self.num_sets - 1)]      # [B, K]
         z0 = flat.float().gather(-1, ids)
         c = solve_coefficients(z0, self.prepared, rows, eta, self.config, hidden_norm=norm)

@@ -4,7 +4,8 @@ Each word is tried in its surface forms: as is, with a leading space, capitalise
 capitalised with a leading space. Byte-level BPE vocabularies spell a leading space "Ġ" and
 SentencePiece ones "▁". The tokenizer's own encoder handles both, and a direct vocabulary
 lookup of the marked spellings catches forms the encoder splits differently. A form that is
-one token that decodes back to the word is kept. A word with no single-token form is dropped (``multi_token="drop"``,
+one token that decodes back to the word is kept. Special tokens (``<|endoftext|>``, BOS/EOS/pad,
+added control tokens) are never anchors: pass their ids to ``AnchorSet`` directly if you mean it. A word with no single-token form is dropped (``multi_token="drop"``,
 the default: its first sub-token is often a fragment such as "Ġun" that would steer unrelated
 words), or contributes its first sub-token (``multi_token="first"``). Duplicate ids are kept
 once.
@@ -33,6 +34,18 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(out.ids) if hasattr(out, "ids") else list(out)
 
 
+def _special_ids(tokenizer) -> set[int]:
+    """Ids of special and added control tokens, for HF tokenizers and ``tokenizers.Tokenizer``."""
+    ids = set(getattr(tokenizer, "all_special_ids", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None)
+    if added is None and hasattr(tokenizer, "get_added_tokens_decoder"):
+        added = tokenizer.get_added_tokens_decoder()
+    for i, tok in (added or {}).items():
+        if getattr(tok, "special", True):
+            ids.add(int(i))
+    return ids
+
+
 def _surface_forms(word: str) -> list[str]:
     forms = [word, " " + word, word.capitalize(), " " + word.capitalize()]
     return list(dict.fromkeys(forms))
@@ -42,11 +55,19 @@ def token_ids_for_words(tokenizer, words, multi_token: str = "drop", report: Wor
                         name: str = "words") -> list[int]:
     if multi_token not in MULTI_TOKEN:
         raise ValueError(f"multi_token must be one of {MULTI_TOKEN}, got {multi_token!r}")
-    if isinstance(words, str):
+    if isinstance(words, (str, bytes)):
         raise TypeError(f"{name} must be a list of words, not a single string")
+    try:
+        words = list(words)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of words, got {type(words).__name__}") from None
+    for word in words:
+        if not isinstance(word, str):
+            raise TypeError(f"{name} must hold strings, got {word!r} ({type(word).__name__})")
     report = WordReport() if report is None else report
     vocab = tokenizer.get_vocab()
     id_to_token = {i: t for t, i in vocab.items()}
+    special = _special_ids(tokenizer)
     ids: list[int] = []
     for word in words:
         word = word.strip()
@@ -66,6 +87,8 @@ def token_ids_for_words(tokenizer, words, multi_token: str = "drop", report: Wor
             for token in [bare] + ([m + bare for m in SPACE_MARKS] if form.startswith(" ") else []):
                 if token in vocab:
                     found.setdefault(vocab[token], token)
+        found = {i: t for i, t in found.items() if i not in special}
+        first_pieces = [i for i in first_pieces if i not in special]
         if not found and multi_token == "first" and first_pieces:
             found[first_pieces[0]] = id_to_token.get(first_pieces[0], "?")
         if not found:

@@ -75,11 +75,12 @@ def test_edits_exactly_the_lm_head_input(arch):
     head = model.get_output_embeddings()
     with ak.hf.steer(model, ANCHORS, CONFIG, backend="cpu"):
         steered_in, steered = _head_input(model, ids)
-    expected = reference.steer_rows_fp64(head_in[:, -1], head.weight, head.bias, ak.AnchorBank([ANCHORS]),
-                                         torch.zeros(2, dtype=torch.long), torch.full((2,), 1.0), CONFIG)
-    torch.testing.assert_close(steered_in[:, -1].double(), expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(steered_in[:, :-1], head_in[:, :-1], rtol=0, atol=0)  # only the last position
-    torch.testing.assert_close(steered.logits[:, -1], head(steered_in[:, -1]))
+    rows = head_in.reshape(-1, head_in.shape[-1])  # every position the head is given is steered
+    expected = reference.steer_rows_fp64(rows, head.weight, head.bias, ak.AnchorBank([ANCHORS]),
+                                         torch.zeros(rows.shape[0], dtype=torch.long),
+                                         torch.full((rows.shape[0],), 1.0), CONFIG)
+    torch.testing.assert_close(steered_in.reshape(rows.shape).double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(steered.logits, head(steered_in))
 
 
 def _hand_loop(model, ids, steps, anchors=ANCHORS, config=CONFIG):
@@ -200,9 +201,16 @@ def test_logit_steerer_errors():
     with pytest.raises(ValueError, match="logits must be"):
         steerer(torch.zeros(2, V + 1))
     trust = ak.hf.logit_steerer(model, ANCHORS, ak.SteerConfig(max_norm=0.1))
-    with pytest.raises(ValueError, match="needs"):
+    with pytest.raises(ValueError, match="need ..h0.., which logits do not carry"):
         trust(torch.zeros(2, V))
     torch.testing.assert_close(trust(torch.zeros(2, V), hidden_norm=torch.zeros(2)), torch.zeros(2, V))
+    for bad in (-1.0, float("nan"), float("inf")):  # would reverse or disable the trust region
+        with pytest.raises(ValueError, match="hidden_norm entries must be finite and >= 0"):
+            trust(torch.zeros(2, V), hidden_norm=torch.tensor([1.0, bad]))
+    with pytest.raises(TypeError, match="steerer must be a LogitSteerer"):
+        ak.hf.AnchorLogitsProcessor(model, ANCHORS, CONFIG)
+    with pytest.raises(TypeError, match="config must be a SteerConfig"):
+        ak.hf.logit_steerer(model, ANCHORS, {"steps": 2})
 
 
 # --- anchor sets from words, with tokenizers built offline -------------------------------------

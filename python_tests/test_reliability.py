@@ -1,0 +1,377 @@
+"""No silent wrong answers: each case an outside review found, held by a test (issue 15)."""
+import math
+import threading
+import tracemalloc
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import anchor_kernels as ak
+from anchor_kernels import native, reference
+from anchor_kernels.anchors import as_bank
+from anchor_kernels.steer import unavailable_reason
+from conftest import DEVICE, assert_steer_close, kernel_backends, reference_fp64
+
+A = ak.AnchorSet([1, 2, 5], [3, 4])
+ALL_BACKENDS = [pytest.param("reference")] + kernel_backends()
+
+
+def _case(seed=0, rows=5, d=24, vocab=40, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(vocab, d, generator=g) / math.sqrt(d)).to(dtype).to(DEVICE)
+    hidden = (torch.randn(rows, d, generator=g) * 3).to(dtype).to(DEVICE)
+    return hidden, weight
+
+
+# --- 1. the Gram is never stale --------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutations=st.lists(st.sampled_from(["mul_", "numpy", "data_swap", "data_swap_same", "none"]),
+                          min_size=1, max_size=5),
+       seed=st.integers(0, 2**16))
+def test_weight_mutations_never_reuse_a_stale_gram(mutations, seed):
+    """Any sequence of in-place writes, writes through numpy and ``.data`` swaps (including one
+    that lands on the same address): steer_hidden with an AnchorSet uses the current values."""
+    hidden, weight = _case(seed)
+    weight = weight.cpu()
+    hidden = hidden.cpu()
+    config = ak.SteerConfig(steps=3, max_norm=0.5)
+    for i, how in enumerate(mutations):
+        if how == "mul_":
+            with torch.no_grad():
+                weight.mul_(1.5)
+        elif how == "numpy":
+            weight.numpy()[2] += 0.25
+        elif how == "data_swap":
+            weight.data = torch.randn_like(weight)
+        elif how == "data_swap_same":  # new values in the very same storage
+            new = torch.randn_like(weight)
+            weight.data = weight.data
+            weight.data.copy_(new)
+        out = ak.steer_hidden(hidden, weight, A, config, backend="cpu")
+        assert_steer_close(out, hidden, reference_fp64(hidden, weight, A, config), torch.float32)
+
+
+def test_there_is_no_hidden_cache_to_grow():
+    """An AnchorBank per batch (20k calls) must not accumulate state."""
+    weight = torch.randn(50, 16)
+    hidden = torch.randn(2, 16)
+    for i in range(50):  # warm-up
+        ak.steer_hidden(hidden, weight, ak.AnchorSet([i % 40], [45]), backend="reference" if not native.available() else "cpu")
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for i in range(2000):
+        ak.steer_hidden(hidden, weight, ak.AnchorSet([i % 40], [45, 46]), backend="reference" if not native.available() else "cpu")
+    grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    assert grown < 200_000, f"{grown} bytes retained after 2000 calls"
+
+
+# --- 2. 64-bit offsets -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_row_offsets_past_2_to_the_31(backend):
+    """A strided view whose row offsets exceed 2^31 elements (a long prefill's last position)."""
+    if DEVICE.type != "cpu":
+        pytest.skip("the 4 GiB strided buffer is allocated lazily only on CPU")
+    base = torch.empty(17, 2**27, dtype=torch.float16)  # never touched beyond [:, :16]: lazy pages
+    g = torch.Generator().manual_seed(0)
+    base[:, :16] = torch.randn(17, 16, generator=g).half()
+    hidden = base[:, :16]
+    assert hidden.stride(0) * 16 >= 2**31
+    weight = torch.randn(30, 16, generator=g).half()
+    config = ak.SteerConfig(steps=3)
+    out = ak.steer_hidden(hidden, weight, A, config, backend=backend)
+    assert_steer_close(out, hidden, reference_fp64(hidden, weight, A, config), torch.float16, backend)
+
+
+def test_triton_offsets_are_64_bit_in_the_compiled_kernel():
+    """The unit test of the offset types: the row index is widened before it meets a stride."""
+    import inspect
+
+    from anchor_kernels import triton_steer
+
+    src = inspect.getsource(triton_steer._steer_hidden_kernel.fn)
+    assert "tile.to(tl.int64)" in src and "s.to(tl.int64)" in src
+
+
+# --- 3. anchor ids are range-checked, prepared anchors belong to their weight ------------------
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_prepared_anchors_for_a_larger_vocabulary_are_refused(backend):
+    hidden, weight = _case()
+    big = ak.prepare_anchors(torch.randn(400, weight.shape[1], device=DEVICE), ak.AnchorSet([1, 350], [3]))
+    with pytest.raises(ValueError, match="V = 400 rows, but weight has V = 40"):
+        ak.steer_hidden(hidden, weight, big, backend=backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in kernel_backends() if b.values[0] != "cpu"])
+def test_device_kernels_never_read_out_of_range_ids(backend):
+    """A direct op call with an id past V (no host check there): the rows come back untouched."""
+    hidden, weight = _case()
+    prepared = ak.prepare_anchors(torch.randn(400, weight.shape[1], device=DEVICE), ak.AnchorSet([1, 350], [3]))
+    op = torch.ops.anchor_kernels.steer_hidden_triton if backend == "triton" else torch.ops.anchor_kernels.steer_hidden
+    rows = hidden.shape[0]
+    out = op(hidden, weight, None, *prepared.tensors, torch.zeros(rows, dtype=torch.long, device=DEVICE),
+             torch.full((rows,), 0.5, device=DEVICE), 3, "lse", 0.0, 1.0, math.inf, math.inf, False)
+    assert torch.equal(out, hidden)
+
+
+# --- 4. accuracy with many anchors -------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("K", [256, 2000])
+def test_fp32_accuracy_with_many_anchors(backend, K):
+    """1e-4 relative on h' - h0 at large K (the edit is summed before it meets h0)."""
+    if backend == "triton" and K > 256:
+        pytest.skip("triton serves K <= 256")
+    g = torch.Generator().manual_seed(K)
+    d, V, B = 1024, K + 64, 3
+    weight = (torch.randn(V, d, generator=g) / math.sqrt(d)).to(DEVICE)
+    hidden = (torch.randn(B, d, generator=g) * 4).to(DEVICE)
+    perm = torch.randperm(V, generator=g).tolist()
+    anchors = ak.AnchorSet(perm[: K // 2], perm[K // 2: K])
+    for config in (ak.SteerConfig(steps=3, step_size=2.0), ak.SteerConfig(steps=3, objective="mean", step_size=0.5)):
+        out = ak.steer_hidden(hidden, weight, anchors, config, backend=backend)
+        assert_steer_close(out, hidden, reference_fp64(hidden, weight, anchors, config), torch.float32, backend)
+
+
+# --- 5. gradients --------------------------------------------------------------------------------
+
+GRAD_CONFIGS = [
+    ak.SteerConfig(steps=4, step_size=0.7),
+    ak.SteerConfig(steps=3, step_size=0.4, objective="mean", reg=0.3),
+    ak.SteerConfig(steps=5, step_size=0.8, max_norm=0.05, temperature=0.7),
+    ak.SteerConfig(steps=4, step_size=0.05, relative_step=True, margin=1.5),
+]
+
+
+@pytest.mark.parametrize("config", GRAD_CONFIGS, ids=["lse", "mean+reg", "trust", "relative+margin"])
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_gradients_match_the_differentiated_reference(backend, config):
+    g = torch.Generator().manual_seed(3)
+    d, V = 12, 30
+    weight = (torch.randn(V, d, generator=g) / 2).to(DEVICE)
+    bias = (torch.randn(V, generator=g) * 0.3).to(DEVICE)
+    hidden = (torch.randn(4, d, generator=g) * 2).to(DEVICE)
+    bank = ak.AnchorBank([A, ak.AnchorSet([7, 8], [9])])
+    row_sets = [0, 1, -1, 0]
+    probe = torch.randn(4, d, generator=g).to(DEVICE)
+    grads = {}
+    for name in ("reference", backend):
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        out = ak.steer_hidden(leaves[0], leaves[1], bank, config, bias=leaves[2], backend=name, row_sets=row_sets)
+        (out.double() * probe.double()).sum().backward()
+        grads[name] = [t.grad for t in leaves]
+    assert all(t is not None for t in grads[backend][:2]), "hidden.grad or weight.grad is None"
+    for got, want, what, like in zip(grads[backend], grads["reference"], ("hidden", "weight", "bias"),
+                                     (hidden, weight, bias)):
+        # None = zero (e.g. the bias with objective="mean", whose gradient is constant)
+        got = torch.zeros_like(like) if got is None else got
+        want = torch.zeros_like(like) if want is None else want
+        torch.testing.assert_close(got.double().cpu(), want.double().cpu(), rtol=2e-3, atol=2e-4, msg=what)
+    assert torch.equal(grads[backend][0][2].cpu(), probe[2].cpu())  # untouched row: identity
+
+
+def test_reference_gradient_passes_gradcheck():
+    """The oracle's own derivative against finite differences, in fp64."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(12, 5, generator=g, dtype=torch.float64)
+    hidden = torch.randn(2, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    bank = as_bank(A)
+    for config in GRAD_CONFIGS[:3]:
+        torch.autograd.gradcheck(
+            lambda h: reference.steer_rows_fp64(h, weight, None, bank, torch.zeros(2, dtype=torch.long),
+                                                torch.full((2,), config.step_size), config), (hidden,))
+
+
+def test_hf_steer_keeps_gradients_in_grad_mode():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, initializer_range=0.3)).to(DEVICE)
+    ids = torch.randint(0, 40, (2, 4)).to(DEVICE)
+    emb = model.get_input_embeddings().weight
+    with ak.hf.steer(model, A, ak.SteerConfig(steps=3)):
+        model(ids).logits[:, -1, 5].sum().backward()
+    steered = emb.grad.clone()
+    model.zero_grad()
+    model(ids).logits[:, -1, 5].sum().backward()
+    assert steered.abs().sum() > 0 and not torch.allclose(steered, emb.grad)
+
+
+# --- 6. assisted decoding and 2-D head inputs ---------------------------------------------------
+
+def test_prompt_lookup_decoding_equals_steered_greedy():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=None)).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
+    config = ak.SteerConfig(steps=5, step_size=1.0)
+    with torch.no_grad(), ak.hf.steer(model, A, config):
+        greedy = model.generate(ids, **kw)
+        lookup = model.generate(ids, prompt_lookup_num_tokens=3, **kw)
+    assert torch.equal(lookup, greedy)
+    with torch.no_grad():
+        assert not torch.equal(model.generate(ids, **kw), greedy)
+
+
+def test_a_2d_head_input_has_every_row_steered():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 20, bias=False)
+    model = type("M", (torch.nn.Module,), {"get_output_embeddings": lambda self: head})()
+    hidden = torch.randn(3, 8)
+    config = ak.SteerConfig(steps=3)
+    with torch.no_grad(), ak.hf.steer(model, A, config):
+        got = head(hidden)
+    want = head(reference_fp64(hidden, head.weight, A, config).float())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# --- 7. hf.steer is scoped to its own thread / context -------------------------------------------
+
+def test_other_threads_are_not_steered():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 20, bias=False)
+    model = type("M", (torch.nn.Module,), {"get_output_embeddings": lambda self: head})()
+    hidden = torch.randn(4, 8)
+    with torch.no_grad():
+        plain = head(hidden)
+    inside, go, done = threading.Event(), threading.Event(), []
+
+    def other():
+        inside.wait()
+        with torch.no_grad():
+            for _ in range(20):
+                done.append(torch.equal(head(hidden), plain))
+        go.set()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    with torch.no_grad(), ak.hf.steer(model, A, ak.SteerConfig(steps=3)):
+        inside.set()
+        steered = [not torch.equal(head(hidden), plain) for _ in range(20)]
+        go.wait()
+    thread.join()
+    assert all(done) and len(done) == 20 and all(steered)
+
+
+# --- 8. weights made under inference_mode -------------------------------------------------------
+
+def test_inference_mode_weights_can_be_steered():
+    with torch.inference_mode():
+        weight = torch.randn(30, 8)
+        head = torch.nn.Linear(8, 30, bias=False)
+        head.weight = torch.nn.Parameter(weight, requires_grad=False)
+        hidden = torch.randn(2, 8)
+    assert weight.is_inference()
+    config = ak.SteerConfig(steps=2)
+    out = ak.steer_hidden(hidden, weight, A, config)
+    assert_steer_close(out, hidden, reference_fp64(hidden, weight, A, config), torch.float32)
+    prepared = ak.prepare_anchors(weight, A)
+    torch.testing.assert_close(ak.steer_hidden(hidden, weight, prepared, config), out)
+    steerer = ak.LogitSteerer(weight, A, config)
+    torch.testing.assert_close(steerer(hidden @ weight.T), out @ weight.T, rtol=1e-4, atol=1e-4)
+    model = type("M", (torch.nn.Module,), {"get_output_embeddings": lambda self: head})()
+    with torch.inference_mode(), ak.hf.steer(model, A, config):
+        torch.testing.assert_close(head(hidden), out @ weight.T, rtol=1e-4, atol=1e-4)
+
+
+# --- 11. expanded and overlapping rows ----------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_expanded_and_overlapping_hidden_rows(backend):
+    _, weight = _case()
+    base = torch.randn(30, device=DEVICE)
+    expanded = base[:24].expand(4, 24)                      # stride 0
+    overlapping = base.as_strided((4, 24), (2, 1))          # rows share elements
+    config = ak.SteerConfig(steps=3)
+    for hidden in (expanded, overlapping):
+        out = ak.steer_hidden(hidden, weight, A, config, backend=backend)
+        assert_steer_close(out, hidden, reference_fp64(hidden, weight, A, config), torch.float32, backend)
+
+
+# --- 13. non-finite rows outside the anchors ------------------------------------------------------
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_nonfinite_non_anchor_rows_never_matter(backend):
+    """Token 0's row (what padding ids point at) and other non-anchor rows are NaN/inf: rows of a
+    smaller, padded set are steered normally, and the oracle agrees."""
+    hidden, weight = _case()
+    weight[0] = float("nan")
+    weight[11] = float("inf")
+    bank = ak.AnchorBank([A, ak.AnchorSet([7], [9])])
+    row_sets = [0, 1, 1, -1, 0]
+    config = ak.SteerConfig(steps=4, max_norm=0.3)
+    out = ak.steer_hidden(hidden, weight, bank, config, backend=backend, row_sets=row_sets)
+    expected = reference_fp64(hidden, weight, bank, config, row_sets=row_sets)
+    assert torch.isfinite(expected).all() and torch.isfinite(out).all()
+    assert_steer_close(out, hidden, expected, torch.float32, backend)
+    assert not torch.equal(out[1], hidden[1])
+
+
+# --- 14. loose or cryptic validation ----------------------------------------------------------------
+
+def test_huge_weights_normalise_without_overflow():
+    s = ak.AnchorSet([1, 2], [3], positive_weights=[1e308, 1e308])
+    assert s.positive_weights == (0.5, 0.5)
+
+
+def test_duplicate_check_scales_to_large_sets():
+    s = ak.AnchorSet(list(range(50_000)), [50_000])  # a quadratic check takes ~30 s here
+    assert s.size == 50_001
+    with pytest.raises(ValueError, match=r"duplicate token ids \[7\]"):
+        ak.AnchorSet(list(range(50_000)) + [7], [50_001])
+
+
+def test_from_words_rejects_non_strings_and_special_tokens():
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["good kind bad cruel"] * 5, trainers.WordLevelTrainer(special_tokens=["<|endoftext|>", "[UNK]"]))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", unk_token="[UNK]")
+    with pytest.raises(TypeError, match="positive must hold strings, got 1"):
+        ak.AnchorSet.from_words(fast, [1, 2], ["bad"])
+    s = ak.AnchorSet.from_words(fast, ["good", "<|endoftext|>", "kind"], ["bad", "[UNK]"])
+    special = {fast.convert_tokens_to_ids("<|endoftext|>"), fast.convert_tokens_to_ids("[UNK]")}
+    assert not special & set(s.ids) and len(s.positive) == 2 and len(s.negative) == 1
+    assert "<|endoftext|>" in s.report.dropped
+
+
+# --- 15. CLI errors ------------------------------------------------------------------------------------
+
+def test_cli_errors_are_clean(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from anchor_kernels.cli import main
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    assert main(["generate", "--model", str(broken), "--prompt", "hi"]) == 2
+    assert "could not load the HF model folder" in capsys.readouterr().err
+    assert main(["generate", "--prompt", ""]) == 2
+    assert "prompts must not be empty" in capsys.readouterr().err
+    assert main(["gap", "--prompt", "hi", "--csv", str(tmp_path), "--max-new-tokens", "2"]) == 2
+    assert "got a directory" in capsys.readouterr().err
+
+
+# --- the conditioning limit of tau -> 0 ---------------------------------------------------------------
+
+def test_temperature_below_the_conditioning_limit_is_refused():
+    """Near tau = 1e-7 the fp64 answer moves by percents under 1e-7 relative input changes, so the
+    config refuses tau < 1e-4 instead of returning what no fp32 kernel can compute."""
+    with pytest.raises(ValueError, match="temperature must be >= 0.0001"):
+        ak.SteerConfig(temperature=1e-7)
+    hidden, weight = _case()
+    config = ak.SteerConfig(steps=3, temperature=1e-4)
+    for backend in ("cpu",) if native.available() else ():
+        out = ak.steer_hidden(hidden.cpu(), weight.cpu(), A, config, backend=backend)
+        assert torch.isfinite(out).all()
