@@ -1,0 +1,214 @@
+"""Ahead-of-time compile check of the Triton kernel for real GPUs, without a GPU.
+
+    python -m anchor_kernels.aot [--full] [--jobs N] [--json out.json]
+
+Compiles ``_steer_hidden_kernel`` for sm_80 and sm_90a (Triton's own ptxas, no device needed)
+for every configuration ``triton_steer.launch_config`` can pick, with the launcher's
+specialisation (16-byte aligned pointers, i32 integers), and fails when a kernel's shared
+memory exceeds SHARED_LIMIT (the 99 KiB opt-in limit of sm_86/sm_89, the smallest of the GPUs
+we target, so one kernel launches on A100, A10/L4/L40S/RTX and H100 alike) or ptxas spills more
+than the budget per thread (none up to K = 128; the chunked K = 256 path may spill up to
+SPILL_BUDGET[256]). The CPU interpreter sees none of these limits.
+
+Default (CI, ~2-4 minutes on 2 cores): every BLOCK_K x dtype x target with every flag on (the
+heaviest variant), each flag off once per BLOCK_K (bf16), and every narrower BLOCK_D the
+launcher picks for small d. ``--full``: the whole cross product of flags for every tile.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+SHARED_LIMIT = 101_376       # bytes: sm_86/sm_89 opt-in maximum (sm_80: 166,912; sm_90: 232,448)
+SPILL_BUDGET = {256: 2048}   # bytes of spill stores per thread, by BLOCK_K; 0 if not listed
+TARGETS = ((80, "sm_80"), (90, "sm_90a"))
+DTYPES = ("fp32", "fp16", "bf16")
+SET_SIZES = (16, 32, 64, 128, 256)   # one per BLOCK_K the launcher can pick
+FLAGS = ("LSE", "TRUST", "HAS_BIAS", "RELATIVE")
+
+
+def configurations(full: bool = False):
+    """(dtype, set_size, dim, flags, targets) covering every launcher choice (see module doc)."""
+    from .triton_steer import launch_config
+
+    all_on = dict.fromkeys(FLAGS, True)
+    all_targets = tuple(TARGETS)
+    seen = set()
+
+    def once(dtype, K, dim, flags, targets):
+        cfg = launch_config(K, dim)
+        key = (dtype, cfg["BLOCK_K"], cfg["BLOCK_D"], tuple(flags.values()), targets)
+        if key not in seen:
+            seen.add(key)
+            yield dtype, K, dim, flags, targets
+
+    for dtype, K in itertools.product(DTYPES, SET_SIZES):
+        combos = itertools.product((False, True), repeat=len(FLAGS)) if full else [tuple(all_on.values())]
+        for combo in combos:
+            yield from once(dtype, K, 4096, dict(zip(FLAGS, combo)), all_targets)
+        if full or dtype == "bf16":
+            for dim in (16, 32, 64):
+                yield from once(dtype, K, dim, all_on, all_targets)
+    if not full:
+        for K, flag in itertools.product(SET_SIZES, FLAGS):
+            yield from once("bf16", K, 4096, {**all_on, flag: False}, (TARGETS[1],))
+
+
+def _ptxas(arch: str) -> str:
+    import triton
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    blackwell = bin_dir / "ptxas-blackwell"
+    # Triton itself uses its Blackwell-era ptxas for sm >= 90.
+    return str(blackwell if arch != "sm_80" and blackwell.exists() else bin_dir / "ptxas")
+
+
+def compile_one(job):
+    """Compile one configuration for one target; returns its resource report."""
+    dtype, K, dim, flags, capability, arch = job
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import triton_steer
+
+    kernel = triton_steer._steer_hidden_kernel
+    cfg = triton_steer.launch_config(K, dim)
+    num_warps = cfg.pop("num_warps")
+    pointers = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
+                "ids_ptr": "*i64", "aw_ptr": "*fp32", "gram_ptr": "*fp32", "row_sets_ptr": "*i64",
+                "eta_ptr": "*fp32", "out_ptr": f"*{dtype}", "scratch_ptr": "*fp32"}
+    floats = ("reg", "tau", "margin", "max_norm")
+    signature, constexprs = {}, {}
+    for name in kernel.arg_names:
+        if name in pointers:
+            signature[name] = pointers[name]
+        elif name in floats:
+            signature[name] = "fp32"
+        elif name in cfg or name in flags or name == "NATIVE_DOT16":
+            signature[name] = "constexpr"
+            constexprs[name] = cfg.get(name, flags.get(name, True))
+        else:
+            signature[name] = "i32"
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in pointers}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    target = GPUTarget("cuda", capability, 32)
+    start = time.perf_counter()
+    compiled = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": 2})
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp) / "k.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        log = subprocess.run([_ptxas(arch), f"-arch={arch}", "-v", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True).stderr
+    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
+    regs = max((int(x) for x in re.findall(r"Used (\d+) registers", log)), default=0)
+    return dict(arch=arch, dtype=dtype, K=K, dim=dim, **flags, BLOCK_K=cfg["BLOCK_K"],
+                BLOCK_D=cfg["BLOCK_D"], num_warps=num_warps, shared=compiled.metadata.shared,
+                registers=regs, spill_bytes=spills, compile_s=round(seconds, 2))
+
+
+CUDA_ARCHS = ("sm_80", "sm_90a")
+
+
+def cuda_report(source: Path, include: Path) -> list[dict]:
+    """``nvcc -Xptxas -v`` of the CUDA kernel for each arch: registers, spills, static smem."""
+    reports = []
+    for arch in CUDA_ARCHS:
+        with tempfile.TemporaryDirectory() as tmp:
+            log = subprocess.run(
+                ["nvcc", "-O3", f"-gencode=arch=compute_{arch[3:]},code={arch}", "-Xptxas", "-v",
+                 f"-I{include}", "-c", str(source), "-o", str(Path(tmp) / "k.o")],
+                capture_output=True, text=True)
+        if log.returncode:
+            raise RuntimeError(f"nvcc failed for {arch}:\n{log.stderr}")
+        for name, body in re.findall(r"Compiling entry function '(\S+)' for '\w+'(.*?)(?=Compiling entry|\Z)",
+                                     log.stderr, re.S):
+            reports.append(dict(arch=arch, kernel=name,
+                                registers=int(re.search(r"Used (\d+) registers", body).group(1)),
+                                spill_bytes=int(re.search(r"(\d+) bytes spill stores", body).group(1)),
+                                stack_bytes=int(re.search(r"(\d+) bytes stack frame", body).group(1)),
+                                static_smem=int((re.search(r"(\d+) bytes smem", body) or [0, 0])[1])))
+    return reports
+
+
+def check_cuda(reports) -> list[str]:
+    failures = [f"{r['arch']} {r['kernel']}: {r['spill_bytes']} B of register spills"
+                for r in reports if r["spill_bytes"] > 0]
+    if not reports:
+        failures.append("nvcc reported no kernel")
+    return failures
+
+
+def check(reports) -> list[str]:
+    failures = []
+    for r in reports:
+        what = (f"{r['arch']} {r['dtype']} K<={r['BLOCK_K']} BLOCK_D={r['BLOCK_D']} "
+                f"LSE={r['LSE']} TRUST={r['TRUST']} HAS_BIAS={r['HAS_BIAS']} RELATIVE={r['RELATIVE']}")
+        if r["shared"] > SHARED_LIMIT:
+            failures.append(f"{what}: {r['shared']} B shared memory > {SHARED_LIMIT}")
+        budget = SPILL_BUDGET.get(r["BLOCK_K"], 0)
+        if r["spill_bytes"] > budget:
+            failures.append(f"{what}: {r['spill_bytes']} B of register spills > {budget}")
+    return failures
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="every flag combination of every tile")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", type=Path, help="write every report here")
+    parser.add_argument("--cuda-source", type=Path, help="also check this CUDA kernel with nvcc -Xptxas -v")
+    parser.add_argument("--cuda-include", type=Path, default=Path("csrc/include"))
+    parser.add_argument("--cuda-only", action="store_true", help="skip the Triton compiles")
+    args = parser.parse_args(argv)
+    failures = []
+    if args.cuda_source:
+        cuda = cuda_report(args.cuda_source, args.cuda_include)
+        for r in cuda:
+            print(f"cuda {r['arch']:>7} {r['kernel'][-60:]:>60} regs {r['registers']:>3} "
+                  f"spill {r['spill_bytes']} B stack {r['stack_bytes']} B smem {r['static_smem']} B")
+        failures += check_cuda(cuda)
+        if args.cuda_only:
+            for f in failures:
+                print("FAIL", f, file=sys.stderr)
+            print("CUDA resource check:", "FAILED" if failures else "passed")
+            return 1 if failures else 0
+    jobs = [(dtype, K, dim, flags, cap, arch) for dtype, K, dim, flags, targets in configurations(args.full)
+            for cap, arch in targets]
+    jobs.sort(key=lambda j: -j[1])  # the slow K = 256 compiles first keep both workers busy
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        reports = list(pool.map(compile_one, jobs))
+    print(f"{len(reports)} compiles in {time.perf_counter() - start:.0f} s")
+    print(f"{'arch':>7} {'dtype':>5} {'BLOCK_K':>7} {'BLOCK_D':>7} {'warps':>5} {'shared B':>9} {'regs':>5} {'spill B':>7}")
+    widest = {}
+    for r in reports:  # the heaviest variant of each tile
+        key = (r["arch"], r["dtype"], r["BLOCK_K"], r["BLOCK_D"])
+        if key not in widest or (r["shared"], r["registers"]) > (widest[key]["shared"], widest[key]["registers"]):
+            widest[key] = r
+    for r in widest.values():
+        print(f"{r['arch']:>7} {r['dtype']:>5} {r['BLOCK_K']:>7} {r['BLOCK_D']:>7} {r['num_warps']:>5} "
+              f"{r['shared']:>9} {r['registers']:>5} {r['spill_bytes']:>7}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(reports, indent=1))
+    failures += check(reports)
+    for f in failures:
+        print("FAIL", f, file=sys.stderr)
+    print("AOT check:", "FAILED" if failures else "passed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
