@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: demo test bench cuda-check clean
+.PHONY: demo test bench cuda-check aot-check gpu-check gpu-check-build gpu-check-bench clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,19 @@ cuda-check:
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release
 	cmake --build build/cmake -j 2
 	ctest --test-dir build/cmake --output-on-failure
+
+# Ahead-of-time resource checks, no GPU needed: the Triton kernel compiled for sm_80/sm_90a for
+# every launcher configuration, and the CUDA kernel's ptxas report (shared memory, spills).
+aot-check: $(VENV)/.built
+	$(BIN)/python -m anchor_kernels.aot --jobs 2 --json build/aot/triton.json --cuda-source csrc/kernels/steer_cuda.cu
+
+# On a GPU machine with CUDA torch (system python, no network): two stages of < 10 minutes each.
+GPU_PY ?= python3
+gpu-check: gpu-check-build gpu-check-bench
+gpu-check-build:
+	PY=$(GPU_PY) bash scripts/gpu_check.sh build
+gpu-check-bench:
+	PY=$(GPU_PY) bash scripts/gpu_check.sh bench
 
 clean:
 	rm -rf $(VENV) build anchor_kernels/*.so *.egg-info

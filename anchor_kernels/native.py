@@ -21,6 +21,17 @@ def cuda_built() -> bool:
     return _C is not None and bool(_C.cuda_built)
 
 
+_device_problems: dict[int, str | None] = {}
+
+
+def cuda_device_problem(index: int) -> str | None:
+    """None if the built CUDA kernels run on GPU ``index``, else why not (e.g. no kernel image
+    for its architecture). Asked once per device, then remembered."""
+    if index not in _device_problems:
+        _device_problems[index] = _C.cuda_check_device(index) if cuda_built() else "built without CUDA"
+    return _device_problems[index]
+
+
 def require() -> None:
     if _C is None:
         raise RuntimeError(

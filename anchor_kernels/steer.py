@@ -42,7 +42,10 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got {device}"
-        return None if native.cuda_built() else "anchor_kernels._C was built without CUDA"
+        if not native.cuda_built():
+            return "anchor_kernels._C was built without CUDA"
+        problem = native.cuda_device_problem(device.index if device.index is not None else torch.cuda.current_device())
+        return None if problem is None else f"the CUDA kernels cannot run on {device}: {problem}"
     raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
 

