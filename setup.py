@@ -60,7 +60,7 @@ setup(
     version="0.1.0",
     description="Fused kernels for anchor-word steering of LLM hidden states",
     packages=find_packages(include=["anchor_kernels", "anchor_kernels.*"]),
-    package_data={"anchor_kernels": ["lexicons/*.json", "data/*.txt", "models/default/*"]},
+    package_data={"anchor_kernels": ["lexicons/*.json", "data/*.txt", "data/*.json", "models/fortune/*"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "packaging"],
     extras_require={"triton": ["triton>=3.0"]},

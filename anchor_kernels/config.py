@@ -22,9 +22,17 @@ class SteerConfig:
     Defaults, and why:
       steps=10        T. Each step is a K x K mat-vec in the kernels, so T costs almost nothing;
                       10 lets the lse objective's softmax weights settle on the anchors that move.
-      step_size=0.5   eta. With lse, ``||grad G|| = ||W_A^T s||`` is about one anchor-row norm,
-                      so one step moves h by about eta row norms: a visible but bounded edit
-                      that T=10 steps compound to a few row norms.
+      step_size=0.003 eta, relative (``relative_step=True``): the first step moves h by
+                      eta * ||h0||, whatever the model's scale. The literal METHOD.md eta
+                      (``relative_step=False``) is eta_row = step_size * ||h0|| / ||grad G(h0)||
+                      here, computed in K-space (||grad G||^2 = s^T Gm s). A fixed literal eta
+                      means different strengths on different models: SmolLM2-135M has
+                      ||h0|| ~ 55 and anchor rows ~ 2.9, so eta = 0.5 edits h by ~18% per step
+                      and its answers collapse into "love love ..."; on the 4M fortune model
+                      eta = 0.5 was mild. Relative 0.003 (T = 10: about 3% of ||h0|| in all) gave
+                      coherent, clearly more positive chat answers on SmolLM2 (README eval);
+                      0.01 already degenerates into repetition there.
+      relative_step=True  see step_size. The logit-space form needs ``hidden_norm`` for it.
       objective="lse" ``log p(P) - log p(N)`` at tau=1: the gap in probability space, which
                       saturates once negatives are suppressed; "mean" grows without bound.
       reg=0.0         lambda. Off: the trust region (max_norm) is the clearer bound on the edit.
@@ -38,13 +46,13 @@ class SteerConfig:
     """
 
     steps: int = 10
-    step_size: float = 0.5
+    step_size: float = 0.003
     objective: str = "lse"
     reg: float = 0.0
     temperature: float = 1.0
     margin: float | None = None
     max_norm: float | None = None
-    relative_step: bool = False
+    relative_step: bool = True
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral):

@@ -67,8 +67,9 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def convert(source: Path, folder: Path) -> None:
-    """GGUF -> a HF folder with fp32 safetensors (the exact dequantised values) and a manifest."""
+def convert(source: Path, out: Path) -> None:
+    """GGUF -> HF folder ``out`` with fp32 safetensors (the exact dequantised values) and a
+    manifest, written last."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as exc:
@@ -77,8 +78,7 @@ def convert(source: Path, folder: Path) -> None:
         import gguf  # noqa: F401  (transformers reads GGUF through it)
     except ImportError as exc:
         raise ValueError(f"converting the default model needs the gguf package: {INSTALL_HINT}") from exc
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype="float32")
     # The weights are dequantised on load: what is saved is a plain fp32 model, so drop the
@@ -91,8 +91,6 @@ def convert(source: Path, folder: Path) -> None:
     files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"source": source.name, "source_size": source.stat().st_size,
                                             "package": f"{PACKAGE}=={PACKAGE_VERSION}", "files": files}, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
 
 
 def ensure(source: Path | None = None, verbose: bool = True) -> Path:
@@ -106,5 +104,9 @@ def ensure(source: Path | None = None, verbose: bool = True) -> Path:
             if verbose:
                 print(f"anchor_kernels: converting {source.name} to safetensors in {folder} (once; ~1 minute)",
                       flush=True)
-            convert(source, folder)
+            partial = folder.with_name(folder.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            convert(source, partial)
+            shutil.rmtree(folder, ignore_errors=True)
+            partial.rename(folder)
     return folder

