@@ -56,6 +56,12 @@ def launch_config(set_size: int, dim: int, fp32: bool) -> dict:
                 CHUNKED=block_k > IN_REGISTER_SET_SIZE, CHUNK=GRAM_CHUNK, num_warps=warps)
 
 
+def launch_grid(rows: int, num_sets: int) -> tuple[int]:
+    """One flat axis of row tiles x anchor sets: CUDA allows 2^31 - 1 programs there, while the
+    y and z axes stop at 65,535 (a bank of more sets than that would not launch)."""
+    return (-(-rows // BLOCK_ROWS) * num_sets,)
+
+
 def _interpreting() -> bool:
     # Triton 3.9's CPU interpreter returns garbage for bf16 x bf16 tl.dot, so 16-bit operands
     # are widened to fp32 there; compiled kernels multiply them natively (tensor cores).
@@ -280,7 +286,7 @@ if IMPORT_ERROR is None:
         if rows == 0:
             return out
         cfg = launch_config(K, dim, hidden.dtype == torch.float32)
-        grid = (triton.cdiv(rows, BLOCK_ROWS) * S,)
+        grid = launch_grid(rows, S)
         scratch = hidden.new_empty((rows, cfg["BLOCK_K"]) if cfg["CHUNKED"] else (1, 1), dtype=torch.float32)
         torch.library.wrap_triton(_steer_hidden_kernel)[grid](
             hidden, weight, weight if bias is None else bias, anchor_ids.contiguous(),

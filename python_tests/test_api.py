@@ -256,3 +256,40 @@ def test_compile_fullgraph_cpu():
     for anchors in (prepared, A):  # prepared outside, or packed inside the graph
         compiled = torch.compile(step, fullgraph=True)
         torch.testing.assert_close(compiled(hidden, anchors), step(hidden, anchors))
+
+
+def test_auto_falls_back_to_triton_without_a_cuda_kernel_image(monkeypatch):
+    """A GPU the build has no kernel for (e.g. a new architecture without PTX): `cuda` says why
+    and `auto` uses triton instead of raising."""
+    from anchor_kernels import steer, triton_steer
+
+    if triton_steer.IMPORT_ERROR is not None:
+        pytest.skip(str(triton_steer.IMPORT_ERROR))
+    monkeypatch.setattr(native, "available", lambda: True)
+    monkeypatch.setattr(native, "cuda_built", lambda: True)
+    monkeypatch.setattr(native, "cuda_device_problem", lambda index: "no kernel image for this GPU: sm_120")
+    gpu = torch.device("cuda", 0)
+    assert "no kernel image" in steer.unavailable_reason("cuda", gpu)
+    assert steer.resolve_backend("auto", gpu) == "triton"
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        steer.resolve_backend("cuda", gpu)
+
+
+def test_triton_grid_is_flat_so_many_sets_launch():
+    from anchor_kernels import triton_steer
+
+    assert triton_steer.launch_grid(17, 70_000) == (2 * 70_000,)  # y/z axes would stop at 65,535
+    assert triton_steer.launch_grid(1, 1) == (1,)
+
+
+def test_launch_config_is_what_the_aot_check_compiles():
+    from anchor_kernels import aot, triton_steer
+
+    compiled = {(d, triton_steer.launch_config(K, dim, d == "fp32")["BLOCK_K"],
+                 triton_steer.launch_config(K, dim, d == "fp32")["BLOCK_D"])
+                for d, K, dim, _, _ in aot.configurations()}
+    for dtype in ("fp32", "fp16", "bf16"):
+        for K in (1, 2, 16, 17, 33, 64, 65, 128, 129, 200, 256):
+            for dim in (1, 7, 16, 33, 64, 100, 576, 4096, 8192):
+                cfg = triton_steer.launch_config(K, dim, dtype == "fp32")
+                assert (dtype, cfg["BLOCK_K"], cfg["BLOCK_D"]) in compiled, (dtype, K, dim)

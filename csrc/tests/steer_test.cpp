@@ -23,6 +23,7 @@ using anchor_kernels::half_bits;
 struct Problem {
   int64_t B, d, V, S, K, steps;
   ak_objective objective;
+  int relative;
   float reg, tau, margin, max_norm;
   std::vector<float> hidden, weight, bias, aw, gram, eta;
   std::vector<int64_t> ids, row_sets;
@@ -32,7 +33,7 @@ Problem make_problem(std::mt19937& rng, int64_t B, int64_t d, int64_t S, int64_t
                      ak_objective objective, float max_norm, float margin) {
   std::normal_distribution<float> normal;
   std::uniform_real_distribution<float> uni(0.1f, 1.f);
-  Problem p{B, d, S * K + 17, S, K, 6, objective, 0.1f, 0.8f, margin, max_norm};
+  Problem p{B, d, S * K + 17, S, K, 6, objective, 0, 0.1f, 0.8f, margin, max_norm};
   for (int64_t i = 0; i < B * d; ++i) p.hidden.push_back(3 * normal(rng));
   for (int64_t i = 0; i < p.V * d; ++i) p.weight.push_back(2 * normal(rng) / std::sqrt(float(d)));
   for (int64_t i = 0; i < p.V; ++i) p.bias.push_back(0.5f * normal(rng));
@@ -82,7 +83,7 @@ ak_steer_params params_for(const Problem& p, ak_dtype dtype, const void* hidden,
   q.anchor_ids = ids; q.anchor_weights = aw; q.gram = gram;
   q.num_sets = p.S; q.set_size = p.K;
   q.row_sets = row_sets; q.step_size = eta;
-  q.steps = p.steps; q.objective = p.objective;
+  q.steps = p.steps; q.objective = p.objective; q.relative_step = p.relative;
   q.reg = p.reg; q.temperature = p.tau; q.margin = p.margin; q.max_norm = p.max_norm;
   q.out = out; q.out_row_stride = p.d;
   return q;
@@ -101,7 +102,10 @@ std::vector<double> reference(const Problem& p) {
     double h0n = 0;
     for (int64_t x = 0; x < p.d; ++x) h0n += h0[x] * h0[x];
     h0n = std::sqrt(h0n);
-    for (int64_t t = 0; t < p.steps; ++t) {
+    // grad G(h) in h-space and G(h): the literal definition, used for every step (and, with a
+    // relative step, once at h0 to scale eta).
+    std::vector<double> grad_h(p.d);
+    auto gap_and_grad = [&](const std::vector<double>& h) {
       for (int64_t i = 0; i < p.K; ++i) {
         const int64_t id = p.ids[s * p.K + i];
         double acc = p.bias[id];
@@ -131,12 +135,24 @@ std::vector<double> reference(const Problem& p) {
         for (int64_t i = 0; i < p.K; ++i) if (w[i] == 0) g[i] = 0;
         gap = p.tau * (lse[0] - lse[1]);
       }
-      if (!(std::isfinite(gap) && gap < p.margin)) continue;
       for (int64_t x = 0; x < p.d; ++x) {
         double grad = 0;
         for (int64_t i = 0; i < p.K; ++i) grad += g[i] * p.weight[p.ids[s * p.K + i] * p.d + x];
-        h[x] += p.eta[r] * (grad - p.reg * (h[x] - h0[x]));
+        grad_h[x] = grad;
       }
+      return gap;
+    };
+    double eta = p.eta[r];
+    if (p.relative) {  // the first step moves h by eta ||h0||
+      gap_and_grad(h);
+      double gn = 0;
+      for (double v : grad_h) gn += v * v;
+      eta = gn > 0 ? eta * h0n / std::sqrt(gn) : 0;
+    }
+    for (int64_t t = 0; t < p.steps; ++t) {
+      const double gap = gap_and_grad(h);
+      if (!(std::isfinite(gap) && gap < p.margin)) continue;
+      for (int64_t x = 0; x < p.d; ++x) h[x] += eta * (grad_h[x] - p.reg * (h[x] - h0[x]));
       if (std::isfinite(p.max_norm)) {
         double n = 0;
         for (int64_t x = 0; x < p.d; ++x) n += (h[x] - h0[x]) * (h[x] - h0[x]);
@@ -254,6 +270,9 @@ int main() {
           const ak_objective objective = obj ? AK_OBJECTIVE_LSE : AK_OBJECTIVE_MEAN;
           const float margin = obj ? 3.f : INFINITY;
           Problem p = make_problem(rng, 9, d, 2, K, objective, max_norm, margin);
+          p.relative = (cases % 3 == 1);  // every third case: the relative step
+          if (p.relative)
+            for (float& e : p.eta) e *= 0.02f;
           Problem p32 = p;
           const std::vector<double> got = run_cpu<float>(p32, AK_FLOAT32);
           ok &= !got.empty() && close(p32, got, reference(p32), 1e-4, 0x1p-24, "cpu fp32 vs fp64");
