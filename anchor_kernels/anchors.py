@@ -228,8 +228,9 @@ def _pack(bank: AnchorBank, weight: torch.Tensor) -> PreparedAnchors:
     weights = weights.to(weight.device)
     # fp64 so that a global TF32 setting cannot degrade the Gram; it is computed once per set.
     # where, not a product: padding must never read a real row (0 * NaN would be NaN).
-    rows = torch.where((weights != 0).unsqueeze(-1), weight.detach()[ids].double(), 0.0)
-    gram = torch.bmm(rows, rows.transpose(1, 2)).float()
+    with torch.no_grad():  # not weight.detach(): that is a [V, d] tensor, if only a view
+        rows = torch.where((weights != 0).unsqueeze(-1), weight[ids].double(), 0.0)
+        gram = torch.bmm(rows, rows.transpose(1, 2)).float()
     source = () if torch.compiler.is_compiling() else (
         weight.data_ptr(), _version(weight), tuple(weight.shape), weight.dtype, weight.device)
     return PreparedAnchors(ids, weights.float(), gram, int(weight.shape[0]), source)

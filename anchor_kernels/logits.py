@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from .anchors import PreparedAnchors, prepare_anchors
 from .config import SteerConfig
 from .kspace import solve_coefficients
 from .steer import _host_values, _per_row, _row_sets, _step_size
 
 # Rows of W converted to fp32 at a time while M is built: bounds the transient copy.
-MIXING_CHUNK_BYTES = 64 << 20
+MIXING_CHUNK_BYTES = 8 << 20
 
 
 class LogitSteerer:
@@ -37,16 +38,17 @@ class LogitSteerer:
         # The bias cancels in W h' + b - (W h0 + b); it is accepted for symmetry with steer_hidden.
         self.prepared: PreparedAnchors = prepare_anchors(weight, anchors)
         self.vocab = weight.shape[0]
-        w = weight.detach()
+        w = weight
         # M per set: [S, V, K] fp32, built a chunk of W at a time (no fp32 copy of the head).
         # Padding columns are zero; where, not a product, so they never read a real row.
         live = (self.prepared.anchor_weights != 0).unsqueeze(-1)
-        rows = torch.where(live, w[self.prepared.anchor_ids].float(), 0.0)
         S, K = self.prepared.anchor_ids.shape
         self.mixing = torch.empty(S, self.vocab, K, dtype=torch.float32, device=w.device)
         chunk = max(1, MIXING_CHUNK_BYTES // (4 * w.shape[1]))
-        for v0 in range(0, self.vocab, chunk):
-            self.mixing[:, v0: v0 + chunk] = torch.einsum("vd,skd->svk", w[v0: v0 + chunk].float(), rows)
+        with torch.no_grad():
+            rows = torch.where(live, w[self.prepared.anchor_ids].float(), 0.0)
+            for v0 in range(0, self.vocab, chunk):
+                self.mixing[:, v0: v0 + chunk] = torch.einsum("vd,skd->svk", w[v0: v0 + chunk].float(), rows)
 
     @property
     def num_sets(self) -> int:
@@ -54,13 +56,24 @@ class LogitSteerer:
 
     def __call__(self, logits: torch.Tensor, row_sets=None, step_size=None,
                  hidden_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """Steered copy of raw ``logits [..., V]``."""
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
+        return self.apply_(logits.clone(), row_sets, step_size, hidden_norm)
+
+    def apply_(self, logits: torch.Tensor, row_sets=None, step_size=None,
+               hidden_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """Steers raw ``logits [..., V]`` in place and returns them. On CPU this is the fused op
+        ``anchor_kernels::steer_logits_``: it reads the anchors' logits of each steered row, runs
+        the K-space loop and adds M c to the row; unsteered rows are not touched."""
         if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] != self.vocab:
             raise ValueError(f"logits must be [..., V] with V = {self.vocab}, got "
                              f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
+        if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
         if logits.device != self.mixing.device:
             raise ValueError(f"logits are on {logits.device} but the steerer is on {self.mixing.device}")
         lead = logits.shape[:-1]
-        flat = logits.reshape(-1, self.vocab)
         rows = _row_sets(row_sets, self.num_sets, lead, logits.device)
         eta = _step_size(step_size, self.config, lead, logits.device)
         norm = None
@@ -69,10 +82,23 @@ class LogitSteerer:
             if _host_values(norm) and not bool((torch.isfinite(norm) & (norm >= 0)).all()):
                 raise ValueError("hidden_norm entries must be finite and >= 0 (they are ||h0||)")
             norm = norm.to(logits.device)
-        ids = self.prepared.anchor_ids[rows.clamp(0, self.num_sets - 1)]      # [B, K]
-        z0 = flat.float().gather(-1, ids)
-        c = solve_coefficients(z0, self.prepared, rows, eta, self.config, hidden_norm=norm)
-        delta = torch.zeros_like(flat, dtype=torch.float32)
-        for s in range(self.num_sets):
-            delta += (c * (rows == s).unsqueeze(-1)) @ self.mixing[s].T
-        return (flat.float() + delta).to(logits.dtype).reshape(logits.shape)
+        elif self.config.max_norm is not None or self.config.relative_step:
+            raise ValueError("max_norm (the trust region) and relative_step need ||h0||, which logits do not "
+                             "carry: pass hidden_norm, or steer the hidden state instead")
+        flat = logits.view(-1, self.vocab) if logits.is_contiguous() else logits.reshape(-1, self.vocab).clone()
+        c = self.config
+        if logits.device.type == "cpu" and native.available():
+            torch.ops.anchor_kernels.steer_logits_(
+                flat, self.mixing, *self.prepared.tensors, rows, eta, norm, c.steps, c.objective, float(c.reg),
+                float(c.temperature), c.margin_value, c.max_norm_value, c.relative_step)
+        else:  # eager: the fused GPU kernels for the logit form are pending
+            ids = self.prepared.anchor_ids[rows.clamp(0, self.num_sets - 1)]      # [B, K]
+            z0 = flat.float().gather(-1, ids)
+            coef = solve_coefficients(z0, self.prepared, rows, eta, self.config, hidden_norm=norm)
+            delta = torch.zeros_like(flat, dtype=torch.float32)
+            for s in range(self.num_sets):
+                delta += (coef * (rows == s).unsqueeze(-1)) @ self.mixing[s].T
+            flat.copy_(flat.float() + delta)
+        if flat.data_ptr() != logits.data_ptr():
+            logits.copy_(flat.view(logits.shape))
+        return logits

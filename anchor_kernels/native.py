@@ -58,6 +58,13 @@ if _C is not None:
                      lambda: "steer_hidden: weight must be [V, d] with hidden's d")
         return hidden.new_empty(hidden.shape)
 
+    @torch.library.register_fake("anchor_kernels::steer_logits_")
+    def _steer_logits_fake(logits, mixing, anchor_ids, anchor_weights, gram, row_sets, step_size,
+                           hidden_norm, steps, objective, reg, temperature, margin, max_norm,
+                           relative_step):
+        torch._check(logits.dim() == 2, lambda: "steer_logits: logits must be 2-D [B, V]")
+        return None
+
     from .autograd import register as _register_autograd
 
     _register_autograd("anchor_kernels::steer_hidden")

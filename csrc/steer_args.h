@@ -37,6 +37,51 @@ inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType d
               " but hidden is on ", device);
 }
 
+// The scalar ranges of the K-space loop (anchor_kernels/triton_steer.py holds the same).
+inline void check_loop_scalars(int64_t steps, const std::string& objective, double reg,
+                               double temperature, double margin, double max_norm) {
+  TORCH_CHECK(steps >= 0 && steps <= AK_MAX_STEPS, "anchor_kernels: steps must be in [0, ",
+              AK_MAX_STEPS, "], got ", steps);
+  TORCH_CHECK(objective == "mean" || objective == "lse",
+              "anchor_kernels: objective must be 'mean' or 'lse', got '", objective, "'");
+  constexpr double kFloatMax = 3.4028234663852886e38;
+  TORCH_CHECK(std::isfinite(reg) && reg >= 0 && reg <= kFloatMax,
+              "anchor_kernels: reg must be >= 0 and finite in float32, got ", reg);
+  TORCH_CHECK(temperature >= AK_MIN_TEMPERATURE && temperature <= AK_MAX_TEMPERATURE,
+              "anchor_kernels: temperature must be in [", AK_MIN_TEMPERATURE, ", ",
+              AK_MAX_TEMPERATURE, "], got ", temperature);
+  TORCH_CHECK(!std::isnan(margin) && (std::isinf(margin) || std::fabs(margin) <= kFloatMax),
+              "anchor_kernels: margin must be finite in float32 or +inf (which disables it), got ",
+              margin);
+  TORCH_CHECK(max_norm >= 0 && (std::isinf(max_norm) || max_norm <= kFloatMax),
+              "anchor_kernels: max_norm must be >= 0 and finite in float32, or +inf (no trust "
+              "region), got ", max_norm);
+
+}
+
+// anchor_ids [S, K], anchor_weights [S, K], gram [S, K, K], row_sets [B], step_size [B].
+inline void check_bank(const at::Tensor& anchor_ids, const at::Tensor& anchor_weights,
+                       const at::Tensor& gram, const at::Tensor& row_sets,
+                       const at::Tensor& step_size, int64_t rows, const at::Device& dev) {
+  check_tensor(anchor_ids, "anchor_ids", at::kLong, 2, dev);
+  const int64_t S = anchor_ids.size(0), K = anchor_ids.size(1);
+  TORCH_CHECK(S >= 1 && K >= 1, "anchor_kernels: anchor_ids must be [S, K] with S, K >= 1, got ",
+              anchor_ids.sizes());
+  check_tensor(anchor_weights, "anchor_weights", at::kFloat, 2, dev);
+  TORCH_CHECK(anchor_weights.sizes() == anchor_ids.sizes(), "anchor_kernels: anchor_weights ",
+              anchor_weights.sizes(), " must match anchor_ids ", anchor_ids.sizes());
+  check_tensor(gram, "gram", at::kFloat, 3, dev);
+  TORCH_CHECK(gram.size(0) == S && gram.size(1) == K && gram.size(2) == K,
+              "anchor_kernels: gram must be [S, K, K] = [", S, ", ", K, ", ", K, "], got ",
+              gram.sizes());
+  check_tensor(row_sets, "row_sets", at::kLong, 1, dev);
+  TORCH_CHECK(row_sets.size(0) == rows, "anchor_kernels: row_sets has ", row_sets.size(0),
+              " entries but there are ", rows, " rows");
+  check_tensor(step_size, "step_size", at::kFloat, 1, dev);
+  TORCH_CHECK(step_size.size(0) == rows, "anchor_kernels: step_size has ", step_size.size(0),
+              " entries but there are ", rows, " rows");
+}
+
 inline at::Tensor unit_stride_rows(const at::Tensor& t) {
   return t.stride(-1) == 1 && t.stride(0) >= 0 ? t : t.contiguous();
 }
@@ -57,39 +102,9 @@ inline SteerCall make_steer_call(const at::Tensor& hidden, const at::Tensor& wei
   TORCH_CHECK(weight.size(1) == hidden.size(1), "steer_hidden: weight is [V, d] = ",
               weight.sizes(), " but hidden has d = ", hidden.size(1));
   TORCH_CHECK(weight.size(0) >= 1, "steer_hidden: weight must have V >= 1 rows");
-  check_tensor(anchor_ids, "anchor_ids", at::kLong, 2, dev);
+  check_bank(anchor_ids, anchor_weights, gram, row_sets, step_size, hidden.size(0), dev);
   const int64_t S = anchor_ids.size(0), K = anchor_ids.size(1);
-  TORCH_CHECK(S >= 1 && K >= 1, "steer_hidden: anchor_ids must be [S, K] with S, K >= 1, got ",
-              anchor_ids.sizes());
-  check_tensor(anchor_weights, "anchor_weights", at::kFloat, 2, dev);
-  TORCH_CHECK(anchor_weights.sizes() == anchor_ids.sizes(), "steer_hidden: anchor_weights ",
-              anchor_weights.sizes(), " must match anchor_ids ", anchor_ids.sizes());
-  check_tensor(gram, "gram", at::kFloat, 3, dev);
-  TORCH_CHECK(gram.size(0) == S && gram.size(1) == K && gram.size(2) == K,
-              "steer_hidden: gram must be [S, K, K] = [", S, ", ", K, ", ", K, "], got ",
-              gram.sizes());
-  check_tensor(row_sets, "row_sets", at::kLong, 1, dev);
-  TORCH_CHECK(row_sets.size(0) == hidden.size(0), "steer_hidden: row_sets has ",
-              row_sets.size(0), " entries but hidden has ", hidden.size(0), " rows");
-  check_tensor(step_size, "step_size", at::kFloat, 1, dev);
-  TORCH_CHECK(step_size.size(0) == hidden.size(0), "steer_hidden: step_size has ",
-              step_size.size(0), " entries but hidden has ", hidden.size(0), " rows");
-  TORCH_CHECK(steps >= 0 && steps <= AK_MAX_STEPS, "steer_hidden: steps must be in [0, ",
-              AK_MAX_STEPS, "], got ", steps);
-  TORCH_CHECK(objective == "mean" || objective == "lse",
-              "steer_hidden: objective must be 'mean' or 'lse', got '", objective, "'");
-  constexpr double kFloatMax = 3.4028234663852886e38;
-  TORCH_CHECK(std::isfinite(reg) && reg >= 0 && reg <= kFloatMax,
-              "steer_hidden: reg must be >= 0 and finite in float32, got ", reg);
-  TORCH_CHECK(temperature >= AK_MIN_TEMPERATURE && temperature <= AK_MAX_TEMPERATURE,
-              "steer_hidden: temperature must be in [", AK_MIN_TEMPERATURE, ", ",
-              AK_MAX_TEMPERATURE, "], got ", temperature);
-  TORCH_CHECK(!std::isnan(margin) && (std::isinf(margin) || std::fabs(margin) <= kFloatMax),
-              "steer_hidden: margin must be finite in float32 or +inf (which disables it), got ",
-              margin);
-  TORCH_CHECK(max_norm >= 0 && (std::isinf(max_norm) || max_norm <= kFloatMax),
-              "steer_hidden: max_norm must be >= 0 and finite in float32, or +inf (no trust "
-              "region), got ", max_norm);
+  check_loop_scalars(steps, objective, reg, temperature, margin, max_norm);
 
   SteerCall call;
   call.hidden = unit_stride_rows(hidden);

@@ -214,7 +214,79 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
   return AK_OK;
 }
 
+// The K-space loop needs only these fields of the hidden-state params.
+ak_steer_params loop_params(const ak_logits_params& q) {
+  ak_steer_params p{};
+  p.set_size = q.set_size;
+  p.steps = q.steps;
+  p.relative_step = q.relative_step;
+  p.objective = q.objective;
+  p.reg = q.reg;
+  p.temperature = q.temperature;
+  p.margin = q.margin;
+  p.max_norm = q.max_norm;
+  return p;
+}
+
+template <typename T>
+ak_status steer_logits_rows(const ak_logits_params& q, int64_t row_begin, int64_t row_end) {
+  const int64_t K = q.set_size, V = q.vocab;
+  const ak_steer_params p = loop_params(q);
+  std::vector<float> z0(K), z(K), s(K), c(K), log_w(K);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t set = q.row_sets[r];
+    if (set < -1 || set >= q.num_sets) return AK_ERROR_ROW_SET;
+    const float eta = q.step_size[r];
+    if (set < 0 || q.steps == 0 || eta == 0.f) continue;  // untouched and unread
+    T* row = static_cast<T*>(q.logits) + r * q.logits_row_stride;
+    const int64_t* ids = q.anchor_ids + set * K;
+    const float* w = q.anchor_weights + set * K;
+    for (int64_t i = 0; i < K; ++i) {
+      if (w[i] != 0.f && (ids[i] < 0 || ids[i] >= V)) return AK_ERROR_ANCHOR_ID;
+      log_w[i] = w[i] == 0.f ? 0.f : std::log(std::fabs(w[i]));
+      z0[i] = w[i] == 0.f ? 0.f : to_float(row[ids[i]]);
+    }
+    const float norm = q.hidden_norm ? q.hidden_norm[r] : 0.f;
+    if (!solve_coefficients(p, z0.data(), w, log_w.data(), q.gram + set * K * K, eta, norm, c.data(),
+                            z.data(), s.data()))
+      continue;
+    const float* m = q.mixing + set * V * K;
+    for (int64_t v = 0; v < V; ++v) row[v] = from_float<T>(to_float(row[v]) + dot(m + v * K, c.data(), K));
+  }
+  return AK_OK;
+}
+
 }  // namespace
+
+extern "C" ak_status ak_steer_logits_check_params(const ak_logits_params* q) {
+  if (!q) return AK_ERROR_INVALID_ARGUMENT;
+  ak_steer_params p = loop_params(*q);
+  p.dtype = q->dtype;
+  p.rows = 0;  // shapes and config through the hidden-state check; pointers below
+  p.dim = 1;
+  p.vocab = q->vocab;
+  p.num_sets = q->num_sets;
+  const bool needs_norm = std::isfinite(q->max_norm) || q->relative_step;
+  const bool ok = ak_steer_check_params(&p) == AK_OK && q->rows >= 0 &&
+                  (q->rows <= 1 || q->logits_row_stride >= q->vocab) &&
+                  (!needs_norm || q->hidden_norm) &&
+                  (q->rows == 0 || (q->logits && q->mixing && q->anchor_ids && q->anchor_weights &&
+                                    q->gram && q->row_sets && q->step_size));
+  return ok ? AK_OK : AK_ERROR_INVALID_ARGUMENT;
+}
+
+extern "C" ak_status ak_steer_logits_rows_cpu(const ak_logits_params* q, int64_t row_begin,
+                                              int64_t row_end) {
+  const ak_status st = ak_steer_logits_check_params(q);
+  if (st != AK_OK) return st;
+  if (row_begin < 0 || row_end > q->rows || row_begin > row_end) return AK_ERROR_INVALID_ARGUMENT;
+  switch (q->dtype) {
+    case AK_FLOAT32: return steer_logits_rows<float>(*q, row_begin, row_end);
+    case AK_FLOAT16: return steer_logits_rows<anchor_kernels::half_bits>(*q, row_begin, row_end);
+    case AK_BFLOAT16: return steer_logits_rows<anchor_kernels::bfloat16_bits>(*q, row_begin, row_end);
+  }
+  return AK_ERROR_INVALID_ARGUMENT;
+}
 
 extern "C" ak_status ak_steer_check_params(const ak_steer_params* p) {
   if (!p) return AK_ERROR_INVALID_ARGUMENT;

@@ -69,6 +69,34 @@ typedef struct {
   int64_t out_row_stride;      /* in elements */
 } ak_steer_params;
 
+/* The logit-space form (METHOD.md): W h' + b = (W h0 + b) + M c_T with M = W W_A^T, applied to
+ * raw logits in place. Rows that are not steered are neither written nor read beyond their
+ * anchors' logits. */
+typedef struct {
+  ak_dtype dtype;              /* of logits */
+  int64_t rows;                /* B */
+  int64_t vocab;               /* V */
+  void* logits;                /* [B, V], unit stride along V, edited in place */
+  int64_t logits_row_stride;   /* in elements */
+  const float* mixing;         /* [S, V, K] contiguous: M of each set, 0 in padding columns */
+  const int64_t* anchor_ids;   /* [S, K] */
+  const float* anchor_weights; /* [S, K] */
+  const float* gram;           /* [S, K, K] */
+  int64_t num_sets;            /* S */
+  int64_t set_size;            /* K */
+  const int64_t* row_sets;     /* [B] */
+  const float* step_size;      /* [B] */
+  const float* hidden_norm;    /* [B] ||h0||, or NULL: then max_norm must be +inf and
+                                  relative_step 0 (logits do not carry ||h0||) */
+  int64_t steps;
+  int32_t relative_step;
+  ak_objective objective;
+  float reg, temperature, margin, max_norm;
+} ak_logits_params;
+
+ak_status ak_steer_logits_check_params(const ak_logits_params* p);
+ak_status ak_steer_logits_rows_cpu(const ak_logits_params* p, int64_t row_begin, int64_t row_end);
+
 /* Checks everything that does not need to read tensor data. */
 ak_status ak_steer_check_params(const ak_steer_params* p);
 
