@@ -19,8 +19,25 @@ def fmt_ms(ms: float) -> str:
     return f"{ms * 1e3:.1f} µs" if ms < 1 else f"{ms:.2f} ms" if ms < 1000 else f"{ms / 1e3:.2f} s"
 
 
+def logit_suite(benchmarks) -> list[str]:
+    """The fused logit-space op vs the eager logit form (bench/bench_logits.py)."""
+    groups = defaultdict(dict)
+    for b in benchmarks:
+        groups[b["group"]][b["extra_info"]["provider"]] = b["stats"]["median"] * 1e3
+    if not groups:
+        return []
+    lines = ["", "Logit-space form (`bench/bench_logits.py`, same run): the fused op vs the eager form it replaces.",
+             "", "| shape | fused | eager | speed-up |", "|---|---|---|---|"]
+    for group, t in groups.items():
+        ratio = f"{t['eager'] / t['fused']:.1f}×" if "eager" in t and "fused" in t else "-"
+        lines.append(f"| {group} | {fmt_ms(t.get('fused', float('nan')))} | {fmt_ms(t.get('eager', float('nan')))} | {ratio} |")
+    return lines
+
+
 def provider_suite(path: Path, chart: Path) -> list[str]:
     data = json.loads(path.read_text())
+    logits = [b for b in data["benchmarks"] if b["extra_info"].get("suite") == "logits"]
+    data["benchmarks"] = [b for b in data["benchmarks"] if b["extra_info"].get("suite") != "logits"]
     groups = defaultdict(dict)
     for b in data["benchmarks"]:
         groups[b["group"]][b["extra_info"]["provider"]] = b["stats"]["median"] * 1e3
@@ -32,6 +49,7 @@ def provider_suite(path: Path, chart: Path) -> list[str]:
              f"{data['benchmarks'][0]['extra_info'].get('torch', '?')}, {data['datetime'][:10]}.", "",
              "| shape | " + " | ".join(providers) + " | best kernel vs eager / compiled / literal |",
              "|---|" + "---|" * (len(providers) + 1)]
+    logit_lines = logit_suite(logits)
     for group, times in groups.items():
         best = min((times[k] for k in kernels if k in times), default=None)
         speedups = " / ".join(f"{times[b] / best:.1f}×" if best and b in times else "-"
@@ -59,7 +77,7 @@ def provider_suite(path: Path, chart: Path) -> list[str]:
         lines += ["", f"![{chart.stem}]({chart.relative_to(README.parent).as_posix()})"]
     except ImportError:
         pass
-    return lines
+    return lines + logit_lines
 
 
 def e2e(path: Path) -> list[str]:
