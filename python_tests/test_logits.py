@@ -97,7 +97,7 @@ def test_op_validates_its_arguments():
                                  step_size=torch.full((2,), 0.1), hidden_norm=None, steps=3, objective="lse", reg=0.0,
                                  temperature=1.0, margin=math.inf, max_norm=math.inf, relative_step=False), **o)
     op = torch.ops.anchor_kernels.steer_logits_
-    for over, message in ((dict(mixing=torch.zeros(1, 29, 4)), "mixing must be"),
+    for over, message in ((dict(mixing=torch.zeros(1, 4, 29)), "mixing must be"),
                           (dict(relative_step=True), "need hidden_norm"),
                           (dict(row_sets=torch.tensor([0, 3])), r"row_sets entries must be in \[-1, 1\)"),
                           (dict(logits=torch.zeros(2, 60)[:, ::2]), "unit stride"),
@@ -115,5 +115,5 @@ def test_building_m_makes_no_fp32_copy_of_the_head():
     anchors = ak.AnchorSet(list(range(32)), list(range(32, 64)))
     with LargestOutput() as mode:
         steerer = ak.LogitSteerer(weight, anchors, ak.SteerConfig())
-    assert steerer.mixing.shape == (1, V, 64)
+    assert steerer.mixing.shape == (1, 64, V)
     assert mode.largest < V * d, mode.largest  # chunks of W only; M itself is V x K

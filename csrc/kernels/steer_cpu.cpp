@@ -3,6 +3,7 @@
 #include "anchor_kernels/steer.h"
 
 #include <cmath>
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -229,16 +230,18 @@ ak_steer_params loop_params(const ak_logits_params& q) {
 }
 
 template <typename T>
-ak_status steer_logits_rows(const ak_logits_params& q, int64_t row_begin, int64_t row_end) {
+ak_status solve_logit_rows(const ak_logits_params& q, int64_t row_begin, int64_t row_end,
+                           float* coef, uint8_t* moved) {
   const int64_t K = q.set_size, V = q.vocab;
   const ak_steer_params p = loop_params(q);
-  std::vector<float> z0(K), z(K), s(K), c(K), log_w(K);
+  std::vector<float> z0(K), z(K), s(K), log_w(K);
   for (int64_t r = row_begin; r < row_end; ++r) {
+    moved[r] = 0;
     const int64_t set = q.row_sets[r];
     if (set < -1 || set >= q.num_sets) return AK_ERROR_ROW_SET;
     const float eta = q.step_size[r];
     if (set < 0 || q.steps == 0 || eta == 0.f) continue;  // untouched and unread
-    T* row = static_cast<T*>(q.logits) + r * q.logits_row_stride;
+    const T* row = static_cast<const T*>(q.logits) + r * q.logits_row_stride;
     const int64_t* ids = q.anchor_ids + set * K;
     const float* w = q.anchor_weights + set * K;
     for (int64_t i = 0; i < K; ++i) {
@@ -247,13 +250,47 @@ ak_status steer_logits_rows(const ak_logits_params& q, int64_t row_begin, int64_
       z0[i] = w[i] == 0.f ? 0.f : to_float(row[ids[i]]);
     }
     const float norm = q.hidden_norm ? q.hidden_norm[r] : 0.f;
-    if (!solve_coefficients(p, z0.data(), w, log_w.data(), q.gram + set * K * K, eta, norm, c.data(),
-                            z.data(), s.data()))
-      continue;
-    const float* m = q.mixing + set * V * K;
-    for (int64_t v = 0; v < V; ++v) row[v] = from_float<T>(to_float(row[v]) + dot(m + v * K, c.data(), K));
+    moved[r] = solve_coefficients(p, z0.data(), w, log_w.data(), q.gram + set * K * K, eta, norm,
+                                  coef + r * K, z.data(), s.data());
   }
   return AK_OK;
+}
+
+// Vocabulary entries [v_begin, v_end) of every moved row, in tiles of kLogitTile entries: M is
+// [S, K, V], so the edit of a tile is K axpys into an fp32 accumulator per row (no horizontal
+// sums), and each tile of M is read once, from cache, for all the rows of its set.
+constexpr int64_t kLogitTile = 2048;
+
+template <typename T>
+void apply_logit_rows(const ak_logits_params& q, const float* coef, const uint8_t* moved,
+                      int64_t v_begin, int64_t v_end) {
+  const int64_t K = q.set_size, V = q.vocab;
+  std::vector<int64_t> rows;
+  std::vector<float> acc;
+  for (int64_t set = 0; set < q.num_sets; ++set) {
+    rows.clear();
+    for (int64_t r = 0; r < q.rows; ++r)
+      if (moved[r] && q.row_sets[r] == set) rows.push_back(r);
+    if (rows.empty()) continue;
+    acc.resize(rows.size() * kLogitTile);
+    const float* m = q.mixing + set * K * V;
+    for (int64_t v0 = v_begin; v0 < v_end; v0 += kLogitTile) {
+      const int64_t n = std::min(kLogitTile, v_end - v0);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t k = 0; k < K; ++k) {
+        const float* mk = m + k * V + v0;
+        for (size_t i = 0; i < rows.size(); ++i) {
+          const float ck = coef[rows[i] * K + k];
+          if (ck != 0.f) axpy(ck, mk, acc.data() + i * kLogitTile, n);
+        }
+      }
+      for (size_t i = 0; i < rows.size(); ++i) {
+        T* row = static_cast<T*>(q.logits) + rows[i] * q.logits_row_stride + v0;
+        const float* a = acc.data() + i * kLogitTile;
+        for (int64_t v = 0; v < n; ++v) row[v] = from_float<T>(to_float(row[v]) + a[v]);
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -275,15 +312,30 @@ extern "C" ak_status ak_steer_logits_check_params(const ak_logits_params* q) {
   return ok ? AK_OK : AK_ERROR_INVALID_ARGUMENT;
 }
 
-extern "C" ak_status ak_steer_logits_rows_cpu(const ak_logits_params* q, int64_t row_begin,
-                                              int64_t row_end) {
+extern "C" ak_status ak_steer_logits_solve_cpu(const ak_logits_params* q, int64_t row_begin,
+                                               int64_t row_end, float* coef, uint8_t* moved) {
   const ak_status st = ak_steer_logits_check_params(q);
   if (st != AK_OK) return st;
-  if (row_begin < 0 || row_end > q->rows || row_begin > row_end) return AK_ERROR_INVALID_ARGUMENT;
+  if (row_begin < 0 || row_end > q->rows || row_begin > row_end || !coef || !moved)
+    return AK_ERROR_INVALID_ARGUMENT;
   switch (q->dtype) {
-    case AK_FLOAT32: return steer_logits_rows<float>(*q, row_begin, row_end);
-    case AK_FLOAT16: return steer_logits_rows<anchor_kernels::half_bits>(*q, row_begin, row_end);
-    case AK_BFLOAT16: return steer_logits_rows<anchor_kernels::bfloat16_bits>(*q, row_begin, row_end);
+    case AK_FLOAT32: return solve_logit_rows<float>(*q, row_begin, row_end, coef, moved);
+    case AK_FLOAT16: return solve_logit_rows<anchor_kernels::half_bits>(*q, row_begin, row_end, coef, moved);
+    case AK_BFLOAT16: return solve_logit_rows<anchor_kernels::bfloat16_bits>(*q, row_begin, row_end, coef, moved);
+  }
+  return AK_ERROR_INVALID_ARGUMENT;
+}
+
+extern "C" ak_status ak_steer_logits_apply_cpu(const ak_logits_params* q, const float* coef,
+                                               const uint8_t* moved, int64_t v_begin, int64_t v_end) {
+  const ak_status st = ak_steer_logits_check_params(q);
+  if (st != AK_OK) return st;
+  if (v_begin < 0 || v_end > q->vocab || v_begin > v_end || !coef || !moved)
+    return AK_ERROR_INVALID_ARGUMENT;
+  switch (q->dtype) {
+    case AK_FLOAT32: apply_logit_rows<float>(*q, coef, moved, v_begin, v_end); return AK_OK;
+    case AK_FLOAT16: apply_logit_rows<anchor_kernels::half_bits>(*q, coef, moved, v_begin, v_end); return AK_OK;
+    case AK_BFLOAT16: apply_logit_rows<anchor_kernels::bfloat16_bits>(*q, coef, moved, v_begin, v_end); return AK_OK;
   }
   return AK_ERROR_INVALID_ARGUMENT;
 }
