@@ -178,7 +178,18 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
         from .triton_steer import steer_hidden_triton as op
     else:
         op = torch.ops.anchor_kernels.steer_hidden
-    out = op(h2, weight, bias, *prepared.tensors, rows, eta, config.steps, config.objective,
-             float(config.reg), float(config.temperature), config.margin_value,
-             config.max_norm_value, config.relative_step)
+    args = (h2, weight, bias, *prepared.tensors, rows, eta, config.steps, config.objective,
+            float(config.reg), float(config.temperature), config.margin_value,
+            config.max_norm_value, config.relative_step)
+    if _needs_autograd(hidden, weight, bias):
+        out = op(*args)
+    else:  # decoding: skip the Python autograd wrapper the op would enter only to step past it
+        with torch._C._AutoDispatchBelowAutograd():
+            out = op(*args)
     return out.reshape(hidden.shape)
+
+
+def _needs_autograd(*tensors) -> bool:
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return torch.compiler.is_compiling()
+    return any(t is not None and t.requires_grad for t in tensors)
