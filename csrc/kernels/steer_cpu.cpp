@@ -176,6 +176,45 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
     for (int64_t i = 0; i < K; ++i) rows[i] = buf.data() + i * d;
   };
 
+  // objective = "mean" is rank one (METHOD.md): s = w is constant, so c_k = a_k w and the edit
+  // is a_T u with u = W_A^T w, gamma = w^T Gm w and w.b_A computed once per set per call. A row
+  // then costs one dot and one axpy over d instead of K of each, and a scalar loop.
+  std::vector<std::vector<float>> u_of_set(p.num_sets);
+  std::vector<float> gamma_of_set(p.num_sets), wb_of_set(p.num_sets);
+  auto mean_coefficient = [&](int64_t set, const float* w, const int64_t* ids, const float* h0,
+                              float h0_norm, float eta) -> float {
+    std::vector<float>& u = u_of_set[set];
+    if (u.empty()) {
+      u.assign(d, 0.f);
+      const float* gram = p.gram + set * K * K;
+      float gamma = 0.f, wb = 0.f;
+      for (int64_t i = 0; i < K; ++i) {
+        if (w[i] == 0.f) continue;
+        axpy(w[i], rows[i], u.data(), d);
+        gamma += w[i] * dot(gram + i * K, w, K);
+        if (bias) wb += w[i] * to_float(bias[ids[i]]);
+      }
+      gamma_of_set[set] = gamma;
+      wb_of_set[set] = wb;
+    }
+    const float gamma = gamma_of_set[set];
+    const float gap0 = dot(u.data(), h0, d) + wb_of_set[set];
+    if (p.relative_step) {  // ||grad G|| = ||u|| = sqrt(gamma)
+      eta = gamma > 0.f && std::isfinite(gamma) ? eta * h0_norm / std::sqrt(gamma) : 0.f;
+      if (!(std::isfinite(eta) && eta > 0.f)) return 0.f;
+    }
+    const bool trust = std::isfinite(p.max_norm);
+    const float limit = p.max_norm * h0_norm;
+    float a = 0.f;
+    for (int64_t t = 0; t < p.steps; ++t) {
+      const float gap = gap0 + a * gamma;
+      if (!(std::isfinite(gap) && gap < p.margin)) continue;
+      a += eta * (1.f - p.reg * a);
+      if (trust && a * a * gamma > limit * limit) a *= limit / std::sqrt(a * a * gamma);
+    }
+    return a;
+  };
+
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* h_in = static_cast<const T*>(p.hidden) + r * p.hidden_row_stride;
     T* h_out = static_cast<T*>(p.out) + r * p.out_row_stride;
@@ -194,6 +233,16 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
 
     for (int64_t j = 0; j < d; ++j) h[j] = to_float(h_in[j]);
     const float h0_norm = std::sqrt(dot(h.data(), h.data(), d));
+    if (p.objective == AK_OBJECTIVE_MEAN) {
+      const float a = mean_coefficient(set, w, ids, h.data(), h0_norm, eta);
+      if (a == 0.f) {
+        std::memcpy(h_out, h_in, d * sizeof(T));
+        continue;
+      }
+      const float* u = u_of_set[set].data();
+      for (int64_t j = 0; j < d; ++j) h_out[j] = from_float<T>(h[j] + a * u[j]);
+      continue;
+    }
     for (int64_t i = 0; i < K; ++i) {
       log_w[i] = w[i] == 0.f ? 0.f : std::log(std::fabs(w[i]));
       z0[i] = w[i] == 0.f ? 0.f : dot(rows[i], h.data(), d);
