@@ -96,13 +96,7 @@ void steer_logits_cpu(const at::Tensor& logits, const at::Tensor& mixing,
   q.row_sets = rs.data_ptr<int64_t>();
   q.step_size = eta.data_ptr<float>();
   q.hidden_norm = norm.defined() ? norm.data_ptr<float>() : nullptr;
-  q.steps = steps;
-  q.relative_step = relative_step ? 1 : 0;
-  q.objective = obj == "lse" ? AK_OBJECTIVE_LSE : AK_OBJECTIVE_MEAN;
-  q.reg = static_cast<float>(reg);
-  q.temperature = static_cast<float>(temperature);
-  q.margin = static_cast<float>(margin);
-  q.max_norm = static_cast<float>(max_norm);
+  set_loop_fields(q, steps, obj, reg, temperature, margin, max_norm, relative_step);
   TORCH_CHECK(ak_steer_logits_check_params(&q) == AK_OK, "steer_logits: invalid arguments");
   std::atomic<int> status{AK_OK};
   std::vector<float> coef(q.rows * K);

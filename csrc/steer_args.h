@@ -82,6 +82,19 @@ inline void check_bank(const at::Tensor& anchor_ids, const at::Tensor& anchor_we
               " entries but there are ", rows, " rows");
 }
 
+// The K-space loop's fields, shared by ak_steer_params and ak_logits_params.
+template <typename Params>
+void set_loop_fields(Params& p, int64_t steps, const std::string& objective, double reg,
+                     double temperature, double margin, double max_norm, bool relative_step) {
+  p.steps = steps;
+  p.relative_step = relative_step ? 1 : 0;
+  p.objective = objective == "lse" ? AK_OBJECTIVE_LSE : AK_OBJECTIVE_MEAN;
+  p.reg = static_cast<float>(reg);
+  p.temperature = static_cast<float>(temperature);
+  p.margin = static_cast<float>(margin);
+  p.max_norm = static_cast<float>(max_norm);
+}
+
 inline at::Tensor unit_stride_rows(const at::Tensor& t) {
   return t.stride(-1) == 1 && t.stride(0) >= 0 ? t : t.contiguous();
 }
@@ -139,13 +152,7 @@ inline SteerCall make_steer_call(const at::Tensor& hidden, const at::Tensor& wei
   p.set_size = K;
   p.row_sets = call.row_sets.data_ptr<int64_t>();
   p.step_size = call.step_size.data_ptr<float>();
-  p.steps = steps;
-  p.relative_step = relative_step ? 1 : 0;
-  p.objective = objective == "lse" ? AK_OBJECTIVE_LSE : AK_OBJECTIVE_MEAN;
-  p.reg = static_cast<float>(reg);
-  p.temperature = static_cast<float>(temperature);
-  p.margin = static_cast<float>(margin);
-  p.max_norm = static_cast<float>(max_norm);
+  set_loop_fields(p, steps, objective, reg, temperature, margin, max_norm, relative_step);
   p.out = call.out.data_ptr();
   p.out_row_stride = call.out.stride(0);
   return call;
