@@ -60,8 +60,6 @@ def _set_weights(weights, n: int, name: str) -> tuple[float, ...]:
     scaled = [w / top for w in weights]
     total = math.fsum(scaled)
     out = tuple(w / total for w in scaled)
-    if not all(w > 0 for w in out):
-        raise ValueError(f"{name} span too wide a range: normalised, some are 0 in float64 ({weights})")
     # The kernels hold weights in fp32, and log(w) must stay finite there.
     if min(out) < 1e-30:
         raise ValueError(f"{name}: the smallest normalised weight {min(out):.3g} is below 1e-30, "

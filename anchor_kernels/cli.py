@@ -78,6 +78,11 @@ def _prompts(args) -> dict[str, list[str]]:
     return generation.load_prompts(args.prompts if getattr(args, "prompts", None) else generation.DEFAULT_PROMPTS)
 
 
+def _decoding(args) -> dict:
+    """The generate() keywords every run of one command shares."""
+    return dict(max_new_tokens=args.max_new_tokens, seed=args.seed, sample=args.sample, system=args.system)
+
+
 def _config(args, **over) -> SteerConfig:
     values = dict(steps=args.steps, step_size=args.step_size, objective=args.objective, margin=args.margin,
                   max_norm=args.max_norm, relative_step=not args.absolute_step)
@@ -113,7 +118,7 @@ def cmd_generate(args) -> int:
     model, tokenizer, anchors, config = _setup(args)
     prompts = [p for group in _prompts(args).values() for p in group]
     _describe(args, anchors, config)
-    common = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, sample=args.sample, system=args.system)
+    common = _decoding(args)
     plain = generation.generate(model, tokenizer, prompts, **common)
     steered = generation.generate(model, tokenizer, prompts, anchors=anchors, config=config, backend=args.backend,
                                   **common)
@@ -130,7 +135,7 @@ def cmd_gap(args) -> int:
         raise ValueError(f"--csv/--png must be file paths, got a directory: {args.csv if args.csv.is_dir() else args.png}")
     model, tokenizer, anchors, config = _setup(args)
     prompts = [p for group in _prompts(args).values() for p in group]
-    common = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, sample=args.sample, system=args.system)
+    common = _decoding(args)
     runs = {"model": generation.generate(model, tokenizer, prompts, **common)}
     if args.compare:
         other, other_tok = generation.load_model(args.compare)

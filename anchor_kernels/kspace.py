@@ -30,16 +30,20 @@ def _gap_and_grad(z: torch.Tensor, w: torch.Tensor, config: SteerConfig):
     return tau * (lse_p - lse_n).squeeze(-1), grad
 
 
+def require_hidden_norm(config: SteerConfig, hidden_norm) -> None:
+    """The trust region and the relative step need ||h0||, which logits alone do not carry."""
+    if hidden_norm is None and (config.max_norm is not None or config.relative_step):
+        raise ValueError("max_norm (the trust region) and relative_step need ||h0||, which logits do not "
+                         "carry: pass hidden_norm, or steer the hidden state instead")
+
+
 def kspace_loop(z0: torch.Tensor, w: torch.Tensor, gram_times: Callable[[torch.Tensor], torch.Tensor],
                 eta: torch.Tensor, valid: torch.Tensor, config: SteerConfig,
                 hidden_norm: torch.Tensor | None) -> torch.Tensor:
     """c_T for rows with anchor logits ``z0 [B, K]``, signed weights ``w [B, K]``, per-row
     ``eta [B]`` and ``gram_times(c) = Gm c`` per row. Rows where ``valid`` is False get c = 0.
     ``hidden_norm`` (= ||h0||) is needed by the trust region and by ``relative_step``."""
-    needs_norm = config.max_norm is not None or config.relative_step
-    if needs_norm and hidden_norm is None:
-        raise ValueError("max_norm (the trust region) and relative_step need ||h0||, which logits do not "
-                         "carry: pass hidden_norm, or steer the hidden state instead")
+    require_hidden_norm(config, hidden_norm)
     eta = eta[:, None]
     if config.relative_step:
         _, s0 = _gap_and_grad(z0, w, config)

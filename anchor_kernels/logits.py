@@ -10,7 +10,7 @@ import torch
 from . import native
 from .anchors import PreparedAnchors, prepare_anchors
 from .config import SteerConfig
-from .kspace import solve_coefficients
+from .kspace import require_hidden_norm, solve_coefficients
 from .steer import _host_values, _per_row, _row_sets, _step_size
 
 # Rows of W converted to fp32 at a time while M is built: bounds the transient copy.
@@ -38,18 +38,17 @@ class LogitSteerer:
         # The bias cancels in W h' + b - (W h0 + b); it is accepted for symmetry with steer_hidden.
         self.prepared: PreparedAnchors = prepare_anchors(weight, anchors)
         self.vocab = weight.shape[0]
-        w = weight
         # M^T per set: [S, K, V] fp32 (the op adds K rows of it to a logit row), built a chunk of
         # W at a time (no fp32 copy of the head).
         # Padding columns are zero; where, not a product, so they never read a real row.
         live = (self.prepared.anchor_weights != 0).unsqueeze(-1)
         S, K = self.prepared.anchor_ids.shape
-        self.mixing = torch.empty(S, K, self.vocab, dtype=torch.float32, device=w.device)
-        chunk = max(1, MIXING_CHUNK_BYTES // (4 * w.shape[1]))
+        self.mixing = torch.empty(S, K, self.vocab, dtype=torch.float32, device=weight.device)
+        chunk = max(1, MIXING_CHUNK_BYTES // (4 * weight.shape[1]))
         with torch.no_grad():
-            rows = torch.where(live, w[self.prepared.anchor_ids].float(), 0.0)
+            rows = torch.where(live, weight[self.prepared.anchor_ids].float(), 0.0)
             for v0 in range(0, self.vocab, chunk):
-                self.mixing[:, :, v0: v0 + chunk] = torch.einsum("vd,skd->skv", w[v0: v0 + chunk].float(), rows)
+                self.mixing[:, :, v0: v0 + chunk] = torch.einsum("vd,skd->skv", weight[v0: v0 + chunk].float(), rows)
 
     @property
     def num_sets(self) -> int:
@@ -83,9 +82,7 @@ class LogitSteerer:
             if _host_values(norm) and not bool((torch.isfinite(norm) & (norm >= 0)).all()):
                 raise ValueError("hidden_norm entries must be finite and >= 0 (they are ||h0||)")
             norm = norm.to(logits.device)
-        elif self.config.max_norm is not None or self.config.relative_step:
-            raise ValueError("max_norm (the trust region) and relative_step need ||h0||, which logits do not "
-                             "carry: pass hidden_norm, or steer the hidden state instead")
+        require_hidden_norm(self.config, norm)
         flat = logits.view(-1, self.vocab) if logits.is_contiguous() else logits.reshape(-1, self.vocab).clone()
         c = self.config
         if logits.device.type == "cpu" and native.available():

@@ -28,7 +28,7 @@ def cuda_device_problem(index: int) -> str | None:
     """None if the built CUDA kernels run on GPU ``index``, else why not (e.g. no kernel image
     for its architecture). Asked once per device, then remembered."""
     if index not in _device_problems:
-        _device_problems[index] = _C.cuda_check_device(index) if cuda_built() else "built without CUDA"
+        _device_problems[index] = _C.cuda_check_device(index)
     return _device_problems[index]
 
 

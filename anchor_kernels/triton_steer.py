@@ -1,9 +1,10 @@
 """Triton backend: the whole steering edit in one launch, registered as a torch op.
 
-Grid = row tiles x anchor sets, flattened to one axis (no 65,535 limit on either). Program (t, s) serves the rows of tile t whose set is s, so
-``tl.dot`` sees one W_A per program while a mixed bank is still a single launch; rows of
-other sets cost it one masked load of row_sets, and a tile with no row of set s does nothing
-more. Program (t, 0) also copies the rows that no set claims (row_sets = -1 or out of range). Limits: K <= MAX_SET_SIZE; any d (tiled by BLOCK_D).
+Grid = row tiles x anchor sets, flattened to one axis (no 65,535 limit on either). Program
+(t, s) serves the rows of tile t whose set is s, so ``tl.dot`` sees one W_A per program while
+a mixed bank is still a single launch; rows of other sets cost it one masked load of row_sets,
+and a tile with no row of set s does nothing more. Program (t, 0) also copies the rows that no
+set claims (row_sets = -1 or out of range). Limits: K <= MAX_SET_SIZE; any d (tiled by BLOCK_D).
 Up to IN_REGISTER_SET_SIZE the fp32 Gram of a set stays in the program for all steps; past it,
 each step computes Gm c in chunks of GRAM_CHUNK columns through a per-row fp32 scratch of c.
 """

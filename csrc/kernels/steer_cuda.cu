@@ -326,18 +326,20 @@ ak_status cuda_failed(cudaError_t err) {
              : AK_ERROR_CUDA;
 }
 
-// Per device: the opt-in shared memory limit, and whether each kernel's dynamic limit was
-// raised to it. Raised once, to the maximum, so it is never lowered under a captured graph,
-// and under a lock so that host threads do not race on it.
+// Per device: the opt-in shared memory limit, and per kernel its static shared memory and
+// whether its dynamic limit was raised. Queried once (not on every launch); the limit is raised
+// once, to the maximum, so it is never lowered under a captured graph, and under a lock so that
+// host threads do not race on it.
 struct DeviceState {
   int smem_optin = -1;
+  int static_smem[3] = {-1, -1, -1};
   bool raised[3] = {false, false, false};
 };
 std::mutex device_mutex;
 DeviceState device_state[kMaxDevices];
 
 template <typename T>
-ak_status prepare_device(int device, int dtype_index, size_t smem, int* smem_optin) {
+ak_status prepare_device(int device, int dtype_index, size_t smem) {
   std::lock_guard<std::mutex> lock(device_mutex);
   DeviceState& st = device_state[device];
   if (st.smem_optin < 0) {
@@ -345,14 +347,17 @@ ak_status prepare_device(int device, int dtype_index, size_t smem, int* smem_opt
         cudaDeviceGetAttribute(&st.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
     if (err != cudaSuccess) return cuda_failed(err);
   }
-  *smem_optin = st.smem_optin;
-  cudaFuncAttributes attr;
-  cudaError_t err = cudaFuncGetAttributes(&attr, steer_kernel<T>);
-  if (err != cudaSuccess) return cuda_failed(err);
-  if (smem + attr.sharedSizeBytes > static_cast<size_t>(st.smem_optin)) return AK_ERROR_UNSUPPORTED;
+  if (st.static_smem[dtype_index] < 0) {
+    cudaFuncAttributes attr;
+    const cudaError_t err = cudaFuncGetAttributes(&attr, steer_kernel<T>);
+    if (err != cudaSuccess) return cuda_failed(err);
+    st.static_smem[dtype_index] = static_cast<int>(attr.sharedSizeBytes);
+  }
+  const int dynamic_max = st.smem_optin - st.static_smem[dtype_index];
+  if (smem > static_cast<size_t>(dynamic_max)) return AK_ERROR_UNSUPPORTED;
   if (smem > 48 * 1024 && !st.raised[dtype_index]) {
-    err = cudaFuncSetAttribute(steer_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               st.smem_optin - static_cast<int>(attr.sharedSizeBytes));
+    const cudaError_t err = cudaFuncSetAttribute(
+        steer_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_max);
     if (err != cudaSuccess) return cuda_failed(err);
     st.raised[dtype_index] = true;
   }
@@ -373,8 +378,7 @@ ak_status launch(const ak_steer_params& p, cudaStream_t stream, int dtype_index)
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return cuda_failed(err);
   if (device >= kMaxDevices) return AK_ERROR_UNSUPPORTED;
-  int smem_optin = 0;
-  const ak_status st = prepare_device<T>(device, dtype_index, smem, &smem_optin);
+  const ak_status st = prepare_device<T>(device, dtype_index, smem);
   if (st != AK_OK) return st;
   // cudaLaunchKernelEx reports this launch's own configuration error; <<<>>> plus
   // cudaPeekAtLastError would also blame it for earlier, unrelated errors.
