@@ -65,6 +65,10 @@ setup(
     install_requires=["torch>=2.4", "packaging"],
     extras_require={"triton": ["triton>=3.0"]},
     ext_modules=[extension()],
-    entry_points={"console_scripts": ["anchor-kernels=anchor_kernels.cli:main"]},
+    entry_points={
+        "console_scripts": ["anchor-kernels=anchor_kernels.cli:main"],
+        # vLLM loads every processor in this group by itself (both of its processor interfaces).
+        "vllm.logits_processors": ["anchor_steering=anchor_kernels.integrations.vllm:AnchorSteering"],
+    },
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

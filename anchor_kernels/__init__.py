@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name == "hf":  # imported on first use: transformers is optional
-        import importlib
+        from .integrations import hf
 
-        return importlib.import_module(".hf", __name__)
+        return hf
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

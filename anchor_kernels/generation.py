@@ -107,7 +107,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, seed: in
 
     from transformers import LogitsProcessorList
 
-    from . import hf
+    from .integrations import hf
 
     texts = prompt_texts(tokenizer, prompts, system, chat)
     templated = texts != prompts

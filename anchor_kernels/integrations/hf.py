@@ -26,10 +26,10 @@ import contextvars
 
 import torch
 
-from .anchors import prepare_anchors
-from .config import SteerConfig
-from .logits import LogitSteerer
-from .steer import steer_hidden
+from ..anchors import prepare_anchors
+from ..config import SteerConfig
+from ..logits import LogitSteerer
+from ..steer import steer_hidden
 
 # The steer() blocks active in this context: the hooks only act for their own block.
 _ACTIVE: contextvars.ContextVar[frozenset] = contextvars.ContextVar("anchor_kernels_hf_steer",

@@ -1,0 +1,222 @@
+"""What the server adapters (vLLM, SGLang) share: named anchor sets configured once per server,
+the per-request arguments that pick one, and the LM head read from the checkpoint.
+
+A server's steering is a JSON file named by ``$ANCHOR_KERNELS_SERVING_CONFIG``::
+
+    {
+      "form": "logits",                       # or "hidden" (vLLM: the exact hidden-state edit)
+      "config": {"steps": 10, "step_size": 0.05, "relative_step": false},   # SteerConfig fields
+      "sets": {
+        "harmless": {"lexicon": "harmless"},                               # a shipped lexicon
+        "polite":   {"positive": ["kind", "polite"], "negative": ["rude"]},  # words
+        "raw":      {"positive_ids": [101, 102], "negative_ids": [7]}        # token ids
+      }
+    }
+
+Without the variable every shipped lexicon is a set (``anchor_kernels.lexicons.names()``) with
+``DEFAULT_CONFIG``. A request names a set and, optionally, its own step size; a request that names
+nothing is not touched::
+
+    {"anchor_set": "harmless", "anchor_step_size": 0.08}
+
+The logit form sees logits only, so it cannot use ``relative_step`` or ``max_norm`` (both need
+``||h0||``); such a config is refused when it is loaded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, NamedTuple
+
+CONFIG_ENV = "ANCHOR_KERNELS_SERVING_CONFIG"
+FORMS = ("logits", "hidden")
+SET_KEY, STEP_KEY = "anchor_set", "anchor_step_size"
+# The literal step (relative_step=False) that moves SmolLM2-135M's hidden state by about the same
+# 0.3% of ||h0|| per step as the library default (relative 0.003): see README "Steering in engines".
+DEFAULT_LOGIT_STEP = 0.05
+
+
+class RequestSteering(NamedTuple):
+    set_index: int
+    step_size: float
+
+
+def _config_from_dict(values: Mapping, form: str):
+    from ..config import SteerConfig
+
+    if not isinstance(values, Mapping):
+        raise TypeError(f"'config' must be an object of SteerConfig fields, got {type(values).__name__}")
+    fields = set(SteerConfig.__dataclass_fields__)
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"'config' has unknown fields {unknown}; SteerConfig has {sorted(fields)}")
+    defaults = {} if form == "hidden" else {"relative_step": False, "step_size": DEFAULT_LOGIT_STEP}
+    config = SteerConfig(**{**defaults, **values})
+    if form == "logits" and (config.relative_step or config.max_norm is not None):
+        raise ValueError("the logit form cannot use relative_step or max_norm (they need ||h0||, which "
+                         "logits do not carry): set them off, or use \"form\": \"hidden\"")
+    return config
+
+
+def _check_set_spec(name: str, spec) -> dict:
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"set {name!r} must be an object, got {type(spec).__name__}")
+    kinds = [k for k in (("lexicon",), ("positive", "negative"), ("positive_ids", "negative_ids"))
+             if any(key in spec for key in k)]
+    if len(kinds) != 1 or set(spec) != set(kinds[0]):
+        raise ValueError(f"set {name!r} must have exactly one of: 'lexicon'; 'positive' and 'negative' "
+                         f"(words); 'positive_ids' and 'negative_ids'; got keys {sorted(spec)}")
+    if "lexicon" in spec:
+        from .. import lexicons
+
+        if spec["lexicon"] not in lexicons.names():
+            raise ValueError(f"set {name!r}: unknown lexicon {spec['lexicon']!r}; shipped: {lexicons.names()}")
+    return dict(spec)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Named anchor sets, the SteerConfig they share, and the form (``"logits"``/``"hidden"``)."""
+
+    sets: dict
+    config: object  # SteerConfig
+    form: str = "logits"
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "ServingConfig":
+        if not isinstance(data, Mapping):
+            raise TypeError(f"the serving config must be a JSON object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {"form", "config", "sets"})
+        if unknown:
+            raise ValueError(f"the serving config has unknown keys {unknown}; expected form, config, sets")
+        form = data.get("form", "logits")
+        if form not in FORMS:
+            raise ValueError(f"'form' must be one of {FORMS}, got {form!r}")
+        sets = data.get("sets")
+        if not isinstance(sets, Mapping) or not sets:
+            raise ValueError("'sets' must be a non-empty object: set name -> set")
+        checked = {}
+        for name, spec in sets.items():
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"set names must be non-empty strings, got {name!r}")
+            checked[name] = _check_set_spec(name, spec)
+        return cls(checked, _config_from_dict(data.get("config", {}), form), form)
+
+    @classmethod
+    def from_file(cls, path) -> "ServingConfig":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read the serving config {path}: {e}") from e
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    @classmethod
+    def default(cls) -> "ServingConfig":
+        from .. import lexicons
+
+        return cls.from_dict({"sets": {name: {"lexicon": name} for name in lexicons.names()}})
+
+    @classmethod
+    def from_env(cls) -> "ServingConfig":
+        """The server's config: ``$ANCHOR_KERNELS_SERVING_CONFIG``, else ``default()``. Read
+        again when the file changes (processes of one server all see the same file)."""
+        path = os.environ.get(CONFIG_ENV)
+        if not path:
+            return _cached(None, 0.0)
+        try:
+            mtime = os.stat(path).st_mtime
+        except OSError as e:
+            raise ValueError(f"${CONFIG_ENV} names {path!r}, which cannot be read: {e}") from e
+        return _cached(path, mtime)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.sets)
+
+    def request(self, args) -> RequestSteering | None:
+        """Parses a request's arguments (vLLM ``extra_args``, SGLang ``custom_params``): None if
+        it asks for no steering; ValueError naming the argument if it asks wrongly."""
+        if args is None:
+            return None
+        if not isinstance(args, Mapping):
+            raise ValueError(f"request arguments must be an object, got {type(args).__name__}")
+        unknown = sorted(k for k in args if isinstance(k, str) and k.startswith("anchor_")
+                         and k not in (SET_KEY, STEP_KEY))
+        if unknown:
+            raise ValueError(f"unknown steering argument(s) {unknown}; expected {SET_KEY!r} and "
+                             f"optionally {STEP_KEY!r}")
+        if SET_KEY not in args:
+            if STEP_KEY in args:
+                raise ValueError(f"{STEP_KEY!r} needs {SET_KEY!r} (one of {list(self.names)})")
+            return None
+        name = args[SET_KEY]
+        if name not in self.sets:
+            raise ValueError(f"{SET_KEY!r} = {name!r} is not a configured anchor set; "
+                             f"configured: {list(self.names)}")
+        step = args.get(STEP_KEY, self.config.step_size)
+        if isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(step) \
+                or not 0 <= step <= 3.4e38:
+            raise ValueError(f"{STEP_KEY!r} must be a finite number >= 0, got {step!r}")
+        return RequestSteering(self.names.index(name), float(step))
+
+    def bank(self, tokenizer):
+        """The configured sets as one AnchorBank (set i = ``names[i]``), words resolved with the
+        model's tokenizer."""
+        from ..anchors import AnchorBank, AnchorSet
+
+        sets = []
+        for name, spec in self.sets.items():
+            try:
+                if "lexicon" in spec:
+                    sets.append(AnchorSet.from_lexicon(tokenizer, spec["lexicon"]))
+                elif "positive" in spec:
+                    sets.append(AnchorSet.from_words(tokenizer, spec["positive"], spec["negative"]))
+                else:
+                    sets.append(AnchorSet(spec["positive_ids"], spec["negative_ids"]))
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"anchor set {name!r}: {e}") from e
+        return AnchorBank(sets)
+
+
+_CACHE: dict = {}
+
+
+def _cached(path, mtime) -> ServingConfig:
+    key = (path, mtime)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = ServingConfig.default() if path is None else ServingConfig.from_file(path)
+    return _CACHE[key]
+
+
+def read_lm_head(model_dir):
+    """The ``[V, d]`` LM-head weight of a safetensors checkpoint folder, in its stored dtype (no
+    fp32 copy): ``lm_head.weight``, or the input embedding of a model with tied embeddings."""
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        where = json.loads(index.read_text())["weight_map"]
+    else:
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{model_dir} has no .safetensors checkpoint to read the LM head from")
+        where = {}
+        for f in files:
+            with safe_open(f, "pt") as st:
+                where.update(dict.fromkeys(st.keys(), f.name))
+    for name in ("lm_head.weight", "model.embed_tokens.weight", "embed_tokens.weight",
+                 "transformer.wte.weight"):
+        if name in where:
+            with safe_open(model_dir / where[name], "pt") as st:
+                return st.get_tensor(name)
+    raise ValueError(f"{model_dir}: no LM head (lm_head.weight) or tied input embedding found")
