@@ -100,7 +100,8 @@ class RowTable:
         self._dirty = False
 
 
-# The hidden-form processor of this (worker) process, for the logits layer to consult.
+# The hidden-form processor of the engine being built in this (worker) process: the logits layer
+# binds to it when the model is built, right after the processors.
 _HIDDEN: weakref.ReferenceType | None = None
 # Live processors, so a second instance for the same engine (entry point + --logits-processors)
 # stays inert instead of steering twice.
@@ -139,8 +140,11 @@ class AnchorSteering(_V1, _V2):
         self._prepared = None
         self._layer_calls = 0
         self._checked_calls = 0
-        if self.serving.form == "hidden" and not self.inert:
-            self._install_hidden_form()
+        if not self.inert:
+            global _HIDDEN
+            _HIDDEN = None
+            if self.serving.form == "hidden":
+                self._install_hidden_form()
 
     # ---- shared
     def _bank(self):
@@ -260,8 +264,12 @@ def register_steered_logits_layer() -> None:
     class SteeredLogitsLayer(Layer):
         anchor_kernels = True
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.anchor_processor = _HIDDEN
+
         def forward(self, lm_head, hidden_states, embedding_bias=None, skip_gather=False):
-            proc = _HIDDEN() if _HIDDEN is not None else None
+            proc = self.anchor_processor() if self.anchor_processor is not None else None
             if proc is not None and not self.logits_as_input:
                 hidden_states = proc.steer_hidden_rows(hidden_states, lm_head.weight, embedding_bias)
             return super().forward(lm_head, hidden_states, embedding_bias, skip_gather)
