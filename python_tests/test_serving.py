@@ -1,0 +1,117 @@
+"""The server adapters' shared config: named sets, per-request arguments, the LM head read
+from a checkpoint (no engine needed)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import anchor_kernels as ak
+from anchor_kernels import generation
+from anchor_kernels.integrations import serving
+from anchor_kernels.integrations.serving import ServingConfig
+
+SETS = {"sunny": {"positive": ["love", "good"], "negative": ["hate", "war"]},
+        "ids": {"positive_ids": [5, 9], "negative_ids": [23]},
+        "harmless": {"lexicon": "harmless"}}
+
+
+def test_default_is_every_shipped_lexicon_in_the_logit_form(monkeypatch):
+    monkeypatch.delenv(serving.CONFIG_ENV, raising=False)
+    cfg = ServingConfig.from_env()
+    assert cfg.names == tuple(ak.lexicons.names()) and cfg.form == "logits"
+    assert not cfg.config.relative_step and cfg.config.step_size == serving.DEFAULT_LOGIT_STEP
+
+
+def test_from_env_reads_the_file_and_rereads_it_when_it_changes(tmp_path, monkeypatch):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"sets": SETS, "config": {"steps": 3}}))
+    monkeypatch.setenv(serving.CONFIG_ENV, str(path))
+    assert ServingConfig.from_env().config.steps == 3
+    path.write_text(json.dumps({"sets": {"ids": SETS["ids"]}, "form": "hidden"}))
+    import os
+    os.utime(path, (1, 1))
+    cfg = ServingConfig.from_env()
+    assert cfg.names == ("ids",) and cfg.form == "hidden" and cfg.config.relative_step
+    monkeypatch.setenv(serving.CONFIG_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(ValueError, match="cannot be read"):
+        ServingConfig.from_env()
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json"):
+        ServingConfig.from_file(bad)
+
+
+@pytest.mark.parametrize("data, match", [
+    ([], "JSON object"),
+    ({"sets": SETS, "extra": 1}, "unknown keys"),
+    ({"sets": {}}, "non-empty"),
+    ({"sets": SETS, "form": "both"}, "'form'"),
+    ({"sets": {"a": {"lexicon": "nope"}}}, "unknown lexicon"),
+    ({"sets": {"a": {"positive": ["x"]}}}, "exactly one of"),
+    ({"sets": {"a": {"lexicon": "harmless", "positive": ["x"]}}}, "exactly one of"),
+    ({"sets": {"a": ["x"]}}, "must be an object"),
+    ({"sets": SETS, "config": {"stepz": 1}}, "unknown fields"),
+    ({"sets": SETS, "config": {"steps": -1}}, "steps"),
+    ({"sets": SETS, "config": {"relative_step": True}}, "logit form cannot"),
+    ({"sets": SETS, "config": {"max_norm": 0.1}}, "logit form cannot"),
+])
+def test_bad_configs_are_refused_with_the_reason(data, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        ServingConfig.from_dict(data)
+
+
+def test_request_arguments():
+    cfg = ServingConfig.from_dict({"sets": SETS})
+    assert cfg.request(None) is None and cfg.request({}) is None and cfg.request({"seed_x": 1}) is None
+    assert cfg.request({"anchor_set": "ids"}) == (1, serving.DEFAULT_LOGIT_STEP)
+    assert cfg.request({"anchor_set": "harmless", "anchor_step_size": 0}) == (2, 0.0)
+    for args, match in [({"anchor_set": "x"}, "not a configured"), ({"anchor_set": 3}, "not a configured"),
+                        ({"anchor_set": "ids", "anchor_step_size": True}, "anchor_step_size"),
+                        ({"anchor_set": "ids", "anchor_step_size": float("inf")}, "anchor_step_size"),
+                        ({"anchor_set": "ids", "anchor_step_size": 1e39}, "anchor_step_size"),
+                        ({"anchor_step_size": 1.0}, "needs"), ({"anchor_steps": 1}, "unknown steering"),
+                        ("harmless", "must be an object")]:
+        with pytest.raises(ValueError, match=match):
+            cfg.request(args)
+
+
+def test_bank_resolves_words_with_the_tokenizer():
+    _, tok = generation.load_model(generation.FORTUNE_MODEL)
+    bank = ServingConfig.from_dict({"sets": SETS}).bank(tok)
+    assert bank.num_sets == 3
+    assert bank.sets[0] == ak.AnchorSet.from_words(tok, ["love", "good"], ["hate", "war"])
+    assert bank.sets[1] == ak.AnchorSet([5, 9], [23])
+    with pytest.raises(ValueError, match="anchor set 'a'"):
+        ServingConfig.from_dict({"sets": {"a": {"positive": ["qqqqzz"], "negative": ["hate"]}}}).bank(tok)
+
+
+def test_read_lm_head_untied_tied_and_sharded(tmp_path):
+    head, emb = torch.randn(7, 3, dtype=torch.bfloat16), torch.randn(7, 3, dtype=torch.bfloat16)
+    untied = tmp_path / "untied"
+    untied.mkdir()
+    save_file({"model.embed_tokens.weight": emb, "lm_head.weight": head}, untied / "model.safetensors")
+    got = serving.read_lm_head(untied)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, head)
+    tied = tmp_path / "tied"
+    tied.mkdir()
+    save_file({"model.embed_tokens.weight": emb}, tied / "model.safetensors")
+    assert torch.equal(serving.read_lm_head(tied), emb)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    save_file({"model.embed_tokens.weight": emb}, sharded / "a.safetensors")
+    save_file({"lm_head.weight": head}, sharded / "b.safetensors")
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.embed_tokens.weight": "a.safetensors", "lm_head.weight": "b.safetensors"}}))
+    assert torch.equal(serving.read_lm_head(sharded), head)
+    assert torch.equal(serving.read_lm_head(generation.FORTUNE_MODEL).float(),
+                       generation.load_model(generation.FORTUNE_MODEL)[0].lm_head.weight)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no .safetensors"):
+        serving.read_lm_head(empty)
+    save_file({"other": emb}, empty / "model.safetensors")
+    with pytest.raises(ValueError, match="no LM head"):
+        serving.read_lm_head(empty)
