@@ -93,6 +93,19 @@ def e2e(path: Path) -> list[str]:
     return lines
 
 
+def vllm(path: Path) -> list[str]:
+    data = json.loads(path.read_text())
+    m = data["meta"]
+    lines = [f"vLLM {m['vllm']} (`{m['command']}`, {m['device']}, {m['cpus']} CPUs, {m['model']}, {m['dtype']}, "
+             f"{data['rows'][0]['tokens']} tokens per request, median of 3, unsteered and steered alternating "
+             "in one engine):", "",
+             "| form | B | unsteered tok/s | steered tok/s | overhead |", "|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['form']} | {r['B']} | {r['unsteered_tok_s']:.0f} | {r['steered_tok_s']:.0f} | "
+                     f"{r['overhead_pct']:+.0f}% |")
+    return lines
+
+
 def sweep(path: Path) -> list[str]:
     data = json.loads(path.read_text())
     m = data["meta"]
@@ -107,6 +120,8 @@ def main():
         sections += provider_suite(path, path.with_suffix(".png")) + [""]
     for path in sorted(RESULTS.glob("e2e-*.json")):
         sections += e2e(path) + [""]
+    for path in sorted(RESULTS.glob("vllm-*.json")):
+        sections += vllm(path) + [""]
     for path in sorted(RESULTS.glob("sweep-*.json")):
         sections += sweep(path) + [""]
     body = "\n".join(sections).rstrip() + "\n"

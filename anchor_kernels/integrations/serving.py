@@ -4,6 +4,7 @@ the per-request arguments that pick one, and the LM head read from the checkpoin
 A server's steering is a JSON file named by ``$ANCHOR_KERNELS_SERVING_CONFIG``::
 
     {
+      "model": "/path/to/checkpoint",          # only for engines that do not say (SGLang)
       "form": "logits",                       # or "hidden" (vLLM: the exact hidden-state edit)
       "config": {"steps": 10, "step_size": 0.05, "relative_step": false},   # SteerConfig fields
       "sets": {
@@ -87,14 +88,18 @@ class ServingConfig:
     sets: dict
     config: object  # SteerConfig
     form: str = "logits"
+    model: str | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "ServingConfig":
         if not isinstance(data, Mapping):
             raise TypeError(f"the serving config must be a JSON object, got {type(data).__name__}")
-        unknown = sorted(set(data) - {"form", "config", "sets"})
+        unknown = sorted(set(data) - {"model", "form", "config", "sets"})
         if unknown:
-            raise ValueError(f"the serving config has unknown keys {unknown}; expected form, config, sets")
+            raise ValueError(f"the serving config has unknown keys {unknown}; expected model, form, config, sets")
+        model = data.get("model")
+        if model is not None and (not isinstance(model, str) or not Path(model).is_dir()):
+            raise ValueError(f"'model' must be a local checkpoint folder, got {model!r}")
         form = data.get("form", "logits")
         if form not in FORMS:
             raise ValueError(f"'form' must be one of {FORMS}, got {form!r}")
@@ -106,7 +111,7 @@ class ServingConfig:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"set names must be non-empty strings, got {name!r}")
             checked[name] = _check_set_spec(name, spec)
-        return cls(checked, _config_from_dict(data.get("config", {}), form), form)
+        return cls(checked, _config_from_dict(data.get("config", {}), form), form, model)
 
     @classmethod
     def from_file(cls, path) -> "ServingConfig":
@@ -170,10 +175,14 @@ class ServingConfig:
         return RequestSteering(self.names.index(name), float(step))
 
     def bank(self, tokenizer):
-        """The configured sets as one AnchorBank (set i = ``names[i]``), words resolved with the
-        model's tokenizer."""
+        """The configured sets as one AnchorBank (set i = ``names[i]``), words resolved with
+        ``tokenizer``: a tokenizer, or a folder to load one from (only if a set has words)."""
         from ..anchors import AnchorBank, AnchorSet
 
+        if isinstance(tokenizer, (str, Path)) and any("positive_ids" not in s for s in self.sets.values()):
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
         sets = []
         for name, spec in self.sets.items():
             try:

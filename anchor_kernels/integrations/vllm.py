@@ -148,11 +148,7 @@ class AnchorSteering(_V1, _V2):
 
     # ---- shared
     def _bank(self):
-        from transformers import AutoTokenizer
-
-        model = self.vllm_config.model_config
-        tokenizer = AutoTokenizer.from_pretrained(model.tokenizer, local_files_only=True)
-        return self.serving.bank(tokenizer)
+        return self.serving.bank(self.vllm_config.model_config.tokenizer)
 
     def _logit_steerer(self):
         if self._steerer is None:

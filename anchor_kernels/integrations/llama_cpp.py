@@ -1,0 +1,98 @@
+"""llama.cpp through llama-cpp-python: anchor steering as a ``logits_processor``.
+
+    from llama_cpp import Llama, LogitsProcessorList
+    from anchor_kernels.integrations.llama_cpp import LlamaCppSteerer
+
+    llm = Llama(model_path=GGUF, n_threads=1, embedding=True)   # embedding=True: see below
+    steer = LlamaCppSteerer.from_gguf(GGUF, "harmless", ak.SteerConfig(), llama=llm)
+    llm.create_completion(prompt, logits_processor=LogitsProcessorList([steer]))
+    llm.create_chat_completion(messages, logits_processor=LogitsProcessorList([steer]))
+
+llama-cpp-python calls the processor first, with ``llama_get_logits_ith(-1)`` (raw logits) as a
+float32 view, which the steerer edits in place (the logit form: + M c). The LM head is the GGUF's
+``output.weight``, or ``token_embd.weight`` for tied models, dequantised once with ``gguf``.
+The relative step and the trust region need ``||h0||``: with ``Llama(..., embedding=True)``
+llama.cpp also returns the final-norm hidden state, and passing that ``llama`` gives the exact
+hidden-state edit (W h' = W h0 + M c). Without it, use ``SteerConfig(relative_step=False)``.
+Quantised heads steer the quantised model's logits; a greedy match with the HF model needs an
+f32 GGUF (quantisation alone changes the unsteered tokens).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..anchors import AnchorBank, AnchorSet
+from ..config import SteerConfig
+from ..logits import LogitSteerer
+
+HEAD_NAMES = ("output.weight", "token_embd.weight")
+
+
+def read_gguf_head(path) -> torch.Tensor:
+    """The ``[V, d]`` LM head of a GGUF file, dequantised to fp32 (llama.cpp's own precision)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
+    for name in HEAD_NAMES:
+        if name in tensors:
+            t = tensors[name]
+            rows = dequantize(np.asarray(t.data), t.tensor_type)
+            d, vocab = (int(x) for x in t.shape[:2])     # GGUF lists dims innermost first
+            return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32).reshape(vocab, d))
+    raise ValueError(f"{path}: no LM head ({' or '.join(HEAD_NAMES)}) in this GGUF file")
+
+
+def gguf_tokenizer(path):
+    """The HF tokenizer stored in a GGUF file (for ``AnchorSet.from_words`` / lexicons)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+class LlamaCppSteerer:
+    """A llama-cpp-python ``logits_processor`` that steers every call (one request per Llama)."""
+
+    def __init__(self, head: torch.Tensor, anchors, config: SteerConfig | None = None, llama=None):
+        self.steerer = LogitSteerer(head, anchors, config)
+        config = self.steerer.config
+        self.llama = llama
+        self.needs_norm = config.relative_step or config.max_norm is not None
+        if llama is not None and not getattr(getattr(llama, "context_params", None), "embeddings", False):
+            raise ValueError("llama must be built with Llama(..., embedding=True): its hidden state gives "
+                             "||h0|| for the relative step and the trust region")
+        if self.needs_norm and llama is None:
+            raise ValueError("relative_step and max_norm need ||h0||: pass llama=Llama(..., embedding=True), "
+                             "or use SteerConfig(relative_step=False) without max_norm")
+        if llama is not None and llama.n_vocab() != head.shape[0]:
+            raise ValueError(f"llama has a vocabulary of {llama.n_vocab()} but the head has {head.shape[0]} rows")
+
+    @classmethod
+    def from_gguf(cls, path, anchors, config: SteerConfig | None = None, llama=None) -> "LlamaCppSteerer":
+        """``anchors``: an AnchorSet/AnchorBank, or the name of a shipped lexicon (resolved with
+        the GGUF's tokenizer)."""
+        if isinstance(anchors, str):
+            anchors = AnchorSet.from_lexicon(gguf_tokenizer(path), anchors)
+        if not isinstance(anchors, (AnchorSet, AnchorBank)):
+            raise TypeError(f"anchors must be an AnchorSet, an AnchorBank or a lexicon name, got {type(anchors).__name__}")
+        return cls(read_gguf_head(path), anchors, config, llama)
+
+    def _hidden_norm(self) -> torch.Tensor:
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_embeddings_ith(self.llama.ctx, -1)
+        if not ptr:
+            raise RuntimeError("llama.cpp returned no hidden state for the last token (embedding=True?)")
+        h = np.ctypeslib.as_array(ptr, shape=(self.llama.n_embd(),))
+        return torch.tensor([float(np.linalg.norm(h.astype(np.float64)))])
+
+    def __call__(self, input_ids, scores):
+        if not isinstance(scores, np.ndarray) or scores.dtype != np.float32 or scores.ndim != 1:
+            raise TypeError("scores must be llama-cpp-python's float32 [n_vocab] logits array")
+        norm = self._hidden_norm() if self.llama is not None else None
+        self.steerer.apply_(torch.from_numpy(scores), hidden_norm=norm)
+        return scores
