@@ -2,7 +2,8 @@
 
     python -m anchor_kernels.aot [--full] [--jobs N] [--json out.json]
 
-Compiles ``_steer_hidden_kernel`` for sm_80 and sm_90a (Triton's own ptxas, no device needed)
+Compiles ``_steer_hidden_kernel`` (and the logit form's ``_solve_logits_kernel`` and
+``_apply_logits_kernel``, every BLOCK_K, all flags on) for sm_80 and sm_90a (Triton's own ptxas, no device needed)
 for every configuration ``triton_steer.launch_config`` can pick, with the launcher's
 specialisation (16-byte aligned pointers, i32 integers), and fails when a kernel's shared
 memory exceeds SHARED_LIMIT (the 99 KiB opt-in limit of sm_86/sm_89, the smallest of the GPUs
@@ -30,6 +31,8 @@ from pathlib import Path
 
 SHARED_LIMIT = 101_376       # bytes: sm_86/sm_89 opt-in maximum (sm_80: 166,912; sm_90: 232,448)
 SPILL_BUDGET = {256: 3072}   # bytes of spill stores per thread, by BLOCK_K; 0 if not listed
+# The logit solve kernel spills a scalar or two at K = 64 whatever the warp count (4 B measured).
+SOLVE_SPILL_SLACK = 64
 TARGETS = ((80, "sm_80"), (90, "sm_90a"))
 DTYPES = ("fp32", "fp16", "bf16")
 SET_SIZES = (16, 32, 64, 128, 256)   # one per BLOCK_K the launcher can pick
@@ -62,6 +65,15 @@ def configurations(full: bool = False):
             yield from once("bf16", K, 4096, {**all_on, flag: False}, (TARGETS[1],))
 
 
+def logit_jobs():
+    """The logit-form kernels (solve per BLOCK_K, apply per logits dtype x BLOCK_K), every flag on,
+    both targets."""
+    for K, (cap, arch) in itertools.product(SET_SIZES, TARGETS):
+        yield ("_solve_logits_kernel", "fp32", K, cap, arch)
+        for dtype in DTYPES:
+            yield ("_apply_logits_kernel", dtype, K, cap, arch)
+
+
 def _ptxas(arch: str) -> str:
     import triton
 
@@ -71,23 +83,12 @@ def _ptxas(arch: str) -> str:
     return str(blackwell if arch != "sm_80" and blackwell.exists() else bin_dir / "ptxas")
 
 
-def compile_one(job):
-    """Compile one configuration for one target; returns its resource report."""
-    dtype, K, dim, flags, capability, arch = job
-    os.environ.pop("TRITON_INTERPRET", None)
-    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stated: no warning
+def _compile(kernel, pointers, cfg, flags, num_warps, capability, arch):
+    """triton.compile + ptxas -v of one specialisation: (shared bytes, registers, spill bytes, s)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import triton_steer
-
-    kernel = triton_steer._steer_hidden_kernel
-    cfg = triton_steer.launch_config(K, dim, dtype == "fp32")
-    num_warps = cfg.pop("num_warps")
-    pointers = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
-                "ids_ptr": "*i64", "aw_ptr": "*fp32", "gram_ptr": "*fp32", "row_sets_ptr": "*i64",
-                "eta_ptr": "*fp32", "out_ptr": f"*{dtype}", "scratch_ptr": "*fp32"}
     floats = ("reg", "tau", "margin", "max_norm")
     signature, constexprs = {}, {}
     for name in kernel.arg_names:
@@ -95,7 +96,7 @@ def compile_one(job):
             signature[name] = pointers[name]
         elif name in floats:
             signature[name] = "fp32"
-        elif name in cfg or name in flags or name == "NATIVE_DOT16":
+        elif name in cfg or name in flags or name in ("NATIVE_DOT16", "HAS_NORM"):
             signature[name] = "constexpr"
             constexprs[name] = cfg.get(name, flags.get(name, True))
         else:
@@ -113,9 +114,57 @@ def compile_one(job):
                              capture_output=True, text=True, check=True).stderr
     spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
     regs = max((int(x) for x in re.findall(r"Used (\d+) registers", log)), default=0)
-    return dict(arch=arch, dtype=dtype, K=K, dim=dim, **flags, BLOCK_K=cfg["BLOCK_K"],
-                BLOCK_D=cfg["BLOCK_D"], num_warps=num_warps, shared=compiled.metadata.shared,
-                registers=regs, spill_bytes=spills, compile_s=round(seconds, 2))
+    return compiled.metadata.shared, regs, spills, round(seconds, 2)
+
+
+def _prepare_env():
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default, stated: no warning
+
+
+def compile_one(job):
+    """Compile one configuration for one target; returns its resource report."""
+    _prepare_env()
+    from . import triton_steer
+
+    if isinstance(job[0], str) and job[0].startswith("_"):
+        return compile_logit_one(job)
+    dtype, K, dim, flags, capability, arch = job
+    cfg = triton_steer.launch_config(K, dim, dtype == "fp32")
+    num_warps = cfg.pop("num_warps")
+    pointers = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
+                "ids_ptr": "*i64", "aw_ptr": "*fp32", "gram_ptr": "*fp32", "row_sets_ptr": "*i64",
+                "eta_ptr": "*fp32", "out_ptr": f"*{dtype}", "scratch_ptr": "*fp32"}
+    shared, regs, spills, seconds = _compile(triton_steer._steer_hidden_kernel, pointers, cfg, flags,
+                                             num_warps, capability, arch)
+    return dict(kernel="hidden", arch=arch, dtype=dtype, K=K, dim=dim, **flags, BLOCK_K=cfg["BLOCK_K"],
+                BLOCK_D=cfg["BLOCK_D"], num_warps=num_warps, shared=shared,
+                registers=regs, spill_bytes=spills, compile_s=seconds)
+
+
+def compile_logit_one(job):
+    """The logit-form kernels with the launcher's configuration (steer_logits_triton_)."""
+    from . import triton_steer
+
+    name, dtype, K, capability, arch = job
+    cfg = triton_steer.launch_config(K, 1, True)
+    flags = dict(LSE=True, TRUST=True, HAS_BIAS=False, RELATIVE=True)
+    if name == "_solve_logits_kernel":
+        num_warps = cfg.pop("num_warps")
+        pointers = {"logits_ptr": f"*{dtype}", "ids_ptr": "*i64", "aw_ptr": "*fp32", "gram_ptr": "*fp32",
+                    "row_sets_ptr": "*i64", "eta_ptr": "*fp32", "norm_ptr": "*fp32", "c_ptr": "*fp32",
+                    "scratch_ptr": "*fp32"}
+        width = 0
+    else:
+        num_warps = 4
+        width = max(32, triton_steer.APPLY_TILE // cfg["BLOCK_K"])
+        cfg = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_V=width)
+        pointers = {"logits_ptr": f"*{dtype}", "mixing_ptr": "*fp32", "c_ptr": "*fp32", "row_sets_ptr": "*i64"}
+    shared, regs, spills, seconds = _compile(getattr(triton_steer, name), pointers, cfg, flags, num_warps,
+                                             capability, arch)
+    return dict(kernel=name, arch=arch, dtype=dtype, K=K, dim=0, **flags, BLOCK_K=cfg["BLOCK_K"],
+                BLOCK_D=width, num_warps=num_warps, shared=shared, registers=regs, spill_bytes=spills,
+                compile_s=seconds)
 
 
 CUDA_ARCHS = ("sm_80", "sm_90a")
@@ -153,11 +202,11 @@ def check_cuda(reports) -> list[str]:
 def check(reports) -> list[str]:
     failures = []
     for r in reports:
-        what = (f"{r['arch']} {r['dtype']} K<={r['BLOCK_K']} BLOCK_D={r['BLOCK_D']} "
+        what = (f"{r['kernel']} {r['arch']} {r['dtype']} K<={r['BLOCK_K']} BLOCK_D/V={r['BLOCK_D']} "
                 f"LSE={r['LSE']} TRUST={r['TRUST']} HAS_BIAS={r['HAS_BIAS']} RELATIVE={r['RELATIVE']}")
         if r["shared"] > SHARED_LIMIT:
             failures.append(f"{what}: {r['shared']} B shared memory > {SHARED_LIMIT}")
-        budget = SPILL_BUDGET.get(r["BLOCK_K"], 0)
+        budget = SPILL_BUDGET.get(r["BLOCK_K"], 0) + (SOLVE_SPILL_SLACK if r["kernel"] == "_solve_logits_kernel" else 0)
         if r["spill_bytes"] > budget:
             failures.append(f"{what}: {r['spill_bytes']} B of register spills > {budget}")
     return failures
@@ -187,18 +236,19 @@ def main(argv=None) -> int:
     jobs = [(dtype, K, dim, flags, cap, arch) for dtype, K, dim, flags, targets in configurations(args.full)
             for cap, arch in targets]
     jobs.sort(key=lambda j: -j[1])  # the slow K = 256 compiles first keep both workers busy
+    jobs += list(logit_jobs())
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         reports = list(pool.map(compile_one, jobs))
     print(f"{len(reports)} compiles in {time.perf_counter() - start:.0f} s")
-    print(f"{'arch':>7} {'dtype':>5} {'BLOCK_K':>7} {'BLOCK_D':>7} {'warps':>5} {'shared B':>9} {'regs':>5} {'spill B':>7}")
+    print(f"{'kernel':>20} {'arch':>7} {'dtype':>5} {'BLOCK_K':>7} {'BLOCK_D':>7} {'warps':>5} {'shared B':>9} {'regs':>5} {'spill B':>7}")
     widest = {}
     for r in reports:  # the heaviest variant of each tile
-        key = (r["arch"], r["dtype"], r["BLOCK_K"], r["BLOCK_D"])
+        key = (r["kernel"], r["arch"], r["dtype"], r["BLOCK_K"], r["BLOCK_D"])
         if key not in widest or (r["shared"], r["registers"]) > (widest[key]["shared"], widest[key]["registers"]):
             widest[key] = r
     for r in widest.values():
-        print(f"{r['arch']:>7} {r['dtype']:>5} {r['BLOCK_K']:>7} {r['BLOCK_D']:>7} {r['num_warps']:>5} "
+        print(f"{r['kernel']:>20} {r['arch']:>7} {r['dtype']:>5} {r['BLOCK_K']:>7} {r['BLOCK_D']:>7} {r['num_warps']:>5} "
               f"{r['shared']:>9} {r['registers']:>5} {r['spill_bytes']:>7}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

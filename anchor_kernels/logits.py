@@ -11,7 +11,11 @@ from . import native
 from .anchors import PreparedAnchors, prepare_anchors
 from .config import SteerConfig
 from .kspace import require_hidden_norm, solve_coefficients
-from .steer import _host_values, _per_row, _row_sets, _step_size
+from .steer import _host_values, _per_row, _row_sets, _step_size, unavailable_reason
+
+# backend="auto" per device type: the fused op where it runs, else the eager form.
+LOGIT_BACKENDS = ("cpu", "triton", "eager")
+LOGIT_AUTO_ORDER = {"cpu": ("cpu", "eager"), "cuda": ("triton", "eager")}
 
 # Rows of W converted to fp32 at a time while M is built: bounds the transient copy.
 MIXING_CHUNK_BYTES = 8 << 20
@@ -27,7 +31,9 @@ class LogitSteerer:
     """
 
     def __init__(self, weight: torch.Tensor, anchors, config: SteerConfig | None = None,
-                 bias: torch.Tensor | None = None):
+                 bias: torch.Tensor | None = None, backend: str = "auto"):
+        """``backend``: "auto" (the fused op for the device: C++ on CPU, Triton on CUDA; the eager
+        form where neither runs), "cpu", "triton" or "eager"."""
         self.config = SteerConfig() if config is None else config
         if not isinstance(self.config, SteerConfig):
             raise TypeError(f"config must be a SteerConfig, got {type(self.config).__name__}")
@@ -37,6 +43,7 @@ class LogitSteerer:
             raise ValueError(f"bias must be a [V] = [{weight.shape[0]}] tensor")
         # The bias cancels in W h' + b - (W h0 + b); it is accepted for symmetry with steer_hidden.
         self.prepared: PreparedAnchors = prepare_anchors(weight, anchors)
+        self.backend = _resolve(backend, weight.device)
         self.vocab = weight.shape[0]
         # M^T per set: [S, K, V] fp32 (the op adds K rows of it to a logit row), built a chunk of
         # W at a time (no fp32 copy of the head).
@@ -63,9 +70,10 @@ class LogitSteerer:
 
     def apply_(self, logits: torch.Tensor, row_sets=None, step_size=None,
                hidden_norm: torch.Tensor | None = None) -> torch.Tensor:
-        """Steers raw ``logits [..., V]`` in place and returns them. On CPU this is the fused op
-        ``anchor_kernels::steer_logits_``: it reads the anchors' logits of each steered row, runs
-        the K-space loop and adds M c to the row; unsteered rows are not touched."""
+        """Steers raw ``logits [..., V]`` in place and returns them. The fused ops
+        (``anchor_kernels::steer_logits_`` in C++, ``steer_logits_triton_`` in Triton) read the
+        anchors' logits of each steered row, run the K-space loop and add M c to the row;
+        unsteered rows are not touched."""
         if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] != self.vocab:
             raise ValueError(f"logits must be [..., V] with V = {self.vocab}, got "
                              f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
@@ -85,11 +93,14 @@ class LogitSteerer:
         require_hidden_norm(self.config, norm)
         flat = logits.view(-1, self.vocab) if logits.is_contiguous() else logits.reshape(-1, self.vocab).clone()
         c = self.config
-        if logits.device.type == "cpu" and native.available():
-            torch.ops.anchor_kernels.steer_logits_(
-                flat, self.mixing, *self.prepared.tensors, rows, eta, norm, c.steps, c.objective, float(c.reg),
-                float(c.temperature), c.margin_value, c.max_norm_value, c.relative_step)
-        else:  # eager: the fused GPU kernels for the logit form are pending
+        if self.backend != "eager":
+            if self.backend == "triton":
+                from .triton_steer import steer_logits_triton_ as op
+            else:
+                op = torch.ops.anchor_kernels.steer_logits_
+            op(flat, self.mixing, *self.prepared.tensors, rows, eta, norm, c.steps, c.objective, float(c.reg),
+               float(c.temperature), c.margin_value, c.max_norm_value, c.relative_step)
+        else:  # the same maths in eager torch, for devices without a fused op
             ids = self.prepared.anchor_ids[rows.clamp(0, self.num_sets - 1)]      # [B, K]
             z0 = flat.float().gather(-1, ids)
             coef = solve_coefficients(z0, self.prepared, rows, eta, self.config, hidden_norm=norm)
@@ -100,3 +111,24 @@ class LogitSteerer:
         if flat.data_ptr() != logits.data_ptr():
             logits.copy_(flat.view(logits.shape))
         return logits
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        for name in LOGIT_AUTO_ORDER.get(device.type, ("eager",)):
+            if name == "eager" or _unavailable(name, device) is None:
+                return name
+    if backend not in LOGIT_BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {LOGIT_BACKENDS}, got {backend!r}")
+    why = _unavailable(backend, device)
+    if why is not None:
+        raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
+    return backend
+
+
+def _unavailable(backend: str, device: torch.device) -> str | None:
+    if backend == "eager":
+        return None
+    if backend == "cpu" and not native.available():
+        return f"anchor_kernels._C is not built ({native.LOAD_ERROR})"
+    return unavailable_reason(backend, device)

@@ -129,6 +129,48 @@ if IMPORT_ERROR is None:
         return gc
 
     @triton.jit
+    def _kspace_loop(z0, w, live, eta, h_norm, mine, gram_base, row_scratch, k, k_ok, set_size,
+                     steps, reg, tau, margin, max_norm, LSE: tl.constexpr, TRUST: tl.constexpr,
+                     RELATIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                     CHUNKED: tl.constexpr, CHUNK: tl.constexpr):
+        """c_T from the anchor logits z0 of the rows ``mine`` (METHOD.md, K-space): each step
+        z = z0 + Gm c, c += eta m (s(z) - reg c), trust region on c^T Gm c. Gm c is carried
+        across steps so a step is one K x K dot. Shared by the hidden and the logit kernels."""
+        limit = max_norm * h_norm
+        if CHUNKED:
+            gram_t = 0.0
+        else:  # gram_t[j, i] = Gm[i, j], held for all steps
+            gram_t = tl.load(gram_base + k[None, :] * set_size + k[:, None],
+                             mask=k_ok[:, None] & k_ok[None, :], other=0.0)
+        log_w = tl.log(tl.where(live, tl.abs(w), 1.0))
+        c = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+        gc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+        if RELATIVE:
+            # The first step moves h by eta ||h0||: divide by ||grad G(h0)|| = sqrt(s0^T Gm s0).
+            _, s0 = _gap_and_grad(z0, w, log_w, tau, LSE, BLOCK_B, BLOCK_K)
+            s0 = tl.where(mine[:, None], s0, 0.0)
+            g_sq = tl.sum(s0 * _gram_times(s0, gram_t, gram_base, row_scratch, mine, k, k_ok,
+                                           set_size, BLOCK_B, BLOCK_K, CHUNKED, CHUNK), axis=1)
+            ok = (g_sq > 0.0) & (g_sq < float("inf"))
+            eta = tl.where(ok, eta * h_norm / tl.sqrt(tl.where(ok, g_sq, 1.0)), 0.0)
+            eta = tl.where((eta == eta) & (eta < float("inf")), eta, 0.0)
+        for _ in range(steps):
+            gap, grad = _gap_and_grad(z0 + gc, w, log_w, tau, LSE, BLOCK_B, BLOCK_K)
+            # A non-finite gap (non-finite hidden row) freezes the row.
+            finite = (gap == gap) & (tl.abs(gap) < float("inf"))
+            active = mine & finite & (gap < margin) & (eta != 0.0)
+            c = tl.where(active[:, None], c + eta[:, None] * (grad - reg * c), c)
+            gc = _gram_times(c, gram_t, gram_base, row_scratch, mine, k, k_ok, set_size,
+                             BLOCK_B, BLOCK_K, CHUNKED, CHUNK)
+            if TRUST:
+                q = tl.sum(c * gc, axis=1)
+                scale = tl.where(q > limit * limit, limit / tl.sqrt(q), 1.0)
+                c = c * scale[:, None]
+                gc = gc * scale[:, None]
+
+        return c
+
+    @triton.jit
     def _steer_hidden_kernel(
         hidden_ptr, weight_ptr, bias_ptr, ids_ptr, aw_ptr, gram_ptr, row_sets_ptr, eta_ptr,
         out_ptr, scratch_ptr, rows, dim, vocab, num_sets, set_size, hidden_row_stride,
@@ -193,40 +235,10 @@ if IMPORT_ERROR is None:
             if HAS_BIAS:
                 z0 += tl.load(bias_ptr + ids, mask=live, other=0.0).to(tl.float32)[None, :]
             h_norm = tl.sqrt(h_sq)
-            limit = max_norm * h_norm
 
-            gram_base = gram_ptr + set_off * set_size
-            row_scratch = scratch_ptr + r[:, None] * BLOCK_K
-            if CHUNKED:
-                gram_t = 0.0
-            else:  # gram_t[j, i] = Gm[i, j], held for all steps
-                gram_t = tl.load(gram_base + k[None, :] * set_size + k[:, None],
-                                 mask=k_ok[:, None] & k_ok[None, :], other=0.0)
-            log_w = tl.log(tl.where(live, tl.abs(w), 1.0))
-            c = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
-            gc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
-            if RELATIVE:
-                # The first step moves h by eta ||h0||: divide by ||grad G(h0)|| = sqrt(s0^T Gm s0).
-                _, s0 = _gap_and_grad(z0, w, log_w, tau, LSE, BLOCK_B, BLOCK_K)
-                s0 = tl.where(mine[:, None], s0, 0.0)
-                g_sq = tl.sum(s0 * _gram_times(s0, gram_t, gram_base, row_scratch, mine, k, k_ok,
-                                               set_size, BLOCK_B, BLOCK_K, CHUNKED, CHUNK), axis=1)
-                ok = (g_sq > 0.0) & (g_sq < float("inf"))
-                eta = tl.where(ok, eta * h_norm / tl.sqrt(tl.where(ok, g_sq, 1.0)), 0.0)
-                eta = tl.where((eta == eta) & (eta < float("inf")), eta, 0.0)
-            for _ in range(steps):
-                gap, grad = _gap_and_grad(z0 + gc, w, log_w, tau, LSE, BLOCK_B, BLOCK_K)
-                # A non-finite gap (non-finite hidden row) freezes the row.
-                finite = (gap == gap) & (tl.abs(gap) < float("inf"))
-                active = mine & finite & (gap < margin) & (eta != 0.0)
-                c = tl.where(active[:, None], c + eta[:, None] * (grad - reg * c), c)
-                gc = _gram_times(c, gram_t, gram_base, row_scratch, mine, k, k_ok, set_size,
-                                 BLOCK_B, BLOCK_K, CHUNKED, CHUNK)
-                if TRUST:
-                    q = tl.sum(c * gc, axis=1)
-                    scale = tl.where(q > limit * limit, limit / tl.sqrt(q), 1.0)
-                    c = c * scale[:, None]
-                    gc = gc * scale[:, None]
+            c = _kspace_loop(z0, w, live, eta, h_norm, mine, gram_ptr + set_off * set_size,
+                             scratch_ptr + r[:, None] * BLOCK_K, k, k_ok, set_size, steps, reg, tau,
+                             margin, max_norm, LSE, TRUST, RELATIVE, BLOCK_B, BLOCK_K, CHUNKED, CHUNK)
 
             moved = tl.sum((c != 0.0).to(tl.int32), axis=1) > 0
             for d0 in range(0, dim, BLOCK_D):
@@ -239,6 +251,65 @@ if IMPORT_ERROR is None:
                 new = (h.to(tl.float32) + delta).to(h.dtype)
                 tl.store(o_rows + dd[None, :], tl.where(moved[:, None], new, h),
                          mask=store[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _solve_logits_kernel(
+        logits_ptr, ids_ptr, aw_ptr, gram_ptr, row_sets_ptr, eta_ptr, norm_ptr, c_ptr, scratch_ptr,
+        rows, vocab, num_sets, set_size, logits_row_stride, steps, reg, tau, margin, max_norm,
+        LSE: tl.constexpr, TRUST: tl.constexpr, RELATIVE: tl.constexpr, HAS_NORM: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, CHUNKED: tl.constexpr, CHUNK: tl.constexpr,
+    ):
+        """The logit form, step 1: c_T per row from its anchors' logits alone (z0 = logits[r, ids]).
+        Same grid as the hidden kernel; c [rows, BLOCK_K] starts at zero and keeps it for rows
+        no set claims."""
+        pid = tl.program_id(0)
+        tile = pid // num_sets
+        s = pid % num_sets
+        r = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        in_range = r < rows
+        rs = tl.load(row_sets_ptr + r, mask=in_range, other=-1)
+        mine = in_range & (rs == s)
+        if tl.sum(mine.to(tl.int32), axis=0) > 0:
+            k = tl.arange(0, BLOCK_K)
+            k_ok = k < set_size
+            set_off = s.to(tl.int64) * set_size
+            ids = tl.load(ids_ptr + set_off + k, mask=k_ok, other=0)
+            w = tl.load(aw_ptr + set_off + k, mask=k_ok, other=0.0)
+            live = w != 0.0
+            bad_ids = tl.sum((live & ((ids < 0) | (ids >= vocab))).to(tl.int32), axis=0)
+            mine = mine & (tl.zeros((BLOCK_B,), dtype=tl.int32) + bad_ids == 0)
+            live = live & (tl.zeros((BLOCK_K,), dtype=tl.int32) + bad_ids == 0)
+            eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
+            z0 = tl.load(logits_ptr + r[:, None] * logits_row_stride + ids[None, :],
+                         mask=mine[:, None] & live[None, :], other=0.0).to(tl.float32)
+            if HAS_NORM:
+                h_norm = tl.load(norm_ptr + r, mask=mine, other=0.0)
+            else:
+                h_norm = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            c = _kspace_loop(z0, w, live, eta, h_norm, mine, gram_ptr + set_off * set_size,
+                             scratch_ptr + r[:, None] * BLOCK_K, k, k_ok, set_size, steps, reg, tau,
+                             margin, max_norm, LSE, TRUST, RELATIVE, BLOCK_B, BLOCK_K, CHUNKED, CHUNK)
+            tl.store(c_ptr + r[:, None] * BLOCK_K + k[None, :], c, mask=mine[:, None])
+
+    @triton.jit
+    def _apply_logits_kernel(logits_ptr, mixing_ptr, c_ptr, row_sets_ptr, vocab, num_sets, set_size,
+                             logits_row_stride, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+        """The logit form, step 2: logits[r, v-tile] += sum_k c[r, k] M^T[s, k, v] in the logits'
+        dtype with fp32 accumulation; rows with c = 0 (unsteered, frozen) are not touched."""
+        r = tl.program_id(0).to(tl.int64)
+        s = tl.load(row_sets_ptr + r)
+        if (s >= 0) & (s < num_sets):
+            k = tl.arange(0, BLOCK_K)
+            c = tl.load(c_ptr + r * BLOCK_K + k)
+            if tl.sum((c != 0.0).to(tl.int32), axis=0) > 0:
+                v = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+                v_ok = v < vocab
+                m = tl.load(mixing_ptr + (s * set_size + k[:, None]) * vocab + v[None, :],
+                            mask=(k < set_size)[:, None] & v_ok[None, :], other=0.0)
+                delta = tl.sum(c[:, None] * m, axis=0)
+                row = logits_ptr + r * logits_row_stride + v
+                x = tl.load(row, mask=v_ok)
+                tl.store(row, (x.to(tl.float32) + delta).to(x.dtype), mask=v_ok)
 
     def _check(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size):
         dev = hidden.device
@@ -302,3 +373,60 @@ if IMPORT_ERROR is None:
     from .autograd import register as _register_autograd
 
     _register_autograd("anchor_kernels::steer_hidden_triton")
+
+    # Elements of the [BLOCK_K, BLOCK_V] mixing tile one program of the apply kernel holds.
+    APPLY_TILE = 8192
+
+    @torch.library.triton_op("anchor_kernels::steer_logits_triton_", mutates_args=("logits",))
+    def steer_logits_triton_(
+        logits: torch.Tensor, mixing: torch.Tensor, anchor_ids: torch.Tensor, anchor_weights: torch.Tensor,
+        gram: torch.Tensor, row_sets: torch.Tensor, step_size: torch.Tensor, hidden_norm: Optional[torch.Tensor],
+        steps: int, objective: str, reg: float, temperature: float, margin: float, max_norm: float,
+        relative_step: bool,
+    ) -> None:
+        """The logit-space form in place (the schema of the C++ ``steer_logits_``): two launches,
+        a K-space solve per row from its anchors' logits, then + M c over the vocabulary."""
+        dev = logits.device
+        torch._check(logits.dim() == 2 and logits.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                     lambda: f"steer_logits_: logits must be 2-D float32/float16/bfloat16, got {logits.dim()}-D {logits.dtype}")
+        torch._check(logits.stride(-1) == 1, lambda: "steer_logits_: logits rows must be contiguous")
+        rows, vocab = logits.shape
+        S, K = anchor_ids.shape
+        for name, t, dtype, shape in (("mixing", mixing, torch.float32, (S, K, vocab)),
+                                      ("anchor_ids", anchor_ids, torch.long, (S, K)),
+                                      ("anchor_weights", anchor_weights, torch.float32, (S, K)),
+                                      ("gram", gram, torch.float32, (S, K, K)),
+                                      ("row_sets", row_sets, torch.long, (rows,)),
+                                      ("step_size", step_size, torch.float32, (rows,))):
+            torch._check(tuple(t.shape) == shape and t.dtype == dtype and t.device == dev,
+                         lambda: f"steer_logits_: {name} must be {dtype} {list(shape)} on {dev}, got "
+                                 f"{t.dtype} {list(t.shape)} on {t.device}")
+        needs_norm = relative_step or max_norm != float("inf")
+        torch._check(hidden_norm is not None or not needs_norm,
+                     lambda: "steer_logits_: relative_step and max_norm need hidden_norm (||h0|| per row)")
+        if hidden_norm is not None:
+            torch._check(tuple(hidden_norm.shape) == (rows,) and hidden_norm.dtype == torch.float32
+                         and hidden_norm.device == dev, lambda: "steer_logits_: hidden_norm must be float32 [rows]")
+        torch._check(K <= MAX_SET_SIZE, lambda: f"steer_logits_: the triton backend supports anchor sets of at most "
+                                                 f"{MAX_SET_SIZE} tokens, got K = {K}")
+        check_scalars(steps, objective, reg, temperature, margin, max_norm)
+        if rows == 0:
+            return
+        cfg = launch_config(K, 1, True)
+        block_k = cfg["BLOCK_K"]
+        c = torch.zeros((rows, block_k), dtype=torch.float32, device=dev)
+        scratch = c.new_empty((rows, block_k) if cfg["CHUNKED"] else (1, 1))
+        torch.library.wrap_triton(_solve_logits_kernel)[launch_grid(rows, S)](
+            logits, anchor_ids.contiguous(), anchor_weights.contiguous(), gram.contiguous(),
+            row_sets.contiguous(), step_size.contiguous(),
+            step_size if hidden_norm is None else hidden_norm.contiguous(), c, scratch,
+            rows, vocab, S, K, logits.stride(0), steps, reg, temperature, margin, max_norm,
+            LSE=objective == "lse", TRUST=max_norm != float("inf"), RELATIVE=relative_step,
+            HAS_NORM=hidden_norm is not None, BLOCK_B=cfg["BLOCK_B"], BLOCK_K=block_k,
+            CHUNKED=cfg["CHUNKED"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"],
+        )
+        block_v = max(32, APPLY_TILE // block_k)
+        torch.library.wrap_triton(_apply_logits_kernel)[(rows, triton.cdiv(vocab, block_v))](
+            logits, mixing.contiguous(), c, row_sets.contiguous(), vocab, S, K, logits.stride(0),
+            BLOCK_K=block_k, BLOCK_V=block_v, num_warps=4,
+        )

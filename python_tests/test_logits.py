@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import anchor_kernels as ak
 from anchor_kernels import native
-from conftest import DTYPES, ROUNDOFF, TOLERANCE, reference_fp64
+from conftest import DTYPES, TOLERANCE, reference_fp64, roundoff
 from test_memory import LargestOutput
 
 needs_op = pytest.mark.skipif(not native.available(), reason="anchor_kernels._C not built")
@@ -30,56 +30,45 @@ def _problem(seed, rows, d, vocab, sizes, dtype, bias):
     return weight, b, hidden, bank, row_sets
 
 
-def _check(out, raw, expected, dtype):
+def _check(out, raw, expected, dtype, backend=None):
     """Per row: ||(out - raw) - (expected - raw)|| <= tol ||expected - raw|| + roundoff ||expected||."""
     got, raw64, want = out.double(), raw.double(), expected.double()
     err = (got - want).norm(dim=-1)
-    bound = TOLERANCE[dtype] * (want - raw64).norm(dim=-1) + 2 * ROUNDOFF[dtype] * want.norm(dim=-1) + 1e-30
+    bound = TOLERANCE[dtype] * (want - raw64).norm(dim=-1) + 2 * roundoff(dtype, backend) * want.norm(dim=-1) + 1e-30
     assert bool((err <= bound).all()), (err, bound)
 
 
+LOGIT_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(why is not None, reason=str(why)))
+                  for b in ak.logits.LOGIT_BACKENDS for why in [ak.logits._unavailable(b, torch.device("cpu"))]]
+
+
+@pytest.mark.parametrize("backend", LOGIT_BACKENDS)
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 9), d=st.sampled_from([8, 16, 40]),
-       vocab=st.integers(30, 200), bias=st.booleans(), dtype=st.sampled_from(DTYPES), eager=st.booleans(),
+       vocab=st.integers(30, 200), bias=st.booleans(), dtype=st.sampled_from(DTYPES),
        config=st.builds(ak.SteerConfig, steps=st.sampled_from([0, 1, 4]), objective=st.sampled_from(["mean", "lse"]),
                         step_size=st.floats(0.01, 0.05), relative_step=st.just(True),
                         reg=st.sampled_from([0.0, 0.3]), margin=st.one_of(st.none(), st.floats(-1, 2)),
                         max_norm=st.one_of(st.none(), st.floats(0.01, 0.2))))
-def test_matches_the_reference(seed, rows, d, vocab, bias, dtype, eager, config):
+def test_matches_the_reference(backend, seed, rows, d, vocab, bias, dtype, config):
     weight, b, hidden, bank, row_sets = _problem(seed, rows, d, vocab, [(3, 2), (1, 4)], dtype, bias)
     raw = (hidden.double() @ weight.double().T + (0 if b is None else b.double())).to(dtype)
-    steerer = ak.LogitSteerer(weight, bank, config, bias=b)
-    if eager or not native.available():
-        steerer_call = _eager(steerer)
-    else:
-        steerer_call = steerer
-    out = steerer_call(raw, row_sets=row_sets, hidden_norm=hidden.float().norm(dim=-1))
+    steerer = ak.LogitSteerer(weight, bank, config, bias=b, backend=backend)
+    out = steerer(raw, row_sets=row_sets, hidden_norm=hidden.float().norm(dim=-1))
     ref_h = reference_fp64(hidden, weight, bank, config, bias=b, row_sets=row_sets)
     # the edit of the logits is W (h' - h0); raw logits carry their own rounding, so add it to raw
     expected = raw.double() + (ref_h - hidden.double()) @ weight.double().T
-    _check(out, raw, expected, dtype)
+    _check(out, raw, expected, dtype, backend)
     untouched = row_sets == -1
     assert torch.equal(out[untouched], raw[untouched])
 
 
-def _eager(steerer):
-    """The steerer with the fused op hidden: the path GPUs take until their kernels land."""
-    def call(logits, **kw):
-        available = native.available
-        native.available = lambda: False
-        try:
-            return steerer(logits, **kw)
-        finally:
-            native.available = available
-    return call
-
-
-@needs_op
-def test_apply_is_in_place_and_unsteered_rows_are_not_read():
+@pytest.mark.parametrize("backend", LOGIT_BACKENDS[:2])
+def test_apply_is_in_place_and_unsteered_rows_are_not_read(backend):
     weight, _, hidden, bank, _ = _problem(0, 3, 16, 60, [(2, 2)], torch.float32, False)
     raw = hidden @ weight.T
     raw[1] = float("nan")                       # an unsteered row: never read, never written
-    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(relative_step=False, step_size=0.5))
+    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(relative_step=False, step_size=0.5), backend=backend)
     logits = raw.clone()
     before = logits.data_ptr()
     out = steerer.apply_(logits, row_sets=[0, -1, 0])
@@ -107,6 +96,38 @@ def test_op_validates_its_arguments():
             op(*args(**over).values())
     with pytest.raises(ValueError, match="need ..h0.."):
         steerer(torch.zeros(2, 30))
+
+
+@pytest.mark.parametrize("backend", LOGIT_BACKENDS[1:2])
+def test_triton_large_sets_and_bad_arguments(backend):
+    """K = 200 takes the chunked Gram path; the op refuses what it cannot run, naming it."""
+    g = torch.Generator().manual_seed(3)
+    vocab, d = 700, 64
+    weight = torch.randn(vocab, d, generator=g) / 8
+    perm = torch.randperm(vocab, generator=g).tolist()
+    bank = ak.AnchorBank([ak.AnchorSet(perm[:120], perm[120:200]), ak.AnchorSet(perm[200:203], perm[203:205])])
+    hidden = torch.randn(5, d, generator=g) * 3
+    config = ak.SteerConfig(steps=6, max_norm=0.1)
+    rows = torch.tensor([0, 1, -1, 0, 1])
+    norm = hidden.norm(dim=-1)
+    raw = hidden @ weight.T
+    want = ak.LogitSteerer(weight, bank, config, backend="cpu")(raw, row_sets=rows, hidden_norm=norm)
+    got = ak.LogitSteerer(weight, bank, config, backend=backend)(raw, row_sets=rows, hidden_norm=norm)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    from anchor_kernels.triton_steer import steer_logits_triton_ as op
+    steerer = ak.LogitSteerer(weight, bank, config, backend=backend)
+    p = steerer.prepared
+    base = dict(logits=raw.clone(), mixing=steerer.mixing, anchor_ids=p.anchor_ids, anchor_weights=p.anchor_weights,
+                gram=p.gram, row_sets=rows, step_size=torch.full((5,), 0.1), hidden_norm=norm, steps=3,
+                objective="lse", reg=0.0, temperature=1.0, margin=math.inf, max_norm=0.1, relative_step=True)
+    for over, message in ((dict(mixing=steerer.mixing[:, :, :-1]), "mixing must be"),
+                          (dict(hidden_norm=None), "need hidden_norm"),
+                          (dict(logits=raw.clone().to(torch.float64)), "logits must be"),
+                          (dict(objective="max"), "objective must be")):
+        with pytest.raises(RuntimeError, match=message):
+            op(**{**base, **over})
+    with pytest.raises(ValueError, match="backend must be"):
+        ak.LogitSteerer(weight, bank, config, backend="cuda")
 
 
 def test_building_m_makes_no_fp32_copy_of_the_head():

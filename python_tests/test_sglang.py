@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from safetensors.torch import save_file
 
 import anchor_kernels as ak
@@ -32,7 +32,7 @@ def server(tmp_path, monkeypatch):
     return head, serving.ServingConfig.from_dict(cfg)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.sampled_from([None, "a", "b"]), min_size=1, max_size=6),
        st.lists(st.one_of(st.none(), st.floats(0.0, 2.0)), min_size=6, max_size=6), st.integers(0, 2**31))
 def test_rows_match_the_fp64_reference(server, names, steps, seed):
