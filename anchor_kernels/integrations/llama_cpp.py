@@ -42,7 +42,9 @@ def read_gguf_head(path) -> torch.Tensor:
             t = tensors[name]
             rows = dequantize(np.asarray(t.data), t.tensor_type)
             d, vocab = (int(x) for x in t.shape[:2])     # GGUF lists dims innermost first
-            return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32).reshape(vocab, d))
+            # f32 tensors come back as read-only views of the memory-mapped file: copy those once.
+            rows = np.require(rows, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])
+            return torch.from_numpy(rows.reshape(vocab, d))
     raise ValueError(f"{path}: no LM head ({' or '.join(HEAD_NAMES)}) in this GGUF file")
 
 
