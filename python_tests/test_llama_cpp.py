@@ -72,9 +72,15 @@ def llama_tokens(llm, tok, prompt, steerer, n=12):
     return out
 
 
-def test_head_is_read_from_the_gguf(small_model):
+def test_head_is_read_from_the_gguf(small_model, tmp_path):
     model, _, gguf = small_model
-    torch.testing.assert_close(read_gguf_head(gguf), model.lm_head.weight.detach(), rtol=0, atol=0)
+    head = model.lm_head.weight.detach()
+    torch.testing.assert_close(read_gguf_head(gguf), head, rtol=0, atol=0)
+    f16 = tmp_path / "small-f16.gguf"   # a 16-bit head stays 16-bit: no fp32 copy
+    subprocess.run([sys.executable, str(CONVERTER), str(gguf.parent), "--outtype", "f16", "--outfile", str(f16)],
+                   check=True, capture_output=True)
+    got = read_gguf_head(f16)
+    assert got.dtype == torch.float16 and torch.equal(got, head.half())
 
 
 @pytest.mark.parametrize("config, embedding", [(None, False), (LOGIT, False), (HIDDEN, True), (LOGIT, True)])

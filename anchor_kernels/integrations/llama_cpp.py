@@ -32,16 +32,20 @@ HEAD_NAMES = ("output.weight", "token_embd.weight")
 
 
 def read_gguf_head(path) -> torch.Tensor:
-    """The ``[V, d]`` LM head of a GGUF file, dequantised to fp32 (llama.cpp's own precision)."""
-    from gguf import GGUFReader
+    """The ``[V, d]`` LM head of a GGUF file: f32/f16/bf16 heads in their own dtype, quantised
+    ones dequantised to fp32 (the only float type that holds scale x quant exactly)."""
+    from gguf import GGMLQuantizationType as Q, GGUFReader
     from gguf.quants import dequantize
 
     tensors = {t.name: t for t in GGUFReader(str(path)).tensors}
     for name in HEAD_NAMES:
         if name in tensors:
             t = tensors[name]
-            rows = dequantize(np.asarray(t.data), t.tensor_type)
             d, vocab = (int(x) for x in t.shape[:2])     # GGUF lists dims innermost first
+            if t.tensor_type in (Q.F16, Q.BF16):
+                raw = np.array(t.data).view(np.uint16).reshape(vocab, d)   # one copy out of the mmap
+                return torch.from_numpy(raw).view(torch.float16 if t.tensor_type == Q.F16 else torch.bfloat16)
+            rows = dequantize(np.asarray(t.data), t.tensor_type)
             # f32 tensors come back as read-only views of the memory-mapped file: copy those once.
             rows = np.require(rows, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])
             return torch.from_numpy(rows.reshape(vocab, d))
