@@ -3,7 +3,8 @@
     python -m anchor_kernels.aot [--full] [--jobs N] [--json out.json]
 
 Compiles ``_steer_hidden_kernel`` (and the logit form's ``_solve_logits_kernel`` and
-``_apply_logits_kernel``, every BLOCK_K, all flags on) for sm_80 and sm_90a (Triton's own ptxas, no device needed)
+``_apply_logits_kernel``, and the rank-one mean kernels, every BLOCK_K, all flags on) for sm_80
+and sm_90a (Triton's own ptxas, no device needed)
 for every configuration ``triton_steer.launch_config`` can pick, with the launcher's
 specialisation (16-byte aligned pointers, i32 integers), and fails when a kernel's shared
 memory exceeds SHARED_LIMIT (the 99 KiB opt-in limit of sm_86/sm_89, the smallest of the GPUs
@@ -65,13 +66,17 @@ def configurations(full: bool = False):
             yield from once("bf16", K, 4096, {**all_on, flag: False}, (TARGETS[1],))
 
 
-def logit_jobs():
-    """The logit-form kernels (solve per BLOCK_K, apply per logits dtype x BLOCK_K), every flag on,
+def extra_jobs():
+    """The logit-form kernels (solve per BLOCK_K; apply per logits dtype x BLOCK_K) and the
+    rank-one mean kernels (per dtype; the direction kernel also per BLOCK_K), every flag on,
     both targets."""
     for K, (cap, arch) in itertools.product(SET_SIZES, TARGETS):
         yield ("_solve_logits_kernel", "fp32", K, cap, arch)
         for dtype in DTYPES:
             yield ("_apply_logits_kernel", dtype, K, cap, arch)
+            yield ("_mean_direction_kernel", dtype, K, cap, arch)
+    for dtype, (cap, arch) in itertools.product(DTYPES, TARGETS):
+        yield ("_steer_mean_kernel", dtype, 16, cap, arch)
 
 
 def _ptxas(arch: str) -> str:
@@ -128,7 +133,7 @@ def compile_one(job):
     from . import triton_steer
 
     if isinstance(job[0], str) and job[0].startswith("_"):
-        return compile_logit_one(job)
+        return compile_extra_one(job)
     dtype, K, dim, flags, capability, arch = job
     cfg = triton_steer.launch_config(K, dim, dtype == "fp32")
     num_warps = cfg.pop("num_warps")
@@ -142,14 +147,25 @@ def compile_one(job):
                 registers=regs, spill_bytes=spills, compile_s=seconds)
 
 
-def compile_logit_one(job):
-    """The logit-form kernels with the launcher's configuration (steer_logits_triton_)."""
+def compile_extra_one(job):
+    """The logit-form and mean kernels with their launchers' configurations."""
     from . import triton_steer
 
     name, dtype, K, capability, arch = job
     cfg = triton_steer.launch_config(K, 1, True)
-    flags = dict(LSE=True, TRUST=True, HAS_BIAS=False, RELATIVE=True)
-    if name == "_solve_logits_kernel":
+    flags = dict(LSE=True, TRUST=True, HAS_BIAS=name == "_mean_direction_kernel", RELATIVE=True)
+    if name == "_mean_direction_kernel":
+        cfg = dict(triton_steer.mean_launch_config(K)["direction"])
+        num_warps, width = cfg.pop("num_warps"), cfg["BLOCK_D"]
+        pointers = {"weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "ids_ptr": "*i64", "aw_ptr": "*fp32",
+                    "u_ptr": "*fp32", "wb_ptr": "*fp32"}
+    elif name == "_steer_mean_kernel":
+        cfg = dict(triton_steer.mean_launch_config(K)["rows"])
+        num_warps, width = cfg.pop("num_warps"), cfg["BLOCK_D"]
+        cfg["BLOCK_K"] = 0
+        pointers = {"hidden_ptr": f"*{dtype}", "u_ptr": "*fp32", "wb_ptr": "*fp32", "row_sets_ptr": "*i64",
+                    "eta_ptr": "*fp32", "out_ptr": f"*{dtype}"}
+    elif name == "_solve_logits_kernel":
         num_warps = cfg.pop("num_warps")
         pointers = {"logits_ptr": f"*{dtype}", "ids_ptr": "*i64", "aw_ptr": "*fp32", "gram_ptr": "*fp32",
                     "row_sets_ptr": "*i64", "eta_ptr": "*fp32", "norm_ptr": "*fp32", "c_ptr": "*fp32",
@@ -236,7 +252,7 @@ def main(argv=None) -> int:
     jobs = [(dtype, K, dim, flags, cap, arch) for dtype, K, dim, flags, targets in configurations(args.full)
             for cap, arch in targets]
     jobs.sort(key=lambda j: -j[1])  # the slow K = 256 compiles first keep both workers busy
-    jobs += list(logit_jobs())
+    jobs += list(extra_jobs())
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         reports = list(pool.map(compile_one, jobs))

@@ -253,6 +253,91 @@ if IMPORT_ERROR is None:
                          mask=store[:, None] & d_ok[None, :])
 
     @triton.jit
+    def _mean_direction_kernel(weight_ptr, bias_ptr, ids_ptr, aw_ptr, u_ptr, wb_ptr, dim, vocab, set_size,
+                               weight_row_stride, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
+        """objective="mean", per set s and d-slice: u[s] = W_A^T w (METHOD.md's rank-one form) and,
+        from slice 0, wb[s] = w . b_A. A set with a live id outside the vocabulary gets u = 0 and
+        wb = NaN, which leaves its rows untouched."""
+        s = tl.program_id(0).to(tl.int64)
+        k = tl.arange(0, BLOCK_K)
+        k_ok = k < set_size
+        ids = tl.load(ids_ptr + s * set_size + k, mask=k_ok, other=0)
+        w = tl.load(aw_ptr + s * set_size + k, mask=k_ok, other=0.0)
+        live = w != 0.0
+        bad = tl.sum((live & ((ids < 0) | (ids >= vocab))).to(tl.int32), axis=0) > 0
+        live = live & (tl.zeros((BLOCK_K,), dtype=tl.int32) + bad.to(tl.int32) == 0)
+        dd = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = dd < dim
+        wa = tl.load(weight_ptr + ids[:, None] * weight_row_stride + dd[None, :],
+                     mask=live[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        tl.store(u_ptr + s * dim + dd, tl.sum(wa * w[:, None], axis=0), mask=d_ok)
+        if tl.program_id(1) == 0:
+            wb = 0.0
+            if HAS_BIAS:
+                wb = tl.sum(tl.load(bias_ptr + ids, mask=live, other=0.0).to(tl.float32) * w, axis=0)
+            tl.store(wb_ptr + s, tl.where(bad, float("nan"), wb))
+
+    @triton.jit
+    def _steer_mean_kernel(
+        hidden_ptr, u_ptr, wb_ptr, row_sets_ptr, eta_ptr, out_ptr, rows, dim, num_sets,
+        hidden_row_stride, out_row_stride, steps, reg, margin, max_norm,
+        TRUST: tl.constexpr, RELATIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """objective="mean" in rank-one form: s = w is constant, so c = a w with a scalar a per row:
+        gap = u.h0 + w.b_A + a gamma (gamma = ||u||^2 = w^T Gm w), the trust region is
+        a^2 gamma <= rho^2 ||h0||^2, and h' = h0 + a u. One pass over d for u.h0, a scalar loop,
+        one pass for the axpy; same grid and row rules as the general kernel."""
+        pid = tl.program_id(0)
+        tile = pid // num_sets
+        s = pid % num_sets
+        r = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        in_range = r < rows
+        rs = tl.load(row_sets_ptr + r, mask=in_range, other=-1)
+        mine = in_range & (rs == s)
+        copy_only = in_range & ((rs < 0) | (rs >= num_sets)) & (tl.zeros((BLOCK_B,), dtype=tl.int32) + s == 0)
+        store = mine | copy_only
+        if tl.sum(store.to(tl.int32), axis=0) > 0:
+            h_rows = hidden_ptr + r[:, None] * hidden_row_stride
+            o_rows = out_ptr + r[:, None] * out_row_stride
+            u_row = u_ptr + s.to(tl.int64) * dim
+            z = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            h_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            gamma = 0.0
+            if tl.sum(mine.to(tl.int32), axis=0) > 0:
+                for d0 in range(0, dim, BLOCK_D):
+                    dd = d0 + tl.arange(0, BLOCK_D)
+                    d_ok = dd < dim
+                    h = tl.load(h_rows + dd[None, :], mask=mine[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                    u = tl.load(u_row + dd, mask=d_ok, other=0.0)
+                    z += tl.sum(h * u[None, :], axis=1)
+                    h_sq += tl.sum(h * h, axis=1)
+                    gamma += tl.sum(u * u, axis=0)
+            gap0 = z + tl.load(wb_ptr + s)
+            h_norm = tl.sqrt(h_sq)
+            eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
+            if RELATIVE:
+                ok = (gamma > 0.0) & (gamma < float("inf"))
+                eta = tl.where(ok, eta * h_norm / tl.sqrt(tl.where(ok, gamma, 1.0)), 0.0)
+                eta = tl.where((eta == eta) & (eta < float("inf")), eta, 0.0)
+            limit = max_norm * h_norm
+            a = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            for _ in range(steps):
+                gap = gap0 + a * gamma
+                active = mine & (gap == gap) & (tl.abs(gap) < float("inf")) & (gap < margin) & (eta != 0.0)
+                a = tl.where(active, a + eta * (1.0 - reg * a), a)
+                if TRUST:
+                    q = a * a * gamma
+                    a = tl.where(q > limit * limit, a * (limit / tl.sqrt(q)), a)
+            for d0 in range(0, dim, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                m = store[:, None] & (dd < dim)[None, :]
+                h = tl.load(h_rows + dd[None, :], mask=m, other=0.0)
+                u = tl.load(u_row + dd, mask=dd < dim, other=0.0)
+                new = (h.to(tl.float32) + a[:, None] * u[None, :]).to(h.dtype)
+                tl.store(o_rows + dd[None, :], tl.where((a != 0.0)[:, None], new, h), mask=m)
+
+    @triton.jit
     def _solve_logits_kernel(
         logits_ptr, ids_ptr, aw_ptr, gram_ptr, row_sets_ptr, eta_ptr, norm_ptr, c_ptr, scratch_ptr,
         rows, vocab, num_sets, set_size, logits_row_stride, steps, reg, tau, margin, max_norm,
@@ -357,6 +442,10 @@ if IMPORT_ERROR is None:
         S, K = anchor_ids.shape
         if rows == 0:
             return out
+        if objective == "mean":
+            _steer_mean(hidden, weight, bias, anchor_ids, anchor_weights, row_sets, step_size, out, steps, reg,
+                        margin, max_norm, relative_step)
+            return out
         cfg = launch_config(K, dim, hidden.dtype == torch.float32)
         grid = launch_grid(rows, S)
         scratch = hidden.new_empty((rows, cfg["BLOCK_K"]) if cfg["CHUNKED"] else (1, 1), dtype=torch.float32)
@@ -369,6 +458,31 @@ if IMPORT_ERROR is None:
             RELATIVE=relative_step, NATIVE_DOT16=not _interpreting(), **cfg,
         )
         return out
+
+    # The rank-one (mean) kernels: mat-vecs, no tile of W_A in registers.
+    MEAN_BLOCK_D = 128
+
+    def mean_launch_config(set_size: int) -> dict:
+        """Tiles of the two mean kernels (also what the AOT check compiles)."""
+        block_k = max(16, 1 << (set_size - 1).bit_length())
+        return dict(direction=dict(BLOCK_K=block_k, BLOCK_D=max(16, 4096 // block_k), num_warps=4),
+                    rows=dict(BLOCK_B=BLOCK_ROWS, BLOCK_D=MEAN_BLOCK_D, num_warps=4))
+
+    def _steer_mean(hidden, weight, bias, anchor_ids, anchor_weights, row_sets, step_size, out, steps, reg,
+                    margin, max_norm, relative_step):
+        rows, dim = hidden.shape
+        S, K = anchor_ids.shape
+        cfg = mean_launch_config(K)
+        u = hidden.new_empty((S, dim), dtype=torch.float32)
+        wb = hidden.new_empty((S,), dtype=torch.float32)
+        d_cfg = cfg["direction"]
+        torch.library.wrap_triton(_mean_direction_kernel)[(S, triton.cdiv(dim, d_cfg["BLOCK_D"]))](
+            weight, weight if bias is None else bias, anchor_ids.contiguous(), anchor_weights.contiguous(), u, wb,
+            dim, weight.shape[0], K, weight.stride(0), HAS_BIAS=bias is not None, **d_cfg)
+        torch.library.wrap_triton(_steer_mean_kernel)[launch_grid(rows, S)](
+            hidden, u, wb, row_sets.contiguous(), step_size.contiguous(), out, rows, dim, S, hidden.stride(0),
+            out.stride(0), steps, reg, margin, max_norm, TRUST=max_norm != float("inf"), RELATIVE=relative_step,
+            **cfg["rows"])
 
     from .autograd import register as _register_autograd
 
