@@ -2,9 +2,9 @@
 
     python -m anchor_kernels.aot [--full] [--jobs N] [--json out.json]
 
-Compiles ``_steer_hidden_kernel`` (and the logit form's ``_solve_logits_kernel`` and
-``_apply_logits_kernel``, and the rank-one mean kernels, every BLOCK_K, all flags on) for sm_80
-and sm_90a (Triton's own ptxas, no device needed)
+Compiles ``_steer_hidden_kernel`` (and the split-d plan's two kernels, the logit form's
+``_solve_logits_kernel`` and ``_apply_logits_kernel``, and the rank-one mean kernels, every
+BLOCK_K, all flags on) for sm_80 and sm_90a (Triton's own ptxas, no device needed)
 for every configuration ``triton_steer.launch_config`` can pick, with the launcher's
 specialisation (16-byte aligned pointers, i32 integers), and fails when a kernel's shared
 memory exceeds SHARED_LIMIT (the 99 KiB opt-in limit of sm_86/sm_89, the smallest of the GPUs
@@ -77,6 +77,9 @@ def extra_jobs():
             yield ("_mean_direction_kernel", dtype, K, cap, arch)
     for dtype, (cap, arch) in itertools.product(DTYPES, TARGETS):
         yield ("_steer_mean_kernel", dtype, 16, cap, arch)
+    for K, dtype, (cap, arch) in itertools.product(SET_SIZES, DTYPES, TARGETS):
+        yield ("_split_partial_kernel", dtype, K, cap, arch)
+        yield ("_split_finish_kernel", dtype, K, cap, arch)
 
 
 def _ptxas(arch: str) -> str:
@@ -95,6 +98,7 @@ def _compile(kernel, pointers, cfg, flags, num_warps, capability, arch):
     from triton.compiler import ASTSource
 
     floats = ("reg", "tau", "margin", "max_norm")
+    pointers = {n: t for n, t in pointers.items() if n in kernel.arg_names}
     signature, constexprs = {}, {}
     for name in kernel.arg_names:
         if name in pointers:
@@ -165,6 +169,13 @@ def compile_extra_one(job):
         cfg["BLOCK_K"] = 0
         pointers = {"hidden_ptr": f"*{dtype}", "u_ptr": "*fp32", "wb_ptr": "*fp32", "row_sets_ptr": "*i64",
                     "eta_ptr": "*fp32", "out_ptr": f"*{dtype}"}
+    elif name in ("_split_partial_kernel", "_split_finish_kernel"):
+        cfg = triton_steer.launch_config(K, 4096, dtype == "fp32")   # the split plan uses the tiled tiles
+        num_warps, width = cfg.pop("num_warps"), cfg["BLOCK_D"]
+        flags["HAS_BIAS"] = True
+        pointers = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "ids_ptr": "*i64",
+                    "aw_ptr": "*fp32", "gram_ptr": "*fp32", "row_sets_ptr": "*i64", "eta_ptr": "*fp32",
+                    "out_ptr": f"*{dtype}", "scratch_ptr": "*fp32", "zp_ptr": "*fp32", "hsq_ptr": "*fp32"}
     elif name == "_solve_logits_kernel":
         num_warps = cfg.pop("num_warps")
         pointers = {"logits_ptr": f"*{dtype}", "ids_ptr": "*i64", "aw_ptr": "*fp32", "gram_ptr": "*fp32",

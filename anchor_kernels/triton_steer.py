@@ -63,6 +63,43 @@ def launch_grid(rows: int, num_sets: int) -> tuple[int]:
     return (-(-rows // BLOCK_ROWS) * num_sets,)
 
 
+PLAN_ENV = "ANCHOR_KERNELS_TRITON_PLAN"
+PLANS = ("auto", "tiled", "split_d")
+# Split-d model (H100, issue 12): one 16-row program per (row tile, set) streams K x d of W_A
+# with a few KB in flight, so at decode batch sizes most SMs idle. Splitting d into slices of at
+# least MIN_SLICE columns gives each (tile, set) `slices` programs; aim at SPLIT_OCCUPANCY
+# programs per SM. Modelled, not measured: no GPU has run these plans yet (make gpu-check).
+MIN_SLICE = 256
+SPLIT_OCCUPANCY = 2
+DEFAULT_SMS = 132   # when the device cannot say (the CPU interpreter): an H100
+
+
+def choose_plan(rows: int, dim: int, set_size: int, num_sets: int, device=None, plan: str | None = None) -> dict:
+    """The Triton plan for a general-objective launch, by shape: ``{"plan": "tiled"}`` or
+    ``{"plan": "split_d", "slices": n}``. One place; ``$ANCHOR_KERNELS_TRITON_PLAN`` (or
+    ``plan=``) forces one. Read on the host when the op runs, so a CUDA graph keeps the plan it
+    was captured with."""
+    plan = plan or os.environ.get(PLAN_ENV, "auto")
+    if plan not in PLANS:
+        raise ValueError(f"{PLAN_ENV} must be one of {PLANS}, got {plan!r}")
+    max_slices = max(1, -(-dim // MIN_SLICE))
+    if plan == "tiled" or max_slices == 1:
+        return {"plan": "tiled"}
+    sms = DEFAULT_SMS
+    if device is not None and getattr(device, "type", None) == "cuda":
+        import torch
+
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    # Programs with work: at most one per row tile per set (fewer when rows share sets).
+    busy = min(-(-rows // BLOCK_ROWS) * num_sets, max(rows, 1))
+    want = max(1, (SPLIT_OCCUPANCY * sms) // busy)
+    if plan == "split_d":
+        return {"plan": "split_d", "slices": max(2, min(max_slices, want))}
+    if want < 2:
+        return {"plan": "tiled"}
+    return {"plan": "split_d", "slices": min(max_slices, want)}
+
+
 def _interpreting() -> bool:
     # Triton 3.9's CPU interpreter returns garbage for bf16 x bf16 tl.dot, so 16-bit operands
     # are widened to fp32 there; compiled kernels multiply them natively (tensor cores).
@@ -251,6 +288,112 @@ if IMPORT_ERROR is None:
                 new = (h.to(tl.float32) + delta).to(h.dtype)
                 tl.store(o_rows + dd[None, :], tl.where(moved[:, None], new, h),
                          mask=store[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _split_partial_kernel(
+        hidden_ptr, weight_ptr, ids_ptr, aw_ptr, row_sets_ptr, zp_ptr, hsq_ptr, rows, dim, vocab, num_sets,
+        set_size, hidden_row_stride, weight_row_stride, slice_len,
+        NATIVE_DOT16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """Split-d plan, launch 1: program (tile x set, slice j) writes the partial z0 = W_A h0 and
+        ||h0||^2 of its rows over d-slice j to zp[j] / hsq[j] (no atomics: the finish kernel sums
+        the slices in a fixed order, so results are deterministic)."""
+        pid = tl.program_id(0)
+        j = tl.program_id(1)
+        tile = pid // num_sets
+        s = pid % num_sets
+        r = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        in_range = r < rows
+        rs = tl.load(row_sets_ptr + r, mask=in_range, other=-1)
+        mine = in_range & (rs == s)
+        if tl.sum(mine.to(tl.int32), axis=0) > 0:
+            k = tl.arange(0, BLOCK_K)
+            k_ok = k < set_size
+            set_off = s.to(tl.int64) * set_size
+            ids = tl.load(ids_ptr + set_off + k, mask=k_ok, other=0)
+            w = tl.load(aw_ptr + set_off + k, mask=k_ok, other=0.0)
+            live = (w != 0.0) & (ids >= 0) & (ids < vocab)
+            h_rows = hidden_ptr + r[:, None] * hidden_row_stride
+            w_rows = weight_ptr + ids[:, None] * weight_row_stride
+            z0 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+            h_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            end = tl.minimum(dim, (j + 1) * slice_len)
+            for d0 in range(j * slice_len, end, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                d_ok = dd < end
+                h = tl.load(h_rows + dd[None, :], mask=mine[:, None] & d_ok[None, :], other=0.0)
+                wa = tl.load(w_rows + dd[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
+                if h.dtype == tl.float32 or not NATIVE_DOT16:
+                    z0 += tl.dot(h.to(tl.float32), tl.trans(wa.to(tl.float32)), input_precision="tf32x3")
+                else:
+                    z0 += tl.dot(h, tl.trans(wa))
+                hf = h.to(tl.float32)
+                h_sq += tl.sum(hf * hf, axis=1)
+            at = j.to(tl.int64) * rows + r
+            tl.store(zp_ptr + at[:, None] * BLOCK_K + k[None, :], z0, mask=mine[:, None])
+            tl.store(hsq_ptr + at, h_sq, mask=mine)
+
+    @triton.jit
+    def _split_finish_kernel(
+        hidden_ptr, weight_ptr, bias_ptr, ids_ptr, aw_ptr, gram_ptr, row_sets_ptr, eta_ptr, out_ptr, scratch_ptr,
+        zp_ptr, hsq_ptr, rows, dim, vocab, num_sets, set_size, num_slices, hidden_row_stride, weight_row_stride,
+        out_row_stride, slice_len, steps, reg, tau, margin, max_norm,
+        LSE: tl.constexpr, TRUST: tl.constexpr, HAS_BIAS: tl.constexpr, RELATIVE: tl.constexpr,
+        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, CHUNKED: tl.constexpr,
+        CHUNK: tl.constexpr,
+    ):
+        """Split-d plan, launch 2: program (tile x set, slice j) sums the partials in slice order,
+        runs the K-space loop (every slice of a row runs the same loop on the same numbers, so
+        they agree bit for bit) and writes h' = h0 + W_A^T c on slice j; program s = 0 also copies
+        slice j of the rows no set claims."""
+        pid = tl.program_id(0)
+        j = tl.program_id(1)
+        tile = pid // num_sets
+        s = pid % num_sets
+        r = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        in_range = r < rows
+        rs = tl.load(row_sets_ptr + r, mask=in_range, other=-1)
+        unclaimed = (rs < 0) | (rs >= num_sets)
+        mine = in_range & (rs == s)
+        copy_only = in_range & unclaimed & (tl.zeros((BLOCK_B,), dtype=tl.int32) + s == 0)
+        store = mine | copy_only
+        if tl.sum(store.to(tl.int32), axis=0) > 0:
+            k = tl.arange(0, BLOCK_K)
+            k_ok = k < set_size
+            set_off = s.to(tl.int64) * set_size
+            ids = tl.load(ids_ptr + set_off + k, mask=k_ok, other=0)
+            w = tl.load(aw_ptr + set_off + k, mask=k_ok, other=0.0)
+            live = w != 0.0
+            bad_ids = tl.sum((live & ((ids < 0) | (ids >= vocab))).to(tl.int32), axis=0)
+            mine = mine & (tl.zeros((BLOCK_B,), dtype=tl.int32) + bad_ids == 0)
+            live = live & (tl.zeros((BLOCK_K,), dtype=tl.int32) + bad_ids == 0)
+            c = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+            if tl.sum(mine.to(tl.int32), axis=0) > 0:
+                z0 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+                h_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+                for jj in range(0, num_slices):
+                    at = (r * 0 + jj) * rows + r      # int64 (r is)
+                    z0 += tl.load(zp_ptr + at[:, None] * BLOCK_K + k[None, :], mask=mine[:, None], other=0.0)
+                    h_sq += tl.load(hsq_ptr + at, mask=mine, other=0.0)
+                if HAS_BIAS:
+                    z0 += tl.load(bias_ptr + ids, mask=live, other=0.0).to(tl.float32)[None, :]
+                eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
+                c = _kspace_loop(z0, w, live, eta, tl.sqrt(h_sq), mine, gram_ptr + set_off * set_size,
+                                 scratch_ptr + (j.to(tl.int64) * rows + r)[:, None] * BLOCK_K, k, k_ok, set_size,
+                                 steps, reg, tau, margin, max_norm, LSE, TRUST, RELATIVE, BLOCK_B, BLOCK_K,
+                                 CHUNKED, CHUNK)
+            moved = tl.sum((c != 0.0).to(tl.int32), axis=1) > 0
+            h_rows = hidden_ptr + r[:, None] * hidden_row_stride
+            o_rows = out_ptr + r[:, None] * out_row_stride
+            w_rows = weight_ptr + ids[:, None] * weight_row_stride
+            end = tl.minimum(dim, (j + 1) * slice_len)
+            for d0 in range(j * slice_len, end, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                d_ok = dd < end
+                h = tl.load(h_rows + dd[None, :], mask=store[:, None] & d_ok[None, :], other=0.0)
+                wa = tl.load(w_rows + dd[None, :], mask=live[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                new = (h.to(tl.float32) + tl.dot(c, wa, input_precision="tf32x3")).to(h.dtype)
+                tl.store(o_rows + dd[None, :], tl.where(moved[:, None], new, h), mask=store[:, None] & d_ok[None, :])
 
     @triton.jit
     def _mean_direction_kernel(weight_ptr, bias_ptr, ids_ptr, aw_ptr, u_ptr, wb_ptr, dim, vocab, set_size,
@@ -447,6 +590,11 @@ if IMPORT_ERROR is None:
                         margin, max_norm, relative_step)
             return out
         cfg = launch_config(K, dim, hidden.dtype == torch.float32)
+        plan = choose_plan(rows, dim, K, S, hidden.device)
+        if plan["plan"] == "split_d":
+            _steer_split(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, out, steps,
+                         objective, reg, temperature, margin, max_norm, relative_step, cfg, plan["slices"])
+            return out
         grid = launch_grid(rows, S)
         scratch = hidden.new_empty((rows, cfg["BLOCK_K"]) if cfg["CHUNKED"] else (1, 1), dtype=torch.float32)
         torch.library.wrap_triton(_steer_hidden_kernel)[grid](
@@ -458,6 +606,30 @@ if IMPORT_ERROR is None:
             RELATIVE=relative_step, NATIVE_DOT16=not _interpreting(), **cfg,
         )
         return out
+
+    def _steer_split(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, out, steps,
+                     objective, reg, temperature, margin, max_norm, relative_step, cfg, slices):
+        rows, dim = hidden.shape
+        S, K = anchor_ids.shape
+        block_k, block_d = cfg["BLOCK_K"], cfg["BLOCK_D"]
+        slice_len = triton.cdiv(triton.cdiv(dim, slices), block_d) * block_d
+        slices = triton.cdiv(dim, slice_len)
+        zp = hidden.new_empty((slices, rows, block_k), dtype=torch.float32)
+        hsq = hidden.new_empty((slices, rows), dtype=torch.float32)
+        scratch = hidden.new_empty((slices * rows, block_k) if cfg["CHUNKED"] else (1, 1), dtype=torch.float32)
+        ids, aw, rs = anchor_ids.contiguous(), anchor_weights.contiguous(), row_sets.contiguous()
+        grid = (launch_grid(rows, S)[0], slices)
+        torch.library.wrap_triton(_split_partial_kernel)[grid](
+            hidden, weight, ids, aw, rs, zp, hsq, rows, dim, weight.shape[0], S, K, hidden.stride(0),
+            weight.stride(0), slice_len, NATIVE_DOT16=not _interpreting(), BLOCK_B=cfg["BLOCK_B"], BLOCK_K=block_k,
+            BLOCK_D=block_d, num_warps=cfg["num_warps"])
+        torch.library.wrap_triton(_split_finish_kernel)[grid](
+            hidden, weight, weight if bias is None else bias, ids, aw, gram.contiguous(), rs,
+            step_size.contiguous(), out, scratch, zp, hsq, rows, dim, weight.shape[0], S, K, slices,
+            hidden.stride(0), weight.stride(0), out.stride(0), slice_len, steps, reg, temperature, margin, max_norm,
+            LSE=objective == "lse", TRUST=max_norm != float("inf"), HAS_BIAS=bias is not None,
+            RELATIVE=relative_step, BLOCK_B=cfg["BLOCK_B"], BLOCK_K=block_k, BLOCK_D=block_d,
+            CHUNKED=cfg["CHUNKED"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"])
 
     # The rank-one (mean) kernels: mat-vecs, no tile of W_A in registers.
     MEAN_BLOCK_D = 128
