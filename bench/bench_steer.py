@@ -23,7 +23,9 @@ if os.environ.get("AK_BENCH_FULL") == "1":
 else:  # a decode step of a 1B-class model, and a single-request one
     SHAPES = [(8, 2048, 32000, 64, 10), (1, 2048, 32000, 16, 1)]
 KERNELS = [b for b in ("cpu", "cuda", "triton") if unavailable_reason(b, DEVICE) is None]
-PROVIDERS = KERNELS + ["eager_kspace", "compiled_kspace", "literal_autograd"]
+# On a GPU each Triton plan also runs forced (issue 12): the automatic choice is "triton".
+PLANS = [f"triton:{p}" for p in ("tiled", "split_d")] if "triton" in KERNELS and DEVICE.type == "cuda" else []
+PROVIDERS = KERNELS + PLANS + ["eager_kspace", "compiled_kspace", "literal_autograd"]
 _problems = {}
 
 
@@ -42,6 +44,16 @@ def problem(B, d, V, K, T):
 
 
 def _call(provider, hidden, weight, anchors, prepared, config):
+    if provider in PLANS:
+        plan = provider.split(":")[1]
+
+        def forced():
+            os.environ["ANCHOR_KERNELS_TRITON_PLAN"] = plan
+            try:
+                return ak.steer_hidden(hidden, weight, prepared, config, backend="triton")
+            finally:
+                os.environ.pop("ANCHOR_KERNELS_TRITON_PLAN")
+        return forced
     if provider in KERNELS:
         return lambda: ak.steer_hidden(hidden, weight, prepared, config, backend=provider)
     if provider == "eager_kspace":

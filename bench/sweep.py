@@ -5,6 +5,10 @@
 
 floor = max(bytes that must move / measured bandwidth, latency of an empty launch). Bytes: read
 hidden and write h' (B*d each), read the K anchor rows once (K*d) and the Gram (K*K fp32).
+loop_floor = max(floor, bytes / bandwidth + T x step latency): the K-space steps are dependent,
+so T = 50 cannot reach the byte floor; step latency is modelled (GPU: 0.1 us per step up to
+K = 64, 0.3 us at K = 256; CPU: 0). Triton runs once per plan ("triton" = the automatic choice,
+"triton:tiled", "triton:split_d" forced through $ANCHOR_KERNELS_TRITON_PLAN).
 Bandwidth is measured in the same run with a large device copy. GPU times are medians from
 triton.testing.do_bench (CUDA events); CPU times are medians of perf_counter. Results go to
 bench/results/sweep-<device>.json plus a markdown table beside it.
@@ -22,8 +26,13 @@ from pathlib import Path
 
 import torch
 
+import os
+
 import anchor_kernels as ak
 from anchor_kernels.steer import unavailable_reason
+
+STEP_US = {16: 0.1, 64: 0.1, 256: 0.3}   # modelled latency of one dependent K-space step on a GPU
+PLANS = ("tiled", "split_d")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL = dict(B=(1, 8, 64, 256), d=(2048, 4096, 8192), K=(16, 64, 256), T=(1, 10, 50))
@@ -74,11 +83,14 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backends", default="auto", help="comma list, or auto = all that run here")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--objective", default="lse", choices=("lse", "mean"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     names = ([b for b in ("cpu", "cuda", "triton") if unavailable_reason(b, device) is None]
              if args.backends == "auto" else args.backends.split(","))
+    if "triton" in names and device.type == "cuda":
+        names += [f"triton:{p}" for p in PLANS]
     grid = QUICK if args.quick else FULL
     bw, launch = bandwidth_gbps(device), empty_launch_ms(device)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}), "
@@ -91,32 +103,44 @@ def main(argv=None):
         prepared = ak.prepare_anchors(weight, ak.AnchorSet(perm[: K // 2], perm[K // 2: K]))
         for B, T in itertools.product(grid["B"], grid["T"]):
             hidden = (torch.randn(B, d, generator=g) * 4).to(dtype).to(device)
-            config = ak.SteerConfig(steps=T)
+            config = ak.SteerConfig(steps=T, objective=args.objective)
             size = torch.tensor([], dtype=dtype).element_size()
             moved = 2 * B * d * size + K * d * size + K * K * 4
             floor = max(moved / (bw * 1e9) * 1e3, launch)
-            row = dict(B=B, d=d, K=K, T=T, dtype=str(dtype), bytes=moved, floor_ms=floor)
+            step_ms = STEP_US[K] * 1e-3 if device.type == "cuda" else 0.0
+            loop_floor = max(floor, moved / (bw * 1e9) * 1e3 + T * step_ms)
+            row = dict(B=B, d=d, K=K, T=T, dtype=str(dtype), bytes=moved, floor_ms=floor, loop_floor_ms=loop_floor)
             for name in names:
+                backend, _, plan = name.partition(":")
+                if plan:
+                    os.environ["ANCHOR_KERNELS_TRITON_PLAN"] = plan
                 try:
-                    ms = median_ms(lambda: ak.steer_hidden(hidden, weight, prepared, config, backend=name), device)
+                    ms = median_ms(lambda: ak.steer_hidden(hidden, weight, prepared, config, backend=backend), device)
                     row[f"{name}_ms"], row[f"{name}_x_floor"] = ms, ms / floor
+                    row[f"{name}_x_loop_floor"] = ms / loop_floor
                 except RuntimeError as exc:  # a documented limit, e.g. triton's K <= 256
                     row[f"{name}_ms"], row[f"{name}_x_floor"] = None, str(exc).split(";")[0]
+                    row[f"{name}_x_loop_floor"] = None
+                finally:
+                    os.environ.pop("ANCHOR_KERNELS_TRITON_PLAN", None)
             rows.append(row)
             print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     meta = dict(device=str(device), name=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
                 torch=torch.__version__, cuda=torch.version.cuda, bandwidth_gbps=bw, empty_launch_ms=launch,
-                command="python bench/sweep.py" + (" --quick" if args.quick else ""), backends=names)
+                command="python bench/sweep.py" + (" --quick" if args.quick else "") + f" --objective {args.objective}",
+                backends=names, objective=args.objective)
     try:
         import triton
 
         meta["triton"] = triton.__version__
     except ImportError:
         pass
-    out = args.out or RESULTS / f"sweep-{device.type}{'-quick' if args.quick else ''}.json"
+    suffix = ("-quick" if args.quick else "") + ("-mean" if args.objective == "mean" else "")
+    out = args.out or RESULTS / f"sweep-{device.type}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
-    header = ["B", "d", "K", "T", "floor_ms"] + [f"{n}_{c}" for n in names for c in ("ms", "x_floor")]
+    header = ["B", "d", "K", "T", "floor_ms", "loop_floor_ms"] + [f"{n}_{c}" for n in names
+                                                                   for c in ("ms", "x_floor", "x_loop_floor")]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lines.append("| " + " | ".join(f"{r[h]:.4g}" if isinstance(r[h], float) else str(r[h]) for h in header) + " |")

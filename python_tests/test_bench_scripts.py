@@ -15,7 +15,7 @@ def test_sweep_quick(tmp_path):
     rows = sweep.main(["--quick", "--out", str(tmp_path / "sweep.json")])
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["meta"]["bandwidth_gbps"] > 0 and len(rows) == len(data["rows"]) == 8
-    assert all(r["floor_ms"] > 0 for r in rows)
+    assert all(r["floor_ms"] > 0 and r["loop_floor_ms"] >= r["floor_ms"] for r in rows)
     assert (tmp_path / "sweep.md").read_text().count("\n|") >= 9
 
 
