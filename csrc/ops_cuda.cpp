@@ -22,6 +22,11 @@ at::Tensor steer_hidden_cuda(const at::Tensor& hidden, const at::Tensor& weight,
   SteerCall call = make_steer_call(hidden, weight, bias, anchor_ids, anchor_weights, gram,
                                    row_sets, step_size, steps, std::string(objective), reg,
                                    temperature, margin, max_norm, relative_step);
+  at::Tensor workspace;  // the rank-one form of "mean": u = W_A^T w and w . b_A per set
+  if (call.params.objective == AK_OBJECTIVE_MEAN && call.params.rows > 0) {
+    workspace = at::empty({call.params.num_sets, call.params.dim + 1}, hidden.options().dtype(at::kFloat));
+    call.params.workspace = workspace.data_ptr<float>();
+  }
   const ak_status st =
       ak_steer_hidden_cuda(&call.params, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(st != AK_ERROR_UNSUPPORTED, "steer_hidden: the cuda backend supports K <= ",

@@ -314,6 +314,102 @@ __global__ void __launch_bounds__(kThreads, 2) steer_kernel(ak_steer_params p, V
   }
 }
 
+// objective MEAN, rank-one form (METHOD.md): s = w is constant, so c = a w with a scalar a.
+// Launch 1, grid (S, d / kThreads): u[s] = W_A^T w, one column per thread (coalesced along d),
+// and w . b_A in u[s][d]. A set with a live id outside the vocabulary gets NaN, which leaves its
+// rows untouched.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) mean_direction_kernel(ak_steer_params p) {
+  const int64_t set = blockIdx.x, K = p.set_size, d = p.dim;
+  const int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t* ids = p.anchor_ids + set * K;
+  const float* w = p.anchor_weights + set * K;
+  const T* weight = static_cast<const T*>(p.weight);
+  float* u = p.workspace + set * (d + 1);
+  bool bad = false;
+  float acc = 0.f, wb = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const float wk = w[k];
+    if (wk == 0.f) continue;
+    const int64_t id = ids[k];
+    if (id < 0 || id >= p.vocab) {
+      bad = true;
+      continue;
+    }
+    if (j < d) acc += wk * load_float(weight + id * p.weight_row_stride + j);
+    if (p.bias && j == 0) wb += wk * load_float(static_cast<const T*>(p.bias) + id);
+  }
+  if (j < d) u[j] = bad ? NAN : acc;
+  if (j == 0) u[d] = bad ? NAN : wb;
+}
+
+// Launch 2, one block per row: gap(a) = u.h0 + w.b_A + a gamma with gamma = ||u||^2 = w^T Gm w,
+// the trust region a^2 gamma <= rho^2 ||h0||^2, then h' = h0 + a u. The loop is scalar and the
+// same on every thread: no barrier per step.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) steer_mean_kernel(ak_steer_params p, VecFlags vec) {
+  __shared__ float2 scratch[kWarps];
+  const int64_t row = blockIdx.x, d = p.dim;
+  const T* h_in = static_cast<const T*>(p.hidden) + row * p.hidden_row_stride;
+  T* h_out = static_cast<T*>(p.out) + row * p.out_row_stride;
+  const bool copy_vec = vec.hidden && vec.out;
+  const int64_t set = p.row_sets[row];
+  const float eta_in = p.step_size[row];
+  if (set < 0 || set >= p.num_sets || p.steps == 0 || eta_in == 0.f) {
+    copy_row(h_in, h_out, d, copy_vec);
+    return;
+  }
+  const float* u = p.workspace + set * (d + 1);
+  float z_part = 0.f, h_part = 0.f, u_part = 0.f;
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    const float h = load_float(h_in + j), uj = u[j];
+    z_part += h * uj;
+    h_part += h * h;
+    u_part += uj * uj;
+  }
+  const float2 zh = block_reduce2<false>(z_part, h_part, scratch);
+  const float gamma = block_reduce2<false>(u_part, 0.f, scratch).x;
+  const float gap0 = zh.x + u[d], h_norm = sqrtf(zh.y);
+  float eta = eta_in;
+  if (p.relative_step) {
+    eta = gamma > 0.f && isfinite(gamma) ? eta * h_norm / sqrtf(gamma) : 0.f;
+    if (!(isfinite(eta) && eta > 0.f)) {
+      copy_row(h_in, h_out, d, copy_vec);
+      return;
+    }
+  }
+  const bool trust = isfinite(p.max_norm);
+  const float limit = p.max_norm * h_norm;
+  float a = 0.f;
+  for (int64_t t = 0; t < p.steps; ++t) {
+    const float gap = gap0 + a * gamma;
+    if (!(isfinite(gap) && gap < p.margin)) continue;
+    a += eta * (1.f - p.reg * a);
+    if (trust) {
+      const float q = a * a * gamma;
+      if (q > limit * limit) a *= limit / sqrtf(q);
+    }
+  }
+  if (a == 0.f) {
+    copy_row(h_in, h_out, d, copy_vec);
+    return;
+  }
+  constexpr int N = Vec<T>::N;
+  int64_t j0 = 0;
+  if (copy_vec) {
+    j0 = d / N * N;
+    for (int64_t j = int64_t(threadIdx.x) * N; j < j0; j += int64_t(blockDim.x) * N) {
+      float v[N];
+      Vec<T>::load(h_in + j, v);
+#pragma unroll
+      for (int e = 0; e < N; ++e) v[e] += a * u[j + e];
+      Vec<T>::store(h_out + j, v);
+    }
+  }
+  for (int64_t j = j0 + threadIdx.x; j < d; j += blockDim.x)
+    store_float(h_out + j, load_float(h_in + j) + a * u[j]);
+}
+
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 thread_local const char* last_error = "no error";
@@ -365,12 +461,32 @@ ak_status prepare_device(int device, int dtype_index, size_t smem) {
 }
 
 template <typename T>
-ak_status launch(const ak_steer_params& p, cudaStream_t stream, int dtype_index) {
+VecFlags vec_flags(const ak_steer_params& p) {
   const int64_t N = 16 / sizeof(T);
   VecFlags vec;
   vec.weight = aligned16(p.weight) && (p.weight_row_stride % N) == 0;
   vec.hidden = aligned16(p.hidden) && (p.hidden_row_stride % N) == 0 && p.dim % N == 0;
   vec.out = aligned16(p.out) && (p.out_row_stride % N) == 0 && p.dim % N == 0;
+  return vec;
+}
+
+template <typename T>
+ak_status launch_mean(const ak_steer_params& p, cudaStream_t stream) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(p.num_sets), static_cast<unsigned>((p.dim + kThreads - 1) / kThreads));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaError_t err = cudaLaunchKernelEx(&config, mean_direction_kernel<T>, p);
+  if (err != cudaSuccess) return cuda_failed(err);
+  config.gridDim = dim3(static_cast<unsigned>(p.rows));
+  err = cudaLaunchKernelEx(&config, steer_mean_kernel<T>, p, vec_flags<T>(p));
+  return err == cudaSuccess ? AK_OK : cuda_failed(err);
+}
+
+template <typename T>
+ak_status launch(const ak_steer_params& p, cudaStream_t stream, int dtype_index) {
+  if (p.objective == AK_OBJECTIVE_MEAN && p.workspace != nullptr) return launch_mean<T>(p, stream);
+  const VecFlags vec = vec_flags<T>(p);
   const int64_t K = p.set_size;
   const size_t smem = sizeof(int64_t) * K +
                       sizeof(float) * (p.dim + 6 * K + (K <= kGramInSharedMax ? K * K : 0));
@@ -412,7 +528,7 @@ extern "C" ak_status ak_cuda_check_device(int device) {
 extern "C" ak_status ak_steer_hidden_cuda(const ak_steer_params* p, void* stream) {
   const ak_status st = ak_steer_check_params(p);
   if (st != AK_OK) return st;
-  if (p->set_size > kMaxSetSize || p->dim > kMaxDim || p->rows > 0x7fffffff)
+  if (p->set_size > kMaxSetSize || p->dim > kMaxDim || p->rows > 0x7fffffff || p->num_sets > 0x7fffffff)
     return AK_ERROR_UNSUPPORTED;
   if (p->rows == 0) return AK_OK;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);

@@ -224,8 +224,9 @@ V* to_device(const std::vector<V>& v) {
   return ptr;
 }
 
+// rank_one: objective MEAN through its rank-one path (a workspace), else the general loop.
 template <typename T>
-std::vector<double> run_cuda(const Problem& p, ak_dtype dtype) {
+std::vector<double> run_cuda(const Problem& p, ak_dtype dtype, bool rank_one = false) {
   auto h = to_device(convert<T>(p.hidden));
   auto w = to_device(convert<T>(p.weight));
   auto b = to_device(convert<T>(p.bias));
@@ -235,12 +236,14 @@ std::vector<double> run_cuda(const Problem& p, ak_dtype dtype) {
   auto rs = to_device(p.row_sets);
   auto eta = to_device(p.eta);
   T* out = to_device(std::vector<T>(p.B * p.d));
-  const ak_steer_params q = params_for(p, dtype, h, w, b, out, ids, aw, gram, rs, eta);
+  float* ws = rank_one ? to_device(std::vector<float>(p.S * (p.d + 1))) : nullptr;
+  ak_steer_params q = params_for(p, dtype, h, w, b, out, ids, aw, gram, rs, eta);
+  q.workspace = ws;
   const ak_status st = ak_steer_hidden_cuda(&q, nullptr);
   std::vector<T> host(p.B * p.d);
   const cudaError_t err = cudaMemcpy(host.data(), out, host.size() * sizeof(T), cudaMemcpyDeviceToHost);
   for (void* ptr : {(void*)h, (void*)w, (void*)b, (void*)ids, (void*)aw, (void*)gram, (void*)rs,
-                    (void*)eta, (void*)out})
+                    (void*)eta, (void*)out, (void*)ws})
     cudaFree(ptr);
   if (st != AK_OK || err != cudaSuccess) {
     std::printf("FAIL cuda launch: status %d, %s\n", int(st), cudaGetErrorString(err));
@@ -285,6 +288,12 @@ int main() {
           ok &= close(p32, run_cuda<float>(p32, AK_FLOAT32), got, 1e-4, 0x1p-24, "cuda fp32");
           ok &= close(ph, run_cuda<half_bits>(ph, AK_FLOAT16), cpu16, 2e-2, 0x1p-10, "cuda fp16");
           ok &= close(pb, run_cuda<bfloat16_bits>(pb, AK_BFLOAT16), cpub16, 2e-2, 0x1p-7, "cuda bf16");
+          if (objective == AK_OBJECTIVE_MEAN) {
+            ok &= close(p32, run_cuda<float>(p32, AK_FLOAT32, true), got, 1e-4, 0x1p-24, "cuda rank-one fp32");
+            ok &= close(ph, run_cuda<half_bits>(ph, AK_FLOAT16, true), cpu16, 2e-2, 0x1p-10, "cuda rank-one fp16");
+            ok &= close(pb, run_cuda<bfloat16_bits>(pb, AK_BFLOAT16, true), cpub16, 2e-2, 0x1p-7,
+                        "cuda rank-one bf16");
+          }
 #endif
         }
   std::printf("%d cases: %s\n", cases, ok ? "passed" : "FAILED");

@@ -67,6 +67,9 @@ typedef struct {
   float max_norm;              /* rho >= 0; +inf: no trust region */
   void* out;                   /* [B, d], unit stride along d; may not alias hidden */
   int64_t out_row_stride;      /* in elements */
+  float* workspace;            /* CUDA, objective MEAN: [S, d + 1] fp32 device scratch for the
+                                  rank-one form (u = W_A^T w and w . b_A per set: one dot, a scalar
+                                  loop and one axpy per row); NULL: the general K-space loop */
 } ak_steer_params;
 
 /* The logit-space form (METHOD.md): W h' + b = (W h0 + b) + M c_T with M = W W_A^T, applied to
@@ -111,7 +114,8 @@ ak_status ak_steer_check_params(const ak_steer_params* p);
  * Also validates row_sets and anchor ids of the rows it touches. */
 ak_status ak_steer_rows_cpu(const ak_steer_params* p, int64_t row_begin, int64_t row_end);
 
-/* CUDA: all rows, one launch on `stream` (a cudaStream_t). Device pointers. Rows whose
+/* CUDA: all rows, one launch on `stream` (a cudaStream_t; two for objective MEAN with a
+ * workspace: u per set, then the rows). Device pointers. Rows whose
  * set index is out of range are left untouched (no host sync to report it; validate ids
  * and row_sets beforehand). Graph-capturable: no allocation, no synchronisation. */
 ak_status ak_steer_hidden_cuda(const ak_steer_params* p, void* stream);
