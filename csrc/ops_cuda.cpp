@@ -1,15 +1,33 @@
 // CUDA implementation of anchor_kernels::steer_hidden: a thin binding over the torch-free
 // launcher in kernels/steer_cuda.cu. Current stream, device guard, no sync: graph-capturable.
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <string>
 
 #include "steer_args.h"
 
 namespace anchor_kernels {
+
+// The plan for the general loop: ak_cuda_split_slices by shape, or $ANCHOR_KERNELS_CUDA_PLAN
+// ("tiled": one block per row; "split_d": at least two slices). Read on the host per call, so a
+// captured CUDA graph keeps the plan it was captured with.
+int64_t cuda_split_slices(int64_t rows, int64_t dim) {
+  const char* env = std::getenv("ANCHOR_KERNELS_CUDA_PLAN");
+  const std::string plan = env ? env : "auto";
+  TORCH_CHECK(plan == "auto" || plan == "tiled" || plan == "split_d",
+              "ANCHOR_KERNELS_CUDA_PLAN must be auto, tiled or split_d, got '", plan, "'");
+  if (plan == "tiled") return 1;
+  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t slices = ak_cuda_split_slices(rows, dim, sms);
+  if (plan == "split_d" && dim >= 2) return std::max<int64_t>(2, std::min<int64_t>(slices, dim));
+  return slices;
+}
 
 at::Tensor steer_hidden_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                              const std::optional<at::Tensor>& bias, const at::Tensor& anchor_ids,
@@ -22,10 +40,19 @@ at::Tensor steer_hidden_cuda(const at::Tensor& hidden, const at::Tensor& weight,
   SteerCall call = make_steer_call(hidden, weight, bias, anchor_ids, anchor_weights, gram,
                                    row_sets, step_size, steps, std::string(objective), reg,
                                    temperature, margin, max_norm, relative_step);
-  at::Tensor workspace;  // the rank-one form of "mean": u = W_A^T w and w . b_A per set
-  if (call.params.objective == AK_OBJECTIVE_MEAN && call.params.rows > 0) {
-    workspace = at::empty({call.params.num_sets, call.params.dim + 1}, hidden.options().dtype(at::kFloat));
+  at::Tensor workspace;
+  const at::TensorOptions fp32 = hidden.options().dtype(at::kFloat);
+  if (call.params.rows > 0 && call.params.objective == AK_OBJECTIVE_MEAN) {
+    // the rank-one form: u = W_A^T w and w . b_A per set
+    workspace = at::empty({call.params.num_sets, call.params.dim + 1}, fp32);
     call.params.workspace = workspace.data_ptr<float>();
+  } else if (call.params.rows > 0) {
+    const int64_t slices = cuda_split_slices(call.params.rows, call.params.dim);
+    if (slices > 1) {  // the split-d plan: partial z0 and ||h0||^2 per slice
+      workspace = at::empty({slices, call.params.rows, call.params.set_size + 1}, fp32);
+      call.params.workspace = workspace.data_ptr<float>();
+      call.params.split_slices = slices;
+    }
   }
   const ak_status st =
       ak_steer_hidden_cuda(&call.params, c10::cuda::getCurrentCUDAStream().stream());

@@ -28,8 +28,36 @@ def _problem(dtype=torch.bfloat16, B=37, d=1000, V=5000):
     return hidden, weight, prepared, row_sets, step_size, config
 
 
+# Every plan of both GPU backends (issue 12), forced through its environment variable.
+PLANS = [("cuda", "ANCHOR_KERNELS_CUDA_PLAN", p) for p in ("tiled", "split_d")] + \
+        [("triton", "ANCHOR_KERNELS_TRITON_PLAN", p) for p in ("tiled", "split_d")]
+
+
+@pytest.mark.parametrize("objective", ["lse", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend, env, plan", PLANS)
+def test_every_plan_matches_the_reference(monkeypatch, backend, env, plan, dtype, objective):
+    if unavailable_reason(backend, CUDA) is not None:
+        pytest.skip(unavailable_reason(backend, CUDA))
+    from conftest import assert_steer_close, reference_fp64
+
+    monkeypatch.setenv(env, plan)
+    for B, d in ((1, 4096), (3, 1000), (300, 2048)):
+        hidden, weight, prepared, row_sets, step_size, _ = _problem(dtype, B=B, d=d)
+        config = ak.SteerConfig(steps=10, objective=objective, max_norm=0.3)
+        out = ak.steer_hidden(hidden, weight, prepared, config, backend=backend, row_sets=row_sets, step_size=step_size)
+        want = reference_fp64(hidden.cpu(), weight.cpu(), prepared.to_bank(), config, row_sets=row_sets.cpu(),
+                              step_size=step_size.cpu())
+        assert_steer_close(out.cpu(), hidden.cpu(), want, dtype, backend)
+        again = ak.steer_hidden(hidden, weight, prepared, config, backend=backend, row_sets=row_sets, step_size=step_size)
+        assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("plan", ["tiled", "split_d"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_cuda_graph_capture_and_replay(backend):
+def test_cuda_graph_capture_and_replay(monkeypatch, backend, plan):
+    monkeypatch.setenv("ANCHOR_KERNELS_CUDA_PLAN", plan)
+    monkeypatch.setenv("ANCHOR_KERNELS_TRITON_PLAN", plan)
     hidden, weight, prepared, row_sets, step_size, config = _problem()
     static = hidden.clone()
 

@@ -389,6 +389,14 @@ extern "C" ak_status ak_steer_logits_apply_cpu(const ak_logits_params* q, const 
   return AK_ERROR_INVALID_ARGUMENT;
 }
 
+// Host-side plan logic of the CUDA launcher: here so that it builds (and is tested) without CUDA.
+extern "C" int64_t ak_cuda_split_slices(int64_t rows, int64_t dim, int64_t sm_count) {
+  const int64_t max_slices = (dim + AK_SPLIT_MIN_SLICE - 1) / AK_SPLIT_MIN_SLICE;
+  if (rows <= 0 || max_slices <= 1 || sm_count <= 0) return 1;
+  const int64_t want = AK_SPLIT_OCCUPANCY * sm_count / rows;
+  return want < 2 ? 1 : (want < max_slices ? want : max_slices);
+}
+
 extern "C" ak_status ak_steer_check_params(const ak_steer_params* p) {
   if (!p) return AK_ERROR_INVALID_ARGUMENT;
   const bool shapes_ok = p->rows >= 0 && p->dim >= 1 && p->vocab >= 1 && p->num_sets >= 1 &&

@@ -142,6 +142,45 @@ __device__ float gram_apply(const float* gram, const float* v, float* gv, int64_
   return block_reduce2<false>(q_part, 0.f, scratch).x;
 }
 
+// Phase 2 of both plans: the T-step K-space loop from z0 (shared), c and gc zeroed by the
+// caller, s and tmp scratch [K]. Leaves c_T in c; returns whether the row moves (the same on
+// every thread of the block).
+__device__ bool kspace_loop(const ak_steer_params& p, const float* z0, const float* w, const float* log_w,
+                            const float* gram, float* c, float* gc, float* s, float* tmp, int64_t K,
+                            float eta, float h_norm, float2* scratch) {
+  const int tid = threadIdx.x;
+  const bool lse = p.objective == AK_OBJECTIVE_LSE;
+  const bool trust = isfinite(p.max_norm);
+  const float limit = p.max_norm * h_norm, tau = p.temperature;
+  if (p.relative_step) {
+    // The first step moves h by eta ||h0||: divide by ||grad G(h0)|| = sqrt(s0^T Gm s0).
+    gap_and_grad(z0, gc, w, log_w, s, K, lse, tau, scratch);
+    __syncthreads();
+    const float g_sq = gram_apply(gram, s, tmp, K, scratch);
+    eta = g_sq > 0.f && isfinite(g_sq) ? eta * h_norm / sqrtf(g_sq) : 0.f;
+    if (!(isfinite(eta) && eta > 0.f)) return false;
+  }
+  for (int64_t t = 0; t < p.steps; ++t) {
+    const float gap = gap_and_grad(z0, gc, w, log_w, s, K, lse, tau, scratch);
+    // A non-finite gap (non-finite hidden row) freezes the row: it comes out unchanged.
+    if (!(isfinite(gap) && gap < p.margin)) continue;  // uniform across the block
+    for (int64_t i = tid; i < K; i += blockDim.x) c[i] += eta * (s[i] - p.reg * c[i]);
+    __syncthreads();
+    const float q = gram_apply(gram, c, gc, K, scratch);  // ||h - h0||^2 = c^T Gm c
+    if (trust && q > limit * limit) {
+      const float scale = limit / sqrtf(q);
+      for (int64_t i = tid; i < K; i += blockDim.x) {
+        c[i] *= scale;
+        gc[i] *= scale;
+      }
+    }
+    __syncthreads();
+  }
+  int moved_part = 0;
+  for (int64_t i = tid; i < K; i += blockDim.x) moved_part |= c[i] != 0.f;
+  return __syncthreads_or(moved_part);
+}
+
 struct VecFlags {
   bool weight, hidden, out;
 };
@@ -243,43 +282,8 @@ __global__ void __launch_bounds__(kThreads, 2) steer_kernel(ak_steer_params p, V
   }
   __syncthreads();
 
-  const bool lse = p.objective == AK_OBJECTIVE_LSE;
-  const bool trust = isfinite(p.max_norm);
-  const float limit = p.max_norm * h_norm, tau = p.temperature;
-  float eta = eta_in;
-  if (p.relative_step) {
-    // The first step moves h by eta ||h0||: divide by ||grad G(h0)|| = sqrt(s0^T Gm s0).
-    gap_and_grad(z0, gc, w, log_w, s, K, lse, tau, scratch);
-    __syncthreads();
-    const float g_sq = gram_apply(gram, s, tmp, K, scratch);
-    eta = g_sq > 0.f && isfinite(g_sq) ? eta * h_norm / sqrtf(g_sq) : 0.f;
-    if (!(isfinite(eta) && eta > 0.f)) {
-      copy_row(h_in, h_out, d, copy_vec);
-      return;
-    }
-  }
-
   // Phase 2: the K-space loop.
-  for (int64_t t = 0; t < p.steps; ++t) {
-    const float gap = gap_and_grad(z0, gc, w, log_w, s, K, lse, tau, scratch);
-    // A non-finite gap (non-finite hidden row) freezes the row: it comes out unchanged.
-    if (!(isfinite(gap) && gap < p.margin)) continue;  // uniform across the block
-    for (int64_t i = tid; i < K; i += blockDim.x) c[i] += eta * (s[i] - p.reg * c[i]);
-    __syncthreads();
-    const float q = gram_apply(gram, c, gc, K, scratch);  // ||h - h0||^2 = c^T Gm c
-    if (trust && q > limit * limit) {
-      const float scale = limit / sqrtf(q);
-      for (int64_t i = tid; i < K; i += blockDim.x) {
-        c[i] *= scale;
-        gc[i] *= scale;
-      }
-    }
-    __syncthreads();
-  }
-
-  int moved_part = 0;
-  for (int64_t i = tid; i < K; i += blockDim.x) moved_part |= c[i] != 0.f;
-  if (!__syncthreads_or(moved_part)) {
+  if (!kspace_loop(p, z0, w, log_w, gram, c, gc, s, tmp, K, eta_in, h_norm, scratch)) {
     copy_row(h_in, h_out, d, copy_vec);
     return;
   }
@@ -410,6 +414,108 @@ __global__ void __launch_bounds__(kThreads) steer_mean_kernel(ak_steer_params p,
     store_float(h_out + j, load_float(h_in + j) + a * u[j]);
 }
 
+// Split-d plan, launch 1, grid (rows, slices): block (row, j) writes the partial z0 = W_A h0 over
+// d-slice j and the partial ||h0||^2 to workspace[j][row] (no atomics: the finish kernel sums the
+// slices in a fixed order, so results are deterministic). A warp per anchor, lanes along d.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) split_partial_kernel(ak_steer_params p) {
+  __shared__ float2 scratch[kWarps];
+  const int64_t row = blockIdx.x, j = blockIdx.y, K = p.set_size, d = p.dim;
+  const int64_t set = p.row_sets[row];
+  if (set < 0 || set >= p.num_sets || p.steps == 0 || p.step_size[row] == 0.f) return;
+  const int64_t len = (d + gridDim.y - 1) / gridDim.y, begin = j * len, end = min(d, begin + len);
+  const T* h_in = static_cast<const T*>(p.hidden) + row * p.hidden_row_stride;
+  const T* weight = static_cast<const T*>(p.weight);
+  const int64_t* ids = p.anchor_ids + set * K;
+  const float* w = p.anchor_weights + set * K;
+  float* part = p.workspace + (j * p.rows + row) * (K + 1);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t k = warp; k < K; k += kWarps) {
+    float acc = 0.f;
+    const int64_t id = ids[k];
+    if (w[k] != 0.f && id >= 0 && id < p.vocab) {
+      const T* wrow = weight + id * p.weight_row_stride;
+      for (int64_t col = begin + lane; col < end; col += 32) acc += load_float(wrow + col) * load_float(h_in + col);
+      acc = warp_sum(acc);
+    }
+    if (lane == 0) part[k] = acc;
+  }
+  float h_part = 0.f;
+  for (int64_t col = begin + threadIdx.x; col < end; col += blockDim.x) {
+    const float v = load_float(h_in + col);
+    h_part += v * v;
+  }
+  const float h_sq = block_reduce2<false>(h_part, 0.f, scratch).x;
+  if (threadIdx.x == 0) part[K] = h_sq;
+}
+
+// Split-d plan, launch 2, grid (rows, slices): block (row, j) sums the partials in slice order,
+// runs the K-space loop (every slice of a row runs it on the same numbers, so they agree bit for
+// bit) and writes h' = h0 + W_A^T c on slice j.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) split_finish_kernel(ak_steer_params p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float2 scratch[kWarps];
+  __shared__ float h_sq_shared;
+  const int64_t row = blockIdx.x, j = blockIdx.y, K = p.set_size, d = p.dim;
+  const int64_t len = (d + gridDim.y - 1) / gridDim.y, begin = j * len, end = min(d, begin + len);
+  const T* h_in = static_cast<const T*>(p.hidden) + row * p.hidden_row_stride;
+  T* h_out = static_cast<T*>(p.out) + row * p.out_row_stride;
+  const int tid = threadIdx.x;
+  const int64_t set = p.row_sets[row];
+  const float eta_in = p.step_size[row];
+  if (set < 0 || set >= p.num_sets || p.steps == 0 || eta_in == 0.f) {
+    for (int64_t col = begin + tid; col < end; col += blockDim.x) h_out[col] = h_in[col];
+    return;
+  }
+  const int64_t* ids_global = p.anchor_ids + set * K;
+  const float* w = p.anchor_weights + set * K;
+  const float* gram_global = p.gram + set * K * K;
+  const T* weight = static_cast<const T*>(p.weight);
+  int64_t* ids = reinterpret_cast<int64_t*>(smem_raw);  // [K]
+  float* z0 = reinterpret_cast<float*>(ids + K);        // [K]
+  float* c = z0 + K;
+  float* gc = c + K;
+  float* s = gc + K;
+  float* log_w = s + K;
+  float* tmp = log_w + K;
+  float* gram_shared = tmp + K;  // [K*K] when K <= kGramInSharedMax
+  const bool gram_in_shared = K <= kGramInSharedMax;
+  const float* gram = gram_in_shared ? gram_shared : gram_global;
+  int bad_id = 0;
+  for (int64_t i = tid; i < K; i += blockDim.x) {
+    const int64_t id = ids_global[i];
+    const bool live = w[i] != 0.f;
+    bad_id |= live && (id < 0 || id >= p.vocab);
+    ids[i] = live ? id : 0;
+    c[i] = 0.f;
+    gc[i] = 0.f;
+    log_w[i] = live ? logf(fabsf(w[i])) : 0.f;
+    float z = 0.f;
+    for (int64_t jj = 0; jj < gridDim.y; ++jj) z += p.workspace[(jj * p.rows + row) * (K + 1) + i];
+    if (live && p.bias) z += load_float(static_cast<const T*>(p.bias) + ids[i]);
+    z0[i] = z;
+  }
+  if (tid == 0) {
+    float h_sq = 0.f;
+    for (int64_t jj = 0; jj < gridDim.y; ++jj) h_sq += p.workspace[(jj * p.rows + row) * (K + 1) + K];
+    h_sq_shared = h_sq;
+  }
+  if (gram_in_shared)
+    for (int64_t i = tid; i < K * K; i += blockDim.x) gram_shared[i] = gram_global[i];
+  if (__syncthreads_or(bad_id) ||
+      !kspace_loop(p, z0, w, log_w, gram, c, gc, s, tmp, K, eta_in, sqrtf(h_sq_shared), scratch)) {
+    for (int64_t col = begin + tid; col < end; col += blockDim.x) h_out[col] = h_in[col];
+    return;
+  }
+  for (int64_t col = begin + tid; col < end; col += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      if (c[k] != 0.f) acc += c[k] * load_float(weight + ids[k] * p.weight_row_stride + col);
+    store_float(h_out + col, load_float(h_in + col) + acc);
+  }
+}
+
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 thread_local const char* last_error = "no error";
@@ -483,9 +589,33 @@ ak_status launch_mean(const ak_steer_params& p, cudaStream_t stream) {
   return err == cudaSuccess ? AK_OK : cuda_failed(err);
 }
 
+// The finish kernel's dynamic shared memory: ids, six [K] vectors, the Gram when it fits.
+size_t split_smem(int64_t K) {
+  return sizeof(int64_t) * K + sizeof(float) * (6 * K + (K <= kGramInSharedMax ? K * K : 0));
+}
+
+template <typename T>
+ak_status launch_split(const ak_steer_params& p, cudaStream_t stream) {
+  const size_t smem = split_smem(p.set_size);
+  if (smem > 48 * 1024) return AK_ERROR_UNSUPPORTED;  // K <= 1024 stays under 48 KiB
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(p.rows), static_cast<unsigned>(p.split_slices));
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaError_t err = cudaLaunchKernelEx(&config, split_partial_kernel<T>, p);
+  if (err != cudaSuccess) return cuda_failed(err);
+  config.dynamicSmemBytes = smem;
+  err = cudaLaunchKernelEx(&config, split_finish_kernel<T>, p);
+  return err == cudaSuccess ? AK_OK : cuda_failed(err);
+}
+
 template <typename T>
 ak_status launch(const ak_steer_params& p, cudaStream_t stream, int dtype_index) {
   if (p.objective == AK_OBJECTIVE_MEAN && p.workspace != nullptr) return launch_mean<T>(p, stream);
+  if (p.split_slices > 1) {
+    if (p.workspace == nullptr || p.split_slices > 65535 || p.split_slices > p.dim) return AK_ERROR_INVALID_ARGUMENT;
+    return launch_split<T>(p, stream);
+  }
   const VecFlags vec = vec_flags<T>(p);
   const int64_t K = p.set_size;
   const size_t smem = sizeof(int64_t) * K +

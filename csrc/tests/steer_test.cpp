@@ -226,7 +226,7 @@ V* to_device(const std::vector<V>& v) {
 
 // rank_one: objective MEAN through its rank-one path (a workspace), else the general loop.
 template <typename T>
-std::vector<double> run_cuda(const Problem& p, ak_dtype dtype, bool rank_one = false) {
+std::vector<double> run_cuda(const Problem& p, ak_dtype dtype, bool rank_one = false, int64_t slices = 1) {
   auto h = to_device(convert<T>(p.hidden));
   auto w = to_device(convert<T>(p.weight));
   auto b = to_device(convert<T>(p.bias));
@@ -236,9 +236,11 @@ std::vector<double> run_cuda(const Problem& p, ak_dtype dtype, bool rank_one = f
   auto rs = to_device(p.row_sets);
   auto eta = to_device(p.eta);
   T* out = to_device(std::vector<T>(p.B * p.d));
-  float* ws = rank_one ? to_device(std::vector<float>(p.S * (p.d + 1))) : nullptr;
+  float* ws = rank_one ? to_device(std::vector<float>(p.S * (p.d + 1)))
+              : slices > 1 ? to_device(std::vector<float>(slices * p.B * (p.K + 1))) : nullptr;
   ak_steer_params q = params_for(p, dtype, h, w, b, out, ids, aw, gram, rs, eta);
   q.workspace = ws;
+  q.split_slices = slices;
   const ak_status st = ak_steer_hidden_cuda(&q, nullptr);
   std::vector<T> host(p.B * p.d);
   const cudaError_t err = cudaMemcpy(host.data(), out, host.size() * sizeof(T), cudaMemcpyDeviceToHost);
@@ -255,11 +257,20 @@ std::vector<double> run_cuda(const Problem& p, ak_dtype dtype, bool rank_one = f
 
 }  // namespace
 
+bool plan_choice_ok() {
+  // decode rows on an H100 (132 SMs): split d; a full GPU or a narrow d: one block per row.
+  const bool ok = ak_cuda_split_slices(1, 4096, 132) == 16 && ak_cuda_split_slices(64, 4096, 132) == 4 &&
+                  ak_cuda_split_slices(256, 4096, 132) == 1 && ak_cuda_split_slices(1, 200, 132) == 1 &&
+                  ak_cuda_split_slices(8, 8192, 132) == 32 && ak_cuda_split_slices(0, 4096, 132) == 1;
+  if (!ok) std::printf("FAIL ak_cuda_split_slices\n");
+  return ok;
+}
+
 int main() {
   std::mt19937 rng(1234);
   const int64_t dims[] = {1, 7, 64, 130, 1000};
   const int64_t set_sizes[] = {2, 5, 64, 100};
-  bool ok = true;
+  bool ok = plan_choice_ok();
   int cases = 0;
 #ifdef AK_TEST_CUDA
   int devices = 0;
@@ -288,6 +299,12 @@ int main() {
           ok &= close(p32, run_cuda<float>(p32, AK_FLOAT32), got, 1e-4, 0x1p-24, "cuda fp32");
           ok &= close(ph, run_cuda<half_bits>(ph, AK_FLOAT16), cpu16, 2e-2, 0x1p-10, "cuda fp16");
           ok &= close(pb, run_cuda<bfloat16_bits>(pb, AK_BFLOAT16), cpub16, 2e-2, 0x1p-7, "cuda bf16");
+          if (d >= 3) {  // the split-d plan: 3 slices, every dtype
+            ok &= close(p32, run_cuda<float>(p32, AK_FLOAT32, false, 3), got, 1e-4, 0x1p-24, "cuda split fp32");
+            ok &= close(ph, run_cuda<half_bits>(ph, AK_FLOAT16, false, 3), cpu16, 2e-2, 0x1p-10, "cuda split fp16");
+            ok &= close(pb, run_cuda<bfloat16_bits>(pb, AK_BFLOAT16, false, 3), cpub16, 2e-2, 0x1p-7,
+                        "cuda split bf16");
+          }
           if (objective == AK_OBJECTIVE_MEAN) {
             ok &= close(p32, run_cuda<float>(p32, AK_FLOAT32, true), got, 1e-4, 0x1p-24, "cuda rank-one fp32");
             ok &= close(ph, run_cuda<half_bits>(ph, AK_FLOAT16, true), cpu16, 2e-2, 0x1p-10, "cuda rank-one fp16");

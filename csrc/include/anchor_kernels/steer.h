@@ -67,9 +67,13 @@ typedef struct {
   float max_norm;              /* rho >= 0; +inf: no trust region */
   void* out;                   /* [B, d], unit stride along d; may not alias hidden */
   int64_t out_row_stride;      /* in elements */
-  float* workspace;            /* CUDA, objective MEAN: [S, d + 1] fp32 device scratch for the
-                                  rank-one form (u = W_A^T w and w . b_A per set: one dot, a scalar
-                                  loop and one axpy per row); NULL: the general K-space loop */
+  float* workspace;            /* CUDA device scratch, fp32, or NULL. Objective MEAN: [S, d + 1] for
+                                  the rank-one form (u = W_A^T w and w . b_A per set: one dot, a
+                                  scalar loop and one axpy per row). Otherwise, with split_slices
+                                  > 1: [split_slices, B, K + 1] of partial z0 and ||h0||^2. */
+  int64_t split_slices;        /* CUDA, general loop: > 1 gives each row this many blocks, one per
+                                  slice of d (two launches; needs the workspace); 0 or 1: one block
+                                  per row. ak_cuda_split_slices() picks it by shape. */
 } ak_steer_params;
 
 /* The logit-space form (METHOD.md): W h' + b = (W h0 + b) + M c_T with M = W W_A^T, applied to
@@ -119,6 +123,13 @@ ak_status ak_steer_rows_cpu(const ak_steer_params* p, int64_t row_begin, int64_t
  * set index is out of range are left untouched (no host sync to report it; validate ids
  * and row_sets beforehand). Graph-capturable: no allocation, no synchronisation. */
 ak_status ak_steer_hidden_cuda(const ak_steer_params* p, void* stream);
+
+/* The CUDA plan by shape (issue 12's model): 1 (one block per row) when the rows already fill
+ * the GPU or d is narrow, else the number of d-slices (>= AK_SPLIT_MIN_SLICE columns each) that
+ * gives about AK_SPLIT_OCCUPANCY blocks per SM. Modelled, not yet measured on a GPU. */
+#define AK_SPLIT_MIN_SLICE 256
+#define AK_SPLIT_OCCUPANCY 2
+int64_t ak_cuda_split_slices(int64_t rows, int64_t dim, int64_t sm_count);
 
 /* Largest set_size / dim the CUDA kernel accepts (AK_ERROR_UNSUPPORTED past them). */
 int64_t ak_cuda_max_set_size(void);
