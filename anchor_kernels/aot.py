@@ -105,7 +105,7 @@ def _compile(kernel, pointers, cfg, flags, num_warps, capability, arch):
             signature[name] = pointers[name]
         elif name in floats:
             signature[name] = "fp32"
-        elif name in cfg or name in flags or name in ("NATIVE_DOT16", "HAS_NORM"):
+        elif name in cfg or name in flags or name in ("NATIVE_DOT16", "HAS_NORM", "GROUPED"):
             signature[name] = "constexpr"
             constexprs[name] = cfg.get(name, flags.get(name, True))
         else:
@@ -143,7 +143,7 @@ def compile_one(job):
     num_warps = cfg.pop("num_warps")
     pointers = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
                 "ids_ptr": "*i64", "aw_ptr": "*fp32", "gram_ptr": "*fp32", "row_sets_ptr": "*i64",
-                "eta_ptr": "*fp32", "out_ptr": f"*{dtype}", "scratch_ptr": "*fp32"}
+                "eta_ptr": "*fp32", "out_ptr": f"*{dtype}", "scratch_ptr": "*fp32", "order_ptr": "*i64"}
     shared, regs, spills, seconds = _compile(triton_steer._steer_hidden_kernel, pointers, cfg, flags,
                                              num_warps, capability, arch)
     return dict(kernel="hidden", arch=arch, dtype=dtype, K=K, dim=dim, **flags, BLOCK_K=cfg["BLOCK_K"],

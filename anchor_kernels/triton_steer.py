@@ -210,21 +210,25 @@ if IMPORT_ERROR is None:
     @triton.jit
     def _steer_hidden_kernel(
         hidden_ptr, weight_ptr, bias_ptr, ids_ptr, aw_ptr, gram_ptr, row_sets_ptr, eta_ptr,
-        out_ptr, scratch_ptr, rows, dim, vocab, num_sets, set_size, hidden_row_stride,
+        out_ptr, scratch_ptr, order_ptr, rows, dim, vocab, num_sets, set_size, hidden_row_stride,
         weight_row_stride, out_row_stride, steps, reg, tau, margin, max_norm,
         LSE: tl.constexpr, TRUST: tl.constexpr, HAS_BIAS: tl.constexpr, RELATIVE: tl.constexpr,
-        NATIVE_DOT16: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-        CHUNKED: tl.constexpr, CHUNK: tl.constexpr,
+        NATIVE_DOT16: tl.constexpr, GROUPED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_D: tl.constexpr, CHUNKED: tl.constexpr, CHUNK: tl.constexpr,
     ):
         """out[r] = h0 + W_A^T c_T for rows r of this tile using set s (METHOD.md, K-space):
         z0 = W_A h0 + b_A; each step z = z0 + Gm c, c += eta m (s(z) - reg c), trust region
         on c^T Gm c. Gm c is carried across steps so a step is one K x K dot. Offsets are
-        int64: a strided prefill view can span more than 2^31 elements."""
+        int64: a strided prefill view can span more than 2^31 elements. GROUPED: tile rows are
+        order[tile rows], the rows sorted by set, so a tile's rows mostly share one set (one W_A
+        read per tile instead of one per set present)."""
         pid = tl.program_id(0)
         tile = pid // num_sets
         s = pid % num_sets
         r = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
         in_range = r < rows
+        if GROUPED:
+            r = tl.load(order_ptr + r, mask=in_range, other=0)
         rs = tl.load(row_sets_ptr + r, mask=in_range, other=-1)
         unclaimed = (rs < 0) | (rs >= num_sets)
         mine = in_range & (rs == s)
@@ -597,13 +601,17 @@ if IMPORT_ERROR is None:
             return out
         grid = launch_grid(rows, S)
         scratch = hidden.new_empty((rows, cfg["BLOCK_K"]) if cfg["CHUNKED"] else (1, 1), dtype=torch.float32)
+        # Several sets and more than one tile: group rows by set on the device (a stable sort, no
+        # host sync); -1 rows sort first and their tiles only copy.
+        grouped = S > 1 and rows > BLOCK_ROWS
+        order = torch.argsort(row_sets, stable=True) if grouped else row_sets
         torch.library.wrap_triton(_steer_hidden_kernel)[grid](
             hidden, weight, weight if bias is None else bias, anchor_ids.contiguous(),
             anchor_weights.contiguous(), gram.contiguous(), row_sets.contiguous(),
-            step_size.contiguous(), out, scratch, rows, dim, weight.shape[0], S, K, hidden.stride(0),
+            step_size.contiguous(), out, scratch, order, rows, dim, weight.shape[0], S, K, hidden.stride(0),
             weight.stride(0), out.stride(0), steps, reg, temperature, margin, max_norm,
             LSE=objective == "lse", TRUST=max_norm != float("inf"), HAS_BIAS=bias is not None,
-            RELATIVE=relative_step, NATIVE_DOT16=not _interpreting(), **cfg,
+            RELATIVE=relative_step, NATIVE_DOT16=not _interpreting(), GROUPED=grouped, **cfg,
         )
         return out
 
