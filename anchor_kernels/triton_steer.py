@@ -166,6 +166,53 @@ if IMPORT_ERROR is None:
         return gc
 
     @triton.jit
+    def _tile_rows(row_sets_ptr, rows, num_sets, BLOCK_B: tl.constexpr):
+        """Program (tile x set) of the flat grid: its set s, its rows r (int64), which exist, and
+        their sets."""
+        pid = tl.program_id(0)
+        s = pid % num_sets
+        r = (pid // num_sets).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        in_range = r < rows
+        return s, r, in_range, tl.load(row_sets_ptr + r, mask=in_range, other=-1)
+
+    @triton.jit
+    def _load_set(ids_ptr, aw_ptr, s, set_size, vocab, mine, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Set s's ids and signed weights. A live id outside the vocabulary leaves the set's rows
+        untouched (mine and live cleared) and is never read: callers validate ids on the host,
+        there is no sync here."""
+        k = tl.arange(0, BLOCK_K)
+        k_ok = k < set_size
+        set_off = s.to(tl.int64) * set_size
+        ids = tl.load(ids_ptr + set_off + k, mask=k_ok, other=0)
+        w = tl.load(aw_ptr + set_off + k, mask=k_ok, other=0.0)
+        live = w != 0.0
+        bad = tl.sum((live & ((ids < 0) | (ids >= vocab))).to(tl.int32), axis=0)
+        mine = mine & (tl.zeros((BLOCK_B,), dtype=tl.int32) + bad == 0)
+        live = live & (tl.zeros((BLOCK_K,), dtype=tl.int32) + bad == 0)
+        return k, k_ok, set_off, ids, w, live, mine
+
+    @triton.jit
+    def _anchor_logits(h_rows, w_rows, mine, live, begin, end, NATIVE_DOT16: tl.constexpr,
+                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """W_A h0 and ||h0||^2 of the rows ``mine`` over columns [begin, end). 16-bit inputs are
+        multiplied as they are (exact products, fp32 accumulation); fp32 uses 3xTF32 (fp32
+        accuracy)."""
+        z0 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+        h_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+        for d0 in range(begin, end, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < end
+            h = tl.load(h_rows + dd[None, :], mask=mine[:, None] & d_ok[None, :], other=0.0)
+            wa = tl.load(w_rows + dd[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
+            if h.dtype == tl.float32 or not NATIVE_DOT16:
+                z0 += tl.dot(h.to(tl.float32), tl.trans(wa.to(tl.float32)), input_precision="tf32x3")
+            else:
+                z0 += tl.dot(h, tl.trans(wa))
+            hf = h.to(tl.float32)
+            h_sq += tl.sum(hf * hf, axis=1)
+        return z0, h_sq
+
+    @triton.jit
     def _kspace_loop(z0, w, live, eta, h_norm, mine, gram_base, row_scratch, k, k_ok, set_size,
                      steps, reg, tau, margin, max_norm, LSE: tl.constexpr, TRUST: tl.constexpr,
                      RELATIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -223,9 +270,8 @@ if IMPORT_ERROR is None:
         order[tile rows], the rows sorted by set, so a tile's rows mostly share one set (one W_A
         read per tile instead of one per set present)."""
         pid = tl.program_id(0)
-        tile = pid // num_sets
         s = pid % num_sets
-        r = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        r = (pid // num_sets).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
         in_range = r < rows
         if GROUPED:
             r = tl.load(order_ptr + r, mask=in_range, other=0)
@@ -244,35 +290,12 @@ if IMPORT_ERROR is None:
                     tl.store(o_rows + dd[None, :], tl.load(h_rows + dd[None, :], mask=m), mask=m)
         else:
             store = mine | copy_only
-            k = tl.arange(0, BLOCK_K)
-            k_ok = k < set_size
-            set_off = s.to(tl.int64) * set_size
-            ids = tl.load(ids_ptr + set_off + k, mask=k_ok, other=0)
-            w = tl.load(aw_ptr + set_off + k, mask=k_ok, other=0.0)
-            live = w != 0.0
-            # A live id outside the vocabulary leaves the set's rows untouched and is never
-            # read (callers validate ids on the host; no sync here).
-            bad_ids = tl.sum((live & ((ids < 0) | (ids >= vocab))).to(tl.int32), axis=0)
-            mine = mine & (tl.zeros((BLOCK_B,), dtype=tl.int32) + bad_ids == 0)
-            live = live & (tl.zeros((BLOCK_K,), dtype=tl.int32) + bad_ids == 0)
+            k, k_ok, set_off, ids, w, live, mine = _load_set(ids_ptr, aw_ptr, s, set_size, vocab, mine,
+                                                             BLOCK_B, BLOCK_K)
             eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
             w_rows = weight_ptr + ids[:, None] * weight_row_stride
 
-            # z0 = W_A h0 (+ b_A) and ||h0||, one pass over d. 16-bit inputs are multiplied
-            # as they are (exact products, fp32 accumulation); fp32 uses 3xTF32 (fp32 accuracy).
-            z0 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
-            h_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
-            for d0 in range(0, dim, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                d_ok = dd < dim
-                h = tl.load(h_rows + dd[None, :], mask=mine[:, None] & d_ok[None, :], other=0.0)
-                wa = tl.load(w_rows + dd[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
-                if h.dtype == tl.float32 or not NATIVE_DOT16:
-                    z0 += tl.dot(h.to(tl.float32), tl.trans(wa.to(tl.float32)), input_precision="tf32x3")
-                else:
-                    z0 += tl.dot(h, tl.trans(wa))
-                hf = h.to(tl.float32)
-                h_sq += tl.sum(hf * hf, axis=1)
+            z0, h_sq = _anchor_logits(h_rows, w_rows, mine, live, 0, dim, NATIVE_DOT16, BLOCK_B, BLOCK_K, BLOCK_D)
             if HAS_BIAS:
                 z0 += tl.load(bias_ptr + ids, mask=live, other=0.0).to(tl.float32)[None, :]
             h_norm = tl.sqrt(h_sq)
@@ -302,37 +325,16 @@ if IMPORT_ERROR is None:
         """Split-d plan, launch 1: program (tile x set, slice j) writes the partial z0 = W_A h0 and
         ||h0||^2 of its rows over d-slice j to zp[j] / hsq[j] (no atomics: the finish kernel sums
         the slices in a fixed order, so results are deterministic)."""
-        pid = tl.program_id(0)
         j = tl.program_id(1)
-        tile = pid // num_sets
-        s = pid % num_sets
-        r = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-        in_range = r < rows
-        rs = tl.load(row_sets_ptr + r, mask=in_range, other=-1)
+        s, r, in_range, rs = _tile_rows(row_sets_ptr, rows, num_sets, BLOCK_B)
         mine = in_range & (rs == s)
         if tl.sum(mine.to(tl.int32), axis=0) > 0:
-            k = tl.arange(0, BLOCK_K)
-            k_ok = k < set_size
-            set_off = s.to(tl.int64) * set_size
-            ids = tl.load(ids_ptr + set_off + k, mask=k_ok, other=0)
-            w = tl.load(aw_ptr + set_off + k, mask=k_ok, other=0.0)
-            live = (w != 0.0) & (ids >= 0) & (ids < vocab)
+            k, k_ok, set_off, ids, w, live, mine = _load_set(ids_ptr, aw_ptr, s, set_size, vocab, mine,
+                                                             BLOCK_B, BLOCK_K)
             h_rows = hidden_ptr + r[:, None] * hidden_row_stride
             w_rows = weight_ptr + ids[:, None] * weight_row_stride
-            z0 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
-            h_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
-            end = tl.minimum(dim, (j + 1) * slice_len)
-            for d0 in range(j * slice_len, end, BLOCK_D):
-                dd = d0 + tl.arange(0, BLOCK_D)
-                d_ok = dd < end
-                h = tl.load(h_rows + dd[None, :], mask=mine[:, None] & d_ok[None, :], other=0.0)
-                wa = tl.load(w_rows + dd[None, :], mask=live[:, None] & d_ok[None, :], other=0.0)
-                if h.dtype == tl.float32 or not NATIVE_DOT16:
-                    z0 += tl.dot(h.to(tl.float32), tl.trans(wa.to(tl.float32)), input_precision="tf32x3")
-                else:
-                    z0 += tl.dot(h, tl.trans(wa))
-                hf = h.to(tl.float32)
-                h_sq += tl.sum(hf * hf, axis=1)
+            z0, h_sq = _anchor_logits(h_rows, w_rows, mine, live, j * slice_len, tl.minimum(dim, (j + 1) * slice_len),
+                                      NATIVE_DOT16, BLOCK_B, BLOCK_K, BLOCK_D)
             at = j.to(tl.int64) * rows + r
             tl.store(zp_ptr + at[:, None] * BLOCK_K + k[None, :], z0, mask=mine[:, None])
             tl.store(hsq_ptr + at, h_sq, mask=mine)
@@ -350,27 +352,14 @@ if IMPORT_ERROR is None:
         runs the K-space loop (every slice of a row runs the same loop on the same numbers, so
         they agree bit for bit) and writes h' = h0 + W_A^T c on slice j; program s = 0 also copies
         slice j of the rows no set claims."""
-        pid = tl.program_id(0)
         j = tl.program_id(1)
-        tile = pid // num_sets
-        s = pid % num_sets
-        r = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-        in_range = r < rows
-        rs = tl.load(row_sets_ptr + r, mask=in_range, other=-1)
-        unclaimed = (rs < 0) | (rs >= num_sets)
+        s, r, in_range, rs = _tile_rows(row_sets_ptr, rows, num_sets, BLOCK_B)
         mine = in_range & (rs == s)
-        copy_only = in_range & unclaimed & (tl.zeros((BLOCK_B,), dtype=tl.int32) + s == 0)
+        copy_only = in_range & ((rs < 0) | (rs >= num_sets)) & (tl.zeros((BLOCK_B,), dtype=tl.int32) + s == 0)
         store = mine | copy_only
         if tl.sum(store.to(tl.int32), axis=0) > 0:
-            k = tl.arange(0, BLOCK_K)
-            k_ok = k < set_size
-            set_off = s.to(tl.int64) * set_size
-            ids = tl.load(ids_ptr + set_off + k, mask=k_ok, other=0)
-            w = tl.load(aw_ptr + set_off + k, mask=k_ok, other=0.0)
-            live = w != 0.0
-            bad_ids = tl.sum((live & ((ids < 0) | (ids >= vocab))).to(tl.int32), axis=0)
-            mine = mine & (tl.zeros((BLOCK_B,), dtype=tl.int32) + bad_ids == 0)
-            live = live & (tl.zeros((BLOCK_K,), dtype=tl.int32) + bad_ids == 0)
+            k, k_ok, set_off, ids, w, live, mine = _load_set(ids_ptr, aw_ptr, s, set_size, vocab, mine,
+                                                             BLOCK_B, BLOCK_K)
             c = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
             if tl.sum(mine.to(tl.int32), axis=0) > 0:
                 z0 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
@@ -435,12 +424,7 @@ if IMPORT_ERROR is None:
         gap = u.h0 + w.b_A + a gamma (gamma = ||u||^2 = w^T Gm w), the trust region is
         a^2 gamma <= rho^2 ||h0||^2, and h' = h0 + a u. One pass over d for u.h0, a scalar loop,
         one pass for the axpy; same grid and row rules as the general kernel."""
-        pid = tl.program_id(0)
-        tile = pid // num_sets
-        s = pid % num_sets
-        r = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-        in_range = r < rows
-        rs = tl.load(row_sets_ptr + r, mask=in_range, other=-1)
+        s, r, in_range, rs = _tile_rows(row_sets_ptr, rows, num_sets, BLOCK_B)
         mine = in_range & (rs == s)
         copy_only = in_range & ((rs < 0) | (rs >= num_sets)) & (tl.zeros((BLOCK_B,), dtype=tl.int32) + s == 0)
         store = mine | copy_only
@@ -494,23 +478,11 @@ if IMPORT_ERROR is None:
         """The logit form, step 1: c_T per row from its anchors' logits alone (z0 = logits[r, ids]).
         Same grid as the hidden kernel; c [rows, BLOCK_K] starts at zero and keeps it for rows
         no set claims."""
-        pid = tl.program_id(0)
-        tile = pid // num_sets
-        s = pid % num_sets
-        r = tile.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-        in_range = r < rows
-        rs = tl.load(row_sets_ptr + r, mask=in_range, other=-1)
+        s, r, in_range, rs = _tile_rows(row_sets_ptr, rows, num_sets, BLOCK_B)
         mine = in_range & (rs == s)
         if tl.sum(mine.to(tl.int32), axis=0) > 0:
-            k = tl.arange(0, BLOCK_K)
-            k_ok = k < set_size
-            set_off = s.to(tl.int64) * set_size
-            ids = tl.load(ids_ptr + set_off + k, mask=k_ok, other=0)
-            w = tl.load(aw_ptr + set_off + k, mask=k_ok, other=0.0)
-            live = w != 0.0
-            bad_ids = tl.sum((live & ((ids < 0) | (ids >= vocab))).to(tl.int32), axis=0)
-            mine = mine & (tl.zeros((BLOCK_B,), dtype=tl.int32) + bad_ids == 0)
-            live = live & (tl.zeros((BLOCK_K,), dtype=tl.int32) + bad_ids == 0)
+            k, k_ok, set_off, ids, w, live, mine = _load_set(ids_ptr, aw_ptr, s, set_size, vocab, mine,
+                                                             BLOCK_B, BLOCK_K)
             eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
             z0 = tl.load(logits_ptr + r[:, None] * logits_row_stride + ids[None, :],
                          mask=mine[:, None] & live[None, :], other=0.0).to(tl.float32)

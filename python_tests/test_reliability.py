@@ -93,8 +93,10 @@ def test_triton_offsets_are_64_bit_in_the_compiled_kernel():
 
     from anchor_kernels import triton_steer
 
-    src = inspect.getsource(triton_steer._steer_hidden_kernel.fn)
-    assert "tile.to(tl.int64)" in src and "s.to(tl.int64)" in src
+    widened = "(pid // num_sets).to(tl.int64)"
+    assert widened in inspect.getsource(triton_steer._steer_hidden_kernel.fn)
+    assert widened in inspect.getsource(triton_steer._tile_rows.fn)
+    assert "s.to(tl.int64) * set_size" in inspect.getsource(triton_steer._load_set.fn)
 
 
 # --- 3. anchor ids are range-checked, prepared anchors belong to their weight ------------------

@@ -181,6 +181,12 @@ __device__ bool kspace_loop(const ak_steer_params& p, const float* z0, const flo
   return __syncthreads_or(moved_part);
 }
 
+// Whether a row can move at all: a set in range, steps and a step size (else it is copied).
+__device__ __forceinline__ bool row_moves(const ak_steer_params& p, int64_t row) {
+  const int64_t set = p.row_sets[row];
+  return set >= 0 && set < p.num_sets && p.steps > 0 && p.step_size[row] != 0.f;
+}
+
 struct VecFlags {
   bool weight, hidden, out;
 };
@@ -196,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 2) steer_kernel(ak_steer_params p, V
   const bool copy_vec = vec.hidden && vec.out;
   const int64_t set = p.row_sets[row];
   const float eta_in = p.step_size[row];
-  if (set < 0 || set >= p.num_sets || p.steps == 0 || eta_in == 0.f) {
+  if (!row_moves(p, row)) {
     copy_row(h_in, h_out, d, copy_vec);
     return;
   }
@@ -359,7 +365,7 @@ __global__ void __launch_bounds__(kThreads) steer_mean_kernel(ak_steer_params p,
   const bool copy_vec = vec.hidden && vec.out;
   const int64_t set = p.row_sets[row];
   const float eta_in = p.step_size[row];
-  if (set < 0 || set >= p.num_sets || p.steps == 0 || eta_in == 0.f) {
+  if (!row_moves(p, row)) {
     copy_row(h_in, h_out, d, copy_vec);
     return;
   }
@@ -422,7 +428,7 @@ __global__ void __launch_bounds__(kThreads) split_partial_kernel(ak_steer_params
   __shared__ float2 scratch[kWarps];
   const int64_t row = blockIdx.x, j = blockIdx.y, K = p.set_size, d = p.dim;
   const int64_t set = p.row_sets[row];
-  if (set < 0 || set >= p.num_sets || p.steps == 0 || p.step_size[row] == 0.f) return;
+  if (!row_moves(p, row)) return;
   const int64_t len = (d + gridDim.y - 1) / gridDim.y, begin = j * len, end = min(d, begin + len);
   const T* h_in = static_cast<const T*>(p.hidden) + row * p.hidden_row_stride;
   const T* weight = static_cast<const T*>(p.weight);
@@ -464,7 +470,7 @@ __global__ void __launch_bounds__(kThreads, 2) split_finish_kernel(ak_steer_para
   const int tid = threadIdx.x;
   const int64_t set = p.row_sets[row];
   const float eta_in = p.step_size[row];
-  if (set < 0 || set >= p.num_sets || p.steps == 0 || eta_in == 0.f) {
+  if (!row_moves(p, row)) {
     for (int64_t col = begin + tid; col < end; col += blockDim.x) h_out[col] = h_in[col];
     return;
   }
