@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: demo eval test test-vllm test-llama-cpp bench bench-vllm cuda-check aot-check gpu-check gpu-check-build gpu-check-bench clean
+.PHONY: demo eval test test-vllm test-llama-cpp bench bench-vllm bench-llama-cpp cuda-check aot-check gpu-check gpu-check-build gpu-check-bench clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -95,6 +95,11 @@ test-llama-cpp: $(LLAMA_VENV)/.built
 # vLLM tokens/s steered vs unsteered, both forms, on the default model (a few minutes on 2 cores).
 bench-vllm: $(VLLM_VENV)/.built $(VENV)/.built
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python bench/vllm_throughput.py --model "$$($(BIN)/python -c 'from anchor_kernels import default_model; print(default_model.ensure(verbose=False))')"
+	$(BIN)/python bench/report.py
+
+# llama.cpp chat tokens/s steered vs unsteered on SmolLM2's GGUF, one thread (about a minute).
+bench-llama-cpp: $(LLAMA_VENV)/.built
+	$(LLAMA_VENV)/bin/python bench/llama_cpp_throughput.py
 	$(BIN)/python bench/report.py
 
 # Compiles the CUDA kernels and CMake targets with nvcc; needs no GPU and no CUDA torch.

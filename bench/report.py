@@ -106,6 +106,16 @@ def vllm(path: Path) -> list[str]:
     return lines
 
 
+def llama_cpp(path: Path) -> list[str]:
+    data = json.loads(path.read_text())
+    m = data["meta"]
+    lines = [f"llama.cpp via llama-cpp-python {m['llama_cpp_python']} (`{m['command']}`, CPU, {m['threads']} thread, "
+             f"{m['model']}, chat completion of up to {m['max_tokens']} tokens, median of 3, alternating):", "",
+             "| variant | tok/s |", "|---|---|"]
+    lines += [f"| {r['variant']} | {r['tok_s']:.1f} |" for r in data["rows"]]
+    return lines
+
+
 def sweep(path: Path) -> list[str]:
     data = json.loads(path.read_text())
     m = data["meta"]
@@ -122,6 +132,8 @@ def main():
         sections += e2e(path) + [""]
     for path in sorted(RESULTS.glob("vllm-*.json")):
         sections += vllm(path) + [""]
+    for path in sorted(RESULTS.glob("llama-cpp-*.json")):
+        sections += llama_cpp(path) + [""]
     for path in sorted(RESULTS.glob("sweep-*.json")):
         sections += sweep(path) + [""]
     body = "\n".join(sections).rstrip() + "\n"
