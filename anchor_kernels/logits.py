@@ -14,8 +14,8 @@ from .kspace import require_hidden_norm, solve_coefficients
 from .steer import _host_values, _per_row, _row_sets, _step_size, unavailable_reason
 
 # backend="auto" per device type: the fused op where it runs, else the eager form.
-LOGIT_BACKENDS = ("cpu", "triton", "eager")
-LOGIT_AUTO_ORDER = {"cpu": ("cpu", "eager"), "cuda": ("triton", "eager")}
+LOGIT_BACKENDS = ("cpu", "cuda", "triton", "eager")
+LOGIT_AUTO_ORDER = {"cpu": ("cpu", "eager"), "cuda": ("cuda", "triton", "eager")}
 
 # Rows of W converted to fp32 at a time while M is built: bounds the transient copy.
 MIXING_CHUNK_BYTES = 8 << 20
@@ -32,8 +32,8 @@ class LogitSteerer:
 
     def __init__(self, weight: torch.Tensor, anchors, config: SteerConfig | None = None,
                  bias: torch.Tensor | None = None, backend: str = "auto"):
-        """``backend``: "auto" (the fused op for the device: C++ on CPU, Triton on CUDA; the eager
-        form where neither runs), "cpu", "triton" or "eager"."""
+        """``backend``: "auto" (the fused op for the device: C++ on CPU; CUDA, then Triton, on a
+        GPU; the eager form where none runs), "cpu", "cuda", "triton" or "eager"."""
         self.config = SteerConfig() if config is None else config
         if not isinstance(self.config, SteerConfig):
             raise TypeError(f"config must be a SteerConfig, got {type(self.config).__name__}")
@@ -71,7 +71,7 @@ class LogitSteerer:
     def apply_(self, logits: torch.Tensor, row_sets=None, step_size=None,
                hidden_norm: torch.Tensor | None = None) -> torch.Tensor:
         """Steers raw ``logits [..., V]`` in place and returns them. The fused ops
-        (``anchor_kernels::steer_logits_`` in C++, ``steer_logits_triton_`` in Triton) read the
+        (``anchor_kernels::steer_logits_``, C++ on CPU and CUDA; ``steer_logits_triton_``) read the
         anchors' logits of each steered row, run the K-space loop and add M c to the row;
         unsteered rows are not touched."""
         if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] != self.vocab:

@@ -52,52 +52,11 @@ void steer_logits_cpu(const at::Tensor& logits, const at::Tensor& mixing,
                       const at::Tensor& step_size, const std::optional<at::Tensor>& hidden_norm,
                       int64_t steps, c10::string_view objective, double reg, double temperature,
                       double margin, double max_norm, bool relative_step) {
-  const at::Device dev = logits.device();
-  TORCH_CHECK(logits.dim() == 2, "steer_logits: logits must be 2-D [B, V], got shape ",
-              logits.sizes());
-  const ak_dtype dtype = to_ak_dtype(logits.scalar_type());
-  TORCH_CHECK(logits.stride(1) == 1 && (logits.size(0) <= 1 || logits.stride(0) >= logits.size(1)),
-              "steer_logits: logits must have unit stride along V and non-overlapping rows (it is "
-              "edited in place)");
-  check_bank(anchor_ids, anchor_weights, gram, row_sets, step_size, logits.size(0), dev);
-  const int64_t S = anchor_ids.size(0), K = anchor_ids.size(1), V = logits.size(1);
-  check_tensor(mixing, "mixing", at::kFloat, 3, dev);
-  TORCH_CHECK(mixing.size(0) == S && mixing.size(1) == K && mixing.size(2) == V,
-              "steer_logits: mixing must be [S, K, V] = [", S, ", ", K, ", ", V, "], got ",
-              mixing.sizes());
-  const std::string obj(objective);
-  check_loop_scalars(steps, obj, reg, temperature, margin, max_norm);
-  const bool needs_norm = std::isfinite(max_norm) || relative_step;
-  TORCH_CHECK(hidden_norm.has_value() || !needs_norm,
-              "steer_logits: max_norm (the trust region) and relative_step need hidden_norm "
-              "(||h0|| per row), which logits do not carry");
-  at::Tensor norm;
-  if (hidden_norm.has_value()) {
-    check_tensor(*hidden_norm, "hidden_norm", at::kFloat, 1, dev);
-    TORCH_CHECK(hidden_norm->size(0) == logits.size(0), "steer_logits: hidden_norm has ",
-                hidden_norm->size(0), " entries but logits has ", logits.size(0), " rows");
-    norm = hidden_norm->contiguous();
-  }
-  const at::Tensor m = mixing.contiguous(), ids = anchor_ids.contiguous(),
-                   aw = anchor_weights.contiguous(), g = gram.contiguous(),
-                   rs = row_sets.contiguous(), eta = step_size.contiguous();
-  ak_logits_params q{};
-  q.dtype = dtype;
-  q.rows = logits.size(0);
-  q.vocab = V;
-  q.logits = logits.data_ptr();
-  q.logits_row_stride = logits.stride(0);
-  q.mixing = m.data_ptr<float>();
-  q.anchor_ids = ids.data_ptr<int64_t>();
-  q.anchor_weights = aw.data_ptr<float>();
-  q.gram = g.data_ptr<float>();
-  q.num_sets = S;
-  q.set_size = K;
-  q.row_sets = rs.data_ptr<int64_t>();
-  q.step_size = eta.data_ptr<float>();
-  q.hidden_norm = norm.defined() ? norm.data_ptr<float>() : nullptr;
-  set_loop_fields(q, steps, obj, reg, temperature, margin, max_norm, relative_step);
-  TORCH_CHECK(ak_steer_logits_check_params(&q) == AK_OK, "steer_logits: invalid arguments");
+  LogitsCall call = make_logits_call(logits, mixing, anchor_ids, anchor_weights, gram, row_sets,
+                                     step_size, hidden_norm, steps, std::string(objective), reg,
+                                     temperature, margin, max_norm, relative_step);
+  const ak_logits_params& q = call.params;
+  const int64_t S = q.num_sets, K = q.set_size, V = q.vocab;
   std::atomic<int> status{AK_OK};
   std::vector<float> coef(q.rows * K);
   std::vector<uint8_t> moved(q.rows);

@@ -68,6 +68,29 @@ at::Tensor steer_hidden_cuda(const at::Tensor& hidden, const at::Tensor& weight,
   return call.out;
 }
 
+void steer_logits_cuda(const at::Tensor& logits, const at::Tensor& mixing,
+                       const at::Tensor& anchor_ids, const at::Tensor& anchor_weights,
+                       const at::Tensor& gram, const at::Tensor& row_sets,
+                       const at::Tensor& step_size, const std::optional<at::Tensor>& hidden_norm,
+                       int64_t steps, c10::string_view objective, double reg, double temperature,
+                       double margin, double max_norm, bool relative_step) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  LogitsCall call = make_logits_call(logits, mixing, anchor_ids, anchor_weights, gram, row_sets,
+                                     step_size, hidden_norm, steps, std::string(objective), reg,
+                                     temperature, margin, max_norm, relative_step);
+  const at::Tensor coef =
+      at::empty({call.params.rows, call.params.set_size}, logits.options().dtype(at::kFloat));
+  const ak_status st = ak_steer_logits_cuda(&call.params, coef.data_ptr<float>(),
+                                            c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(st != AK_ERROR_UNSUPPORTED, "steer_logits: the cuda backend supports K <= ",
+              ak_cuda_max_set_size(), " anchors per set, got K = ", call.params.set_size,
+              "; use the triton backend");
+  TORCH_CHECK(st != AK_ERROR_NO_KERNEL_IMAGE, "steer_logits: anchor_kernels._C holds no CUDA "
+              "kernel for this GPU (", ak_cuda_last_error(), "); use the triton backend");
+  TORCH_CHECK(st != AK_ERROR_CUDA, "steer_logits: CUDA launch failed: ", ak_cuda_last_error());
+  TORCH_CHECK(st == AK_OK, "steer_logits: invalid arguments (status ", static_cast<int>(st), ")");
+}
+
 std::optional<std::string> cuda_check_device(int device) {
   const ak_status st = ak_cuda_check_device(device);
   if (st == AK_OK) return std::nullopt;
@@ -79,4 +102,5 @@ std::optional<std::string> cuda_check_device(int device) {
 
 TORCH_LIBRARY_IMPL(anchor_kernels, CUDA, m) {
   m.impl("steer_hidden", &anchor_kernels::steer_hidden_cuda);
+  m.impl("steer_logits_", &anchor_kernels::steer_logits_cuda);
 }

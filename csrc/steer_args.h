@@ -5,7 +5,9 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "anchor_kernels/steer.h"
 
@@ -155,6 +157,72 @@ inline SteerCall make_steer_call(const at::Tensor& hidden, const at::Tensor& wei
   set_loop_fields(p, steps, objective, reg, temperature, margin, max_norm, relative_step);
   p.out = call.out.data_ptr();
   p.out_row_stride = call.out.stride(0);
+  return call;
+}
+
+
+// The checks and the C params of anchor_kernels::steer_logits_, shared by its CPU and CUDA
+// implementations; the contiguous tensors the params point into live in ``tensors``.
+struct LogitsCall {
+  std::vector<at::Tensor> tensors;
+  ak_logits_params params{};
+};
+
+inline LogitsCall make_logits_call(const at::Tensor& logits, const at::Tensor& mixing,
+                                   const at::Tensor& anchor_ids, const at::Tensor& anchor_weights,
+                                   const at::Tensor& gram, const at::Tensor& row_sets,
+                                   const at::Tensor& step_size,
+                                   const std::optional<at::Tensor>& hidden_norm, int64_t steps,
+                                   const std::string& objective, double reg, double temperature,
+                                   double margin, double max_norm, bool relative_step) {
+  const at::Device dev = logits.device();
+  TORCH_CHECK(logits.dim() == 2, "steer_logits: logits must be 2-D [B, V], got shape ",
+              logits.sizes());
+  const ak_dtype dtype = to_ak_dtype(logits.scalar_type());
+  TORCH_CHECK(logits.stride(1) == 1 && (logits.size(0) <= 1 || logits.stride(0) >= logits.size(1)),
+              "steer_logits: logits must have unit stride along V and non-overlapping rows (it is "
+              "edited in place)");
+  check_bank(anchor_ids, anchor_weights, gram, row_sets, step_size, logits.size(0), dev);
+  const int64_t S = anchor_ids.size(0), K = anchor_ids.size(1), V = logits.size(1);
+  check_tensor(mixing, "mixing", at::kFloat, 3, dev);
+  TORCH_CHECK(mixing.size(0) == S && mixing.size(1) == K && mixing.size(2) == V,
+              "steer_logits: mixing must be [S, K, V] = [", S, ", ", K, ", ", V, "], got ",
+              mixing.sizes());
+  const std::string& obj = objective;
+  check_loop_scalars(steps, obj, reg, temperature, margin, max_norm);
+  const bool needs_norm = std::isfinite(max_norm) || relative_step;
+  TORCH_CHECK(hidden_norm.has_value() || !needs_norm,
+              "steer_logits: max_norm (the trust region) and relative_step need hidden_norm "
+              "(||h0|| per row), which logits do not carry");
+  at::Tensor norm;
+  if (hidden_norm.has_value()) {
+    check_tensor(*hidden_norm, "hidden_norm", at::kFloat, 1, dev);
+    TORCH_CHECK(hidden_norm->size(0) == logits.size(0), "steer_logits: hidden_norm has ",
+                hidden_norm->size(0), " entries but logits has ", logits.size(0), " rows");
+    norm = hidden_norm->contiguous();
+  }
+  LogitsCall call;
+  call.tensors = {mixing.contiguous(), anchor_ids.contiguous(), anchor_weights.contiguous(),
+                  gram.contiguous(), row_sets.contiguous(), step_size.contiguous(), norm};
+  const at::Tensor &m = call.tensors[0], &ids = call.tensors[1], &aw = call.tensors[2],
+                   &g = call.tensors[3], &rs = call.tensors[4], &eta = call.tensors[5];
+  ak_logits_params& q = call.params;
+  q.dtype = dtype;
+  q.rows = logits.size(0);
+  q.vocab = V;
+  q.logits = logits.data_ptr();
+  q.logits_row_stride = logits.stride(0);
+  q.mixing = m.data_ptr<float>();
+  q.anchor_ids = ids.data_ptr<int64_t>();
+  q.anchor_weights = aw.data_ptr<float>();
+  q.gram = g.data_ptr<float>();
+  q.num_sets = S;
+  q.set_size = K;
+  q.row_sets = rs.data_ptr<int64_t>();
+  q.step_size = eta.data_ptr<float>();
+  q.hidden_norm = norm.defined() ? norm.data_ptr<float>() : nullptr;
+  set_loop_fields(q, steps, obj, reg, temperature, margin, max_norm, relative_step);
+  TORCH_CHECK(ak_steer_logits_check_params(&q) == AK_OK, "steer_logits: invalid arguments");
   return call;
 }
 

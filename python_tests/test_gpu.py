@@ -124,3 +124,23 @@ def test_hf_generation_on_gpu_bf16(backend):
         with ak.hf.steer(model, anchors, ak.SteerConfig(steps=10, step_size=1.0, relative_step=False), backend=backend):
             steered = model.generate(ids, **kw)
     assert steered.shape == plain.shape and not torch.equal(steered, plain)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logit_form_on_gpu_matches_the_cpu_op(backend, dtype):
+    """The fused logit op's GPU implementations (CUDA kernel, Triton) against the CPU op."""
+    if unavailable_reason(backend, CUDA) is not None:
+        pytest.skip(unavailable_reason(backend, CUDA))
+    hidden, weight, prepared, row_sets, step_size, config = _problem(torch.float32, B=37, d=512, V=50000)
+    bank = prepared.to_bank()
+    raw = (hidden @ weight.T).to(dtype)
+    norm = hidden.norm(dim=-1)
+    want = ak.LogitSteerer(weight.cpu(), bank, config, backend="cpu")(
+        raw.cpu(), row_sets=row_sets.cpu(), step_size=step_size.cpu(), hidden_norm=norm.cpu())
+    steerer = ak.LogitSteerer(weight, bank, config, backend=backend)
+    got = raw.clone()
+    steerer.apply_(got, row_sets=row_sets, step_size=step_size, hidden_norm=norm)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.cpu().float(), want.float(), rtol=tol, atol=tol)
+    assert torch.equal(got[row_sets < 0], raw[row_sets < 0])

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "dtype_convert.h"
+#include "loop_params.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -19,6 +20,7 @@ namespace {
 
 using anchor_kernels::to_float;
 using anchor_kernels::from_float;
+using anchor_kernels::loop_params;
 
 float dot_portable(const float* a, const float* b, int64_t n) {
   float acc = 0.f;
@@ -264,19 +266,6 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
   return AK_OK;
 }
 
-// The K-space loop needs only these fields of the hidden-state params.
-ak_steer_params loop_params(const ak_logits_params& q) {
-  ak_steer_params p{};
-  p.set_size = q.set_size;
-  p.steps = q.steps;
-  p.relative_step = q.relative_step;
-  p.objective = q.objective;
-  p.reg = q.reg;
-  p.temperature = q.temperature;
-  p.margin = q.margin;
-  p.max_norm = q.max_norm;
-  return p;
-}
 
 template <typename T>
 ak_status solve_logit_rows(const ak_logits_params& q, int64_t row_begin, int64_t row_end,

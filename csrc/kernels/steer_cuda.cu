@@ -16,6 +16,7 @@
 #include <mutex>
 
 #include "anchor_kernels/steer.h"
+#include "loop_params.h"
 
 namespace {
 
@@ -25,6 +26,7 @@ constexpr int64_t kMaxSetSize = 1024;
 constexpr int64_t kMaxDim = 32768;
 constexpr int64_t kGramInSharedMax = 64;  // K*K*4 = 16 KiB
 constexpr int kMaxDevices = 64;
+constexpr int64_t kLogitColumnsPerThread = 8;  // vocabulary entries per thread in the apply kernel
 
 __device__ __forceinline__ float load_float(const float* p) { return *p; }
 __device__ __forceinline__ float load_float(const __half* p) { return __half2float(*p); }
@@ -522,6 +524,81 @@ __global__ void __launch_bounds__(kThreads, 2) split_finish_kernel(ak_steer_para
   }
 }
 
+// The logit form, launch 1: a block per row gathers its anchors' logits, runs the K-space loop
+// and writes c (zeros for rows that do not move) to coef [B, K].
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) logits_solve_kernel(ak_logits_params q, ak_steer_params p,
+                                                                   float* coef) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float2 scratch[kWarps];
+  const int64_t row = blockIdx.x, K = q.set_size;
+  const int tid = threadIdx.x;
+  float* c_out = coef + row * K;
+  const int64_t set = q.row_sets[row];
+  const float eta = q.step_size[row];
+  if (set < 0 || set >= q.num_sets || q.steps == 0 || eta == 0.f) {
+    for (int64_t i = tid; i < K; i += blockDim.x) c_out[i] = 0.f;
+    return;
+  }
+  const T* logits = static_cast<const T*>(q.logits) + row * q.logits_row_stride;
+  const int64_t* ids_global = q.anchor_ids + set * K;
+  const float* w = q.anchor_weights + set * K;
+  const float* gram_global = q.gram + set * K * K;
+  float* z0 = reinterpret_cast<float*>(smem_raw);  // [K]
+  float* c = z0 + K;
+  float* gc = c + K;
+  float* s = gc + K;
+  float* log_w = s + K;
+  float* tmp = log_w + K;
+  float* gram_shared = tmp + K;  // [K*K] when K <= kGramInSharedMax
+  const bool gram_in_shared = K <= kGramInSharedMax;
+  const float* gram = gram_in_shared ? gram_shared : gram_global;
+  int bad_id = 0;
+  for (int64_t i = tid; i < K; i += blockDim.x) {
+    const int64_t id = ids_global[i];
+    const bool live = w[i] != 0.f;
+    const bool ok = id >= 0 && id < q.vocab;
+    bad_id |= live && !ok;
+    z0[i] = live && ok ? load_float(logits + id) : 0.f;
+    c[i] = 0.f;
+    gc[i] = 0.f;
+    log_w[i] = live ? logf(fabsf(w[i])) : 0.f;
+  }
+  if (gram_in_shared)
+    for (int64_t i = tid; i < K * K; i += blockDim.x) gram_shared[i] = gram_global[i];
+  const float h_norm = q.hidden_norm ? q.hidden_norm[row] : 0.f;
+  const bool moved = !__syncthreads_or(bad_id) && kspace_loop(p, z0, w, log_w, gram, c, gc, s, tmp, K, eta, h_norm,
+                                                               scratch);
+  for (int64_t i = tid; i < K; i += blockDim.x) c_out[i] = moved ? c[i] : 0.f;
+}
+
+// The logit form, launch 2, grid (rows, vocabulary tiles): logits[row, v] += sum_k c_k M[s, k, v]
+// in the logits' dtype with fp32 accumulation; consecutive threads take consecutive v (M and the
+// row are read coalesced). Rows with c = 0 are not written.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) logits_apply_kernel(ak_logits_params q, const float* coef) {
+  __shared__ float c[kMaxSetSize];
+  const int64_t row = blockIdx.x, K = q.set_size, V = q.vocab;
+  const int64_t set = q.row_sets[row];
+  if (set < 0 || set >= q.num_sets) return;
+  int moved_part = 0;
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
+    c[i] = coef[row * K + i];
+    moved_part |= c[i] != 0.f;
+  }
+  if (!__syncthreads_or(moved_part)) return;
+  const float* m = q.mixing + set * K * V;
+  T* logits = static_cast<T*>(q.logits) + row * q.logits_row_stride;
+  const int64_t tile = int64_t(blockDim.x) * kLogitColumnsPerThread;
+  for (int64_t v = int64_t(blockIdx.y) * tile + threadIdx.x; v < min(V, int64_t(blockIdx.y + 1) * tile);
+       v += blockDim.x) {
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      if (c[k] != 0.f) acc += c[k] * m[k * V + v];
+    store_float(logits + v, load_float(logits + v) + acc);
+  }
+}
+
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 thread_local const char* last_error = "no error";
@@ -659,6 +736,42 @@ extern "C" ak_status ak_cuda_check_device(int device) {
   err = cudaFuncGetAttributes(&attr, steer_kernel<float>);
   cudaSetDevice(current);
   return err == cudaSuccess ? AK_OK : cuda_failed(err);
+}
+
+template <typename T>
+ak_status launch_logits(const ak_logits_params& q, float* coef, cudaStream_t stream) {
+  const int64_t K = q.set_size;
+  const size_t smem = sizeof(float) * (6 * K + (K <= kGramInSharedMax ? K * K : 0));
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(q.rows));
+  config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaError_t err = cudaLaunchKernelEx(&config, logits_solve_kernel<T>, q, anchor_kernels::loop_params(q), coef);
+  if (err != cudaSuccess) return cuda_failed(err);
+  const int64_t tile = kThreads * kLogitColumnsPerThread;
+  config.gridDim = dim3(static_cast<unsigned>(q.rows), static_cast<unsigned>((q.vocab + tile - 1) / tile));
+  config.dynamicSmemBytes = 0;
+  err = cudaLaunchKernelEx(&config, logits_apply_kernel<T>, q, static_cast<const float*>(coef));
+  return err == cudaSuccess ? AK_OK : cuda_failed(err);
+}
+
+extern "C" ak_status ak_steer_logits_cuda(const ak_logits_params* q, float* coef, void* stream) {
+  const ak_status st = ak_steer_logits_check_params(q);
+  if (st != AK_OK) return st;
+  if (!coef && q->rows > 0) return AK_ERROR_INVALID_ARGUMENT;
+  // 6K floats of shared memory (and the Gram up to K = 64) stay under the 48 KiB default.
+  if (q->set_size > kMaxSetSize || q->rows > 0x7fffffff || (q->vocab + kThreads * kLogitColumnsPerThread - 1) /
+                                                                 (kThreads * kLogitColumnsPerThread) > 65535)
+    return AK_ERROR_UNSUPPORTED;
+  if (q->rows == 0) return AK_OK;
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (q->dtype) {
+    case AK_FLOAT32: return launch_logits<float>(*q, coef, s);
+    case AK_FLOAT16: return launch_logits<__half>(*q, coef, s);
+    case AK_BFLOAT16: return launch_logits<__nv_bfloat16>(*q, coef, s);
+  }
+  return AK_ERROR_INVALID_ARGUMENT;
 }
 
 extern "C" ak_status ak_steer_hidden_cuda(const ak_steer_params* p, void* stream) {

@@ -110,6 +110,10 @@ ak_status ak_steer_logits_solve_cpu(const ak_logits_params* p, int64_t row_begin
                                     float* coef, uint8_t* moved);
 ak_status ak_steer_logits_apply_cpu(const ak_logits_params* p, const float* coef,
                                     const uint8_t* moved, int64_t v_begin, int64_t v_end);
+/* CUDA, two launches on `stream`: a block per row solves c from its anchors' logits into `coef`
+ * (device scratch, [B, K] fp32), then (row, vocabulary tile) blocks add M c in place. Rows out
+ * of range, unsteered or frozen are not written. Graph-capturable. */
+ak_status ak_steer_logits_cuda(const ak_logits_params* p, float* coef, void* stream);
 
 /* Checks everything that does not need to read tensor data. */
 ak_status ak_steer_check_params(const ak_steer_params* p);
