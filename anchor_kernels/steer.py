@@ -14,6 +14,10 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Ordered preference of backend="auto" per device type.
 AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+# The batched plan (issue 12): from this many rows x anchors on, auto prefers Triton's tiled plan
+# on a GPU (tensor-core dots over 16-row tiles) to the CUDA kernel's block per row with FMA dots.
+# Modelled (no GPU has timed the crossover yet): 64 rows x 64 anchors.
+BATCHED_MIN_ROWS_X_ANCHORS = 4096
 BACKEND_ENV = "ANCHOR_KERNELS_BACKEND"
 
 
@@ -49,12 +53,16 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turns ``backend`` ("auto" or a name) into the backend that will run, or raises."""
+def resolve_backend(backend: str, device: torch.device, rows: int = 0, set_size: int = 0) -> str:
+    """Turns ``backend`` ("auto" or a name) into the backend that will run, or raises. With the
+    batch shape, auto takes the batched (Triton) plan for large rows x anchors on a GPU."""
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto")
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ()):
+        order = AUTO_ORDER.get(device.type, ())
+        if device.type == "cuda" and rows * set_size >= BATCHED_MIN_ROWS_X_ANCHORS:
+            order = ("triton",) + order
+        for name in order:
             if unavailable_reason(name, device) is None:
                 return name
         raise RuntimeError(f"no anchor_kernels backend runs on {device}; pass backend='reference' "
@@ -162,8 +170,9 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
     if prepared is not None:
         prepared.check_weight(weight)
     num_sets = bank.num_sets if bank is not None else prepared.anchor_ids.shape[0]
-    name = resolve_backend(backend, hidden.device)
     lead_shape, d = hidden.shape[:-1], hidden.shape[-1]
+    name = resolve_backend(backend, hidden.device, math.prod(lead_shape),
+                           bank.size if bank is not None else prepared.anchor_ids.shape[1])
     rows = _row_sets(row_sets, num_sets, lead_shape, hidden.device)
     eta = _step_size(step_size, config, lead_shape, hidden.device)
     h2 = hidden.reshape(-1, d)

@@ -92,3 +92,18 @@ def test_rows_grouped_by_set_match_the_reference(monkeypatch, dtype):
     out = ak.steer_hidden(hidden, weight, bank, config, backend="triton", row_sets=row_sets)
     assert_steer_close(out, hidden, reference_fp64(hidden, weight, bank, config, row_sets=row_sets), dtype, "triton")
     assert torch.equal(out[row_sets < 0], hidden[row_sets < 0])
+
+
+def test_auto_takes_the_batched_plan_for_large_batches(monkeypatch):
+    """On a GPU, auto is the CUDA kernel for decode batches and Triton's tensor-core tiles from
+    BATCHED_MIN_ROWS_X_ANCHORS rows x anchors on (both pretended available here)."""
+    from anchor_kernels import steer
+
+    monkeypatch.setattr(steer, "unavailable_reason", lambda backend, device: None)
+    monkeypatch.delenv(steer.BACKEND_ENV, raising=False)
+    gpu = torch.device("cuda")
+    assert steer.resolve_backend("auto", gpu, 8, 64) == "cuda"
+    assert steer.resolve_backend("auto", gpu, 64, 64) == "triton"
+    assert steer.resolve_backend("auto", gpu) == "cuda"
+    assert steer.resolve_backend("cuda", gpu, 4096, 256) == "cuda"      # an explicit choice stands
+    assert steer.resolve_backend("auto", torch.device("cpu"), 4096, 256) == "cpu"
