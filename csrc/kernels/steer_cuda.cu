@@ -144,6 +144,24 @@ __device__ float gram_apply(const float* gram, const float* v, float* gv, int64_
   return block_reduce2<false>(q_part, 0.f, scratch).x;
 }
 
+// The K-space loop's shared memory from `base`: z0, c, gc (Gm c, carried across steps), s, log_w
+// and tmp ([K] each), then the set's Gram, staged here when it fits (K <= kGramInSharedMax; read
+// through L2 otherwise). Callers sync before the loop reads it.
+struct LoopSmem {
+  float *z0, *c, *gc, *s, *log_w, *tmp;
+  const float* gram;
+};
+
+__device__ LoopSmem carve_loop_smem(float* base, int64_t K, const float* gram_global) {
+  LoopSmem m{base, base + K, base + 2 * K, base + 3 * K, base + 4 * K, base + 5 * K, gram_global};
+  if (K <= kGramInSharedMax) {
+    float* gram_shared = base + 6 * K;
+    for (int64_t i = threadIdx.x; i < K * K; i += blockDim.x) gram_shared[i] = gram_global[i];
+    m.gram = gram_shared;
+  }
+  return m;
+}
+
 // Phase 2 of both plans: the T-step K-space loop from z0 (shared), c and gc zeroed by the
 // caller, s and tmp scratch [K]. Leaves c_T in c; returns whether the row moves (the same on
 // every thread of the block).
@@ -216,15 +234,7 @@ __global__ void __launch_bounds__(kThreads, 2) steer_kernel(ak_steer_params p, V
 
   int64_t* ids = reinterpret_cast<int64_t*>(smem_raw);  // [K]
   float* h = reinterpret_cast<float*>(ids + K);         // [d]
-  float* z0 = h + d;     // [K]
-  float* c = z0 + K;     // [K]
-  float* gc = c + K;     // [K]  Gm c, carried across steps
-  float* s = gc + K;     // [K]
-  float* log_w = s + K;  // [K]
-  float* tmp = log_w + K;  // [K]
-  float* gram_shared = tmp + K;  // [K*K] when K <= kGramInSharedMax
-  const bool gram_in_shared = K <= kGramInSharedMax;
-  const float* gram = gram_in_shared ? gram_shared : gram_global;
+  auto [z0, c, gc, s, log_w, tmp, gram] = carve_loop_smem(h + d, K, gram_global);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   constexpr int N = Vec<T>::N;
@@ -240,8 +250,6 @@ __global__ void __launch_bounds__(kThreads, 2) steer_kernel(ak_steer_params p, V
     gc[i] = 0.f;
     log_w[i] = live ? logf(fabsf(w[i])) : 0.f;
   }
-  if (gram_in_shared)
-    for (int64_t i = tid; i < K * K; i += blockDim.x) gram_shared[i] = gram_global[i];
   float h_sq = 0.f;
   int64_t staged = 0;
   if (vec.hidden) {
@@ -481,15 +489,7 @@ __global__ void __launch_bounds__(kThreads, 2) split_finish_kernel(ak_steer_para
   const float* gram_global = p.gram + set * K * K;
   const T* weight = static_cast<const T*>(p.weight);
   int64_t* ids = reinterpret_cast<int64_t*>(smem_raw);  // [K]
-  float* z0 = reinterpret_cast<float*>(ids + K);        // [K]
-  float* c = z0 + K;
-  float* gc = c + K;
-  float* s = gc + K;
-  float* log_w = s + K;
-  float* tmp = log_w + K;
-  float* gram_shared = tmp + K;  // [K*K] when K <= kGramInSharedMax
-  const bool gram_in_shared = K <= kGramInSharedMax;
-  const float* gram = gram_in_shared ? gram_shared : gram_global;
+  auto [z0, c, gc, s, log_w, tmp, gram] = carve_loop_smem(reinterpret_cast<float*>(ids + K), K, gram_global);
   int bad_id = 0;
   for (int64_t i = tid; i < K; i += blockDim.x) {
     const int64_t id = ids_global[i];
@@ -509,8 +509,6 @@ __global__ void __launch_bounds__(kThreads, 2) split_finish_kernel(ak_steer_para
     for (int64_t jj = 0; jj < gridDim.y; ++jj) h_sq += p.workspace[(jj * p.rows + row) * (K + 1) + K];
     h_sq_shared = h_sq;
   }
-  if (gram_in_shared)
-    for (int64_t i = tid; i < K * K; i += blockDim.x) gram_shared[i] = gram_global[i];
   if (__syncthreads_or(bad_id) ||
       !kspace_loop(p, z0, w, log_w, gram, c, gc, s, tmp, K, eta_in, sqrtf(h_sq_shared), scratch)) {
     for (int64_t col = begin + tid; col < end; col += blockDim.x) h_out[col] = h_in[col];
@@ -544,15 +542,7 @@ __global__ void __launch_bounds__(kThreads, 2) logits_solve_kernel(ak_logits_par
   const int64_t* ids_global = q.anchor_ids + set * K;
   const float* w = q.anchor_weights + set * K;
   const float* gram_global = q.gram + set * K * K;
-  float* z0 = reinterpret_cast<float*>(smem_raw);  // [K]
-  float* c = z0 + K;
-  float* gc = c + K;
-  float* s = gc + K;
-  float* log_w = s + K;
-  float* tmp = log_w + K;
-  float* gram_shared = tmp + K;  // [K*K] when K <= kGramInSharedMax
-  const bool gram_in_shared = K <= kGramInSharedMax;
-  const float* gram = gram_in_shared ? gram_shared : gram_global;
+  auto [z0, c, gc, s, log_w, tmp, gram] = carve_loop_smem(reinterpret_cast<float*>(smem_raw), K, gram_global);
   int bad_id = 0;
   for (int64_t i = tid; i < K; i += blockDim.x) {
     const int64_t id = ids_global[i];
@@ -564,8 +554,6 @@ __global__ void __launch_bounds__(kThreads, 2) logits_solve_kernel(ak_logits_par
     gc[i] = 0.f;
     log_w[i] = live ? logf(fabsf(w[i])) : 0.f;
   }
-  if (gram_in_shared)
-    for (int64_t i = tid; i < K * K; i += blockDim.x) gram_shared[i] = gram_global[i];
   const float h_norm = q.hidden_norm ? q.hidden_norm[row] : 0.f;
   const bool moved = !__syncthreads_or(bad_id) && kspace_loop(p, z0, w, log_w, gram, c, gc, s, tmp, K, eta, h_norm,
                                                                scratch);
