@@ -146,14 +146,20 @@ __device__ float gram_apply(const float* gram, const float* v, float* gv, int64_
 
 // The K-space loop's shared memory from `base`: z0, c, gc (Gm c, carried across steps), s, log_w
 // and tmp ([K] each), then the set's Gram, staged here when it fits (K <= kGramInSharedMax; read
-// through L2 otherwise). Callers sync before the loop reads it.
+// through L2 otherwise). c and gc start at zero, log_w = log|w| (0 on padding). Callers fill z0
+// and sync before the loop reads any of it.
 struct LoopSmem {
   float *z0, *c, *gc, *s, *log_w, *tmp;
   const float* gram;
 };
 
-__device__ LoopSmem carve_loop_smem(float* base, int64_t K, const float* gram_global) {
+__device__ LoopSmem carve_loop_smem(float* base, int64_t K, const float* gram_global, const float* w) {
   LoopSmem m{base, base + K, base + 2 * K, base + 3 * K, base + 4 * K, base + 5 * K, gram_global};
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
+    m.c[i] = 0.f;
+    m.gc[i] = 0.f;
+    m.log_w[i] = w[i] != 0.f ? logf(fabsf(w[i])) : 0.f;
+  }
   if (K <= kGramInSharedMax) {
     float* gram_shared = base + 6 * K;
     for (int64_t i = threadIdx.x; i < K * K; i += blockDim.x) gram_shared[i] = gram_global[i];
@@ -234,7 +240,7 @@ __global__ void __launch_bounds__(kThreads, 2) steer_kernel(ak_steer_params p, V
 
   int64_t* ids = reinterpret_cast<int64_t*>(smem_raw);  // [K]
   float* h = reinterpret_cast<float*>(ids + K);         // [d]
-  auto [z0, c, gc, s, log_w, tmp, gram] = carve_loop_smem(h + d, K, gram_global);
+  auto [z0, c, gc, s, log_w, tmp, gram] = carve_loop_smem(h + d, K, gram_global, w);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   constexpr int N = Vec<T>::N;
@@ -246,9 +252,6 @@ __global__ void __launch_bounds__(kThreads, 2) steer_kernel(ak_steer_params p, V
     const bool live = w[i] != 0.f;
     bad_id |= live && (id < 0 || id >= p.vocab);
     ids[i] = live ? id : 0;
-    c[i] = 0.f;
-    gc[i] = 0.f;
-    log_w[i] = live ? logf(fabsf(w[i])) : 0.f;
   }
   float h_sq = 0.f;
   int64_t staged = 0;
@@ -489,16 +492,13 @@ __global__ void __launch_bounds__(kThreads, 2) split_finish_kernel(ak_steer_para
   const float* gram_global = p.gram + set * K * K;
   const T* weight = static_cast<const T*>(p.weight);
   int64_t* ids = reinterpret_cast<int64_t*>(smem_raw);  // [K]
-  auto [z0, c, gc, s, log_w, tmp, gram] = carve_loop_smem(reinterpret_cast<float*>(ids + K), K, gram_global);
+  auto [z0, c, gc, s, log_w, tmp, gram] = carve_loop_smem(reinterpret_cast<float*>(ids + K), K, gram_global, w);
   int bad_id = 0;
   for (int64_t i = tid; i < K; i += blockDim.x) {
     const int64_t id = ids_global[i];
     const bool live = w[i] != 0.f;
     bad_id |= live && (id < 0 || id >= p.vocab);
     ids[i] = live ? id : 0;
-    c[i] = 0.f;
-    gc[i] = 0.f;
-    log_w[i] = live ? logf(fabsf(w[i])) : 0.f;
     float z = 0.f;
     for (int64_t jj = 0; jj < gridDim.y; ++jj) z += p.workspace[(jj * p.rows + row) * (K + 1) + i];
     if (live && p.bias) z += load_float(static_cast<const T*>(p.bias) + ids[i]);
@@ -542,7 +542,7 @@ __global__ void __launch_bounds__(kThreads, 2) logits_solve_kernel(ak_logits_par
   const int64_t* ids_global = q.anchor_ids + set * K;
   const float* w = q.anchor_weights + set * K;
   const float* gram_global = q.gram + set * K * K;
-  auto [z0, c, gc, s, log_w, tmp, gram] = carve_loop_smem(reinterpret_cast<float*>(smem_raw), K, gram_global);
+  auto [z0, c, gc, s, log_w, tmp, gram] = carve_loop_smem(reinterpret_cast<float*>(smem_raw), K, gram_global, w);
   int bad_id = 0;
   for (int64_t i = tid; i < K; i += blockDim.x) {
     const int64_t id = ids_global[i];
@@ -550,9 +550,6 @@ __global__ void __launch_bounds__(kThreads, 2) logits_solve_kernel(ak_logits_par
     const bool ok = id >= 0 && id < q.vocab;
     bad_id |= live && !ok;
     z0[i] = live && ok ? load_float(logits + id) : 0.f;
-    c[i] = 0.f;
-    gc[i] = 0.f;
-    log_w[i] = live ? logf(fabsf(w[i])) : 0.f;
   }
   const float h_norm = q.hidden_norm ? q.hidden_norm[row] : 0.f;
   const bool moved = !__syncthreads_or(bad_id) && kspace_loop(p, z0, w, log_w, gram, c, gc, s, tmp, K, eta, h_norm,
