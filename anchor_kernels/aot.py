@@ -170,7 +170,7 @@ def compile_extra_one(job):
         pointers = {"hidden_ptr": f"*{dtype}", "u_ptr": "*fp32", "wb_ptr": "*fp32", "row_sets_ptr": "*i64",
                     "eta_ptr": "*fp32", "out_ptr": f"*{dtype}"}
     elif name in ("_split_partial_kernel", "_split_finish_kernel"):
-        cfg = triton_steer.launch_config(K, 4096, dtype == "fp32")   # the split plan uses the tiled tiles
+        cfg = triton_steer.split_launch_config(K, 4096, dtype == "fp32")
         num_warps, width = cfg.pop("num_warps"), cfg["BLOCK_D"]
         flags["HAS_BIAS"] = True
         pointers = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "ids_ptr": "*i64",

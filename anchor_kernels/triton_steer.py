@@ -57,6 +57,15 @@ def launch_config(set_size: int, dim: int, fp32: bool) -> dict:
                 CHUNKED=block_k > IN_REGISTER_SET_SIZE, CHUNK=GRAM_CHUNK, num_warps=warps)
 
 
+def split_launch_config(set_size: int, dim: int, fp32: bool) -> dict:
+    """The split-d plan's tiles: the tiled plan's, except that fp32 at K = 128 applies the Gram in
+    chunks (held in registers next to the slice sums it spilled 452 B on sm_90a; chunked, none)."""
+    cfg = launch_config(set_size, dim, fp32)
+    if fp32 and cfg["BLOCK_K"] >= IN_REGISTER_SET_SIZE:
+        cfg["CHUNKED"] = True
+    return cfg
+
+
 def launch_grid(rows: int, num_sets: int) -> tuple[int]:
     """One flat axis of row tiles x anchor sets: CUDA allows 2^31 - 1 programs there, while the
     y and z axes stop at 65,535 (a bank of more sets than that would not launch)."""
@@ -569,7 +578,8 @@ if IMPORT_ERROR is None:
         plan = choose_plan(rows, dim, K, S, hidden.device)
         if plan["plan"] == "split_d":
             _steer_split(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, out, steps,
-                         objective, reg, temperature, margin, max_norm, relative_step, cfg, plan["slices"])
+                         objective, reg, temperature, margin, max_norm, relative_step,
+                         split_launch_config(K, dim, hidden.dtype == torch.float32), plan["slices"])
             return out
         grid = launch_grid(rows, S)
         scratch = hidden.new_empty((rows, cfg["BLOCK_K"]) if cfg["CHUNKED"] else (1, 1), dtype=torch.float32)
@@ -617,7 +627,8 @@ if IMPORT_ERROR is None:
     def mean_launch_config(set_size: int) -> dict:
         """Tiles of the two mean kernels (also what the AOT check compiles)."""
         block_k = max(16, 1 << (set_size - 1).bit_length())
-        return dict(direction=dict(BLOCK_K=block_k, BLOCK_D=max(16, 4096 // block_k), num_warps=4),
+        # 2048-element [BLOCK_K, BLOCK_D] tiles: 4096 spilled 12 B at K = 16 (fp16, sm_80).
+        return dict(direction=dict(BLOCK_K=block_k, BLOCK_D=max(16, 2048 // block_k), num_warps=4),
                     rows=dict(BLOCK_B=BLOCK_ROWS, BLOCK_D=MEAN_BLOCK_D, num_warps=4))
 
     def _steer_mean(hidden, weight, bias, anchor_ids, anchor_weights, row_sets, step_size, out, steps, reg,

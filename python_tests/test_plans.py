@@ -37,7 +37,7 @@ def test_plan_choice_by_shape(monkeypatch):
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 20), d=st.integers(257, 700), K=st.sampled_from([2, 9, 40, 130]),
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 20), d=st.integers(257, 700), K=st.sampled_from([2, 9, 40, 100, 130]),
        dtype=st.sampled_from(DTYPES), bias=st.booleans(),
        config=st.builds(ak.SteerConfig, steps=st.sampled_from([0, 1, 5]), objective=st.just("lse"),
                         step_size=st.floats(0.01, 0.05), reg=st.sampled_from([0.0, 0.3]),
