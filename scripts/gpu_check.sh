@@ -48,6 +48,7 @@ elif [ "$STAGE" = bench ]; then
   export AK_BENCH_FULL=1
   step bench-pytest $PY -m pytest bench/ --benchmark-only --benchmark-columns=median,iqr,rounds --benchmark-json=bench/results/bench-cuda.json
   step sweep $PY bench/sweep.py
+  step sweep-mean $PY bench/sweep.py --objective mean
   step e2e $PY bench/e2e_decode.py
   step report $PY bench/report.py
   cp bench/results/*cuda* "$OUT"/ 2>/dev/null
