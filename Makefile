@@ -103,10 +103,21 @@ bench-llama-cpp: $(LLAMA_VENV)/.built
 	$(BIN)/python bench/report.py
 
 # Compiles the CUDA kernels and CMake targets with nvcc; needs no GPU and no CUDA torch.
-cuda-check:
+# Then the torch bindings of the CUDA build (ops_cuda.cpp, and ops.cpp with CUDA on) are
+# syntax-checked against the CPU wheel's headers, which ship c10/cuda but not its generated
+# cuda_cmake_macros.h (an empty stand-in here): a broken binding fails CI, not a GPU session.
+TORCH_INCLUDE = $(shell $(BIN)/python -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'include'))" 2>/dev/null)
+PY_INCLUDE = $(shell $(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['include'])" 2>/dev/null)
+cuda-check: $(VENV)/.deps
 	cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release
 	cmake --build build/cmake -j 2
 	ctest --test-dir build/cmake --output-on-failure
+	mkdir -p build/stubs/c10/cuda/impl && echo '#pragma once' > build/stubs/c10/cuda/impl/cuda_cmake_macros.h
+	for f in csrc/ops_cuda.cpp csrc/ops.cpp; do \
+		g++ -std=c++20 -fsyntax-only -DANCHOR_KERNELS_WITH_CUDA -I$(TORCH_INCLUDE) \
+			-I$(TORCH_INCLUDE)/torch/csrc/api/include -I$$(dirname $$(command -v nvcc))/../include \
+			-I/usr/local/cuda/include -Ibuild/stubs -I$(PY_INCLUDE) -Icsrc -Icsrc/include -Icsrc/kernels $$f || exit 1; \
+	done
 
 # Ahead-of-time resource checks, no GPU needed: the Triton kernel compiled for sm_80/sm_90a for
 # every launcher configuration, and the CUDA kernel's ptxas report (shared memory, spills).

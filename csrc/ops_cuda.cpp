@@ -1,6 +1,5 @@
 // CUDA implementation of anchor_kernels::steer_hidden: a thin binding over the torch-free
 // launcher in kernels/steer_cuda.cu. Current stream, device guard, no sync: graph-capturable.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -23,8 +22,7 @@ int64_t cuda_split_slices(int64_t rows, int64_t dim) {
   TORCH_CHECK(plan == "auto" || plan == "tiled" || plan == "split_d",
               "ANCHOR_KERNELS_CUDA_PLAN must be auto, tiled or split_d, got '", plan, "'");
   if (plan == "tiled") return 1;
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t slices = ak_cuda_split_slices(rows, dim, sms);
+  const int64_t slices = ak_cuda_split_slices(rows, dim, ak_cuda_sm_count());
   if (plan == "split_d" && dim >= 2) return std::max<int64_t>(2, std::min<int64_t>(slices, dim));
   return slices;
 }

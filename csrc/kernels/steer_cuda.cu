@@ -602,6 +602,7 @@ ak_status cuda_failed(cudaError_t err) {
 // host threads do not race on it.
 struct DeviceState {
   int smem_optin = -1;
+  int sm_count = -1;
   int static_smem[3] = {-1, -1, -1};
   bool raised[3] = {false, false, false};
 };
@@ -706,6 +707,21 @@ ak_status launch(const ak_steer_params& p, cudaStream_t stream, int dtype_index)
 }
 
 }  // namespace
+
+extern "C" int64_t ak_cuda_sm_count(void) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device >= kMaxDevices) {
+    cudaGetLastError();
+    return -1;
+  }
+  std::lock_guard<std::mutex> lock(device_mutex);
+  int& count = device_state[device].sm_count;
+  if (count < 0 && cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    count = -1;
+  }
+  return count;
+}
 
 extern "C" int64_t ak_cuda_max_set_size(void) { return kMaxSetSize; }
 extern "C" int64_t ak_cuda_max_dim(void) { return kMaxDim; }

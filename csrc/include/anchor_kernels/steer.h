@@ -134,6 +134,8 @@ ak_status ak_steer_hidden_cuda(const ak_steer_params* p, void* stream);
 #define AK_SPLIT_MIN_SLICE 256
 #define AK_SPLIT_OCCUPANCY 2
 int64_t ak_cuda_split_slices(int64_t rows, int64_t dim, int64_t sm_count);
+/* The current device's SM count (queried once per device), or -1 if CUDA cannot say. */
+int64_t ak_cuda_sm_count(void);
 
 /* Largest set_size / dim the CUDA kernel accepts (AK_ERROR_UNSUPPORTED past them). */
 int64_t ak_cuda_max_set_size(void);
