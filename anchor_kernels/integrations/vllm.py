@@ -141,7 +141,7 @@ class AnchorSteering(_V1, _V2):
         self._layer_calls = 0
         self._checked_calls = 0
         if not self.inert:
-            global _HIDDEN
+            global _HIDDEN   # this engine's layer binds to the hidden-form processor, or to none
             _HIDDEN = None
             if self.serving.form == "hidden":
                 self._install_hidden_form()
@@ -192,25 +192,25 @@ class AnchorSteering(_V1, _V2):
     def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
         if self.inert:
             return logits
-        if ctx is None:
+        if ctx is None:   # V1: rows are the persistent batch's slots
             if self.table.steered == 0:
                 return logits
             if logits.shape[0] != self.table.batch_size:
                 raise RuntimeError(f"anchor_kernels: {logits.shape[0]} logits rows for a batch of "
                                    f"{self.table.batch_size} requests")
-            sets, steps = self.table.sets[: logits.shape[0]], self.table.steps[: logits.shape[0]]
-        else:
+            if self.serving.form == "hidden":  # only V1 runs it (refused on V2 at construction)
+                # The edit happened in the logits layer; make sure it did.
+                if self._layer_calls == self._checked_calls:
+                    raise RuntimeError("anchor_kernels: the hidden form's logits layer did not run; the "
+                                       "model was built without it (see anchor_kernels.integrations.vllm)")
+                self._checked_calls = self._layer_calls
+                return logits
+            rows = slice(0, logits.shape[0])
+        else:             # V2: rows map to slots through the context
             if not self.table.any_steered(ctx.idx_mapping_np):
                 return logits
-            sets, steps = self.table.sets[ctx.expanded_idx_mapping], self.table.steps[ctx.expanded_idx_mapping]
-        if self.serving.form == "hidden":
-            # The edit happened in the logits layer; make sure it did.
-            if self._layer_calls == self._checked_calls:
-                raise RuntimeError("anchor_kernels: the hidden form's logits layer did not run; the "
-                                   "model was built without it (see anchor_kernels.integrations.vllm)")
-            self._checked_calls = self._layer_calls
-            return logits
-        self._logit_steerer().apply_(logits, row_sets=sets, step_size=steps)
+            rows = ctx.expanded_idx_mapping
+        self._logit_steerer().apply_(logits, row_sets=self.table.sets[rows], step_size=self.table.steps[rows])
         return logits
 
     # ---- the hidden form
