@@ -83,12 +83,11 @@ SPLIT_OCCUPANCY = 2
 DEFAULT_SMS = 132   # when the device cannot say (the CPU interpreter): an H100
 
 
-def choose_plan(rows: int, dim: int, set_size: int, num_sets: int, device=None, plan: str | None = None) -> dict:
+def choose_plan(rows: int, dim: int, num_sets: int, device=None) -> dict:
     """The Triton plan for a general-objective launch, by shape: ``{"plan": "tiled"}`` or
-    ``{"plan": "split_d", "slices": n}``. One place; ``$ANCHOR_KERNELS_TRITON_PLAN`` (or
-    ``plan=``) forces one. Read on the host when the op runs, so a CUDA graph keeps the plan it
-    was captured with."""
-    plan = plan or os.environ.get(PLAN_ENV, "auto")
+    ``{"plan": "split_d", "slices": n}``. One place; ``$ANCHOR_KERNELS_TRITON_PLAN`` forces one.
+    Read on the host when the op runs, so a CUDA graph keeps the plan it was captured with."""
+    plan = os.environ.get(PLAN_ENV, "auto")
     if plan not in PLANS:
         raise ValueError(f"{PLAN_ENV} must be one of {PLANS}, got {plan!r}")
     max_slices = max(1, -(-dim // MIN_SLICE))
@@ -575,7 +574,7 @@ if IMPORT_ERROR is None:
                         margin, max_norm, relative_step)
             return out
         cfg = launch_config(K, dim, hidden.dtype == torch.float32)
-        plan = choose_plan(rows, dim, K, S, hidden.device)
+        plan = choose_plan(rows, dim, S, hidden.device)
         if plan["plan"] == "split_d":
             _steer_split(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, out, steps,
                          objective, reg, temperature, margin, max_norm, relative_step,

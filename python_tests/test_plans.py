@@ -21,19 +21,19 @@ def test_plan_choice_by_shape(monkeypatch):
     monkeypatch.delenv(triton_steer.PLAN_ENV, raising=False)
     choose = triton_steer.choose_plan
     # decode: few row tiles, wide d -> split d; enough programs or narrow d -> tiled
-    assert choose(1, 4096, 64, 1) == {"plan": "split_d", "slices": 16}
-    assert choose(8, 2048, 16, 1) == {"plan": "split_d", "slices": 8}
-    assert choose(4096, 4096, 64, 4) == {"plan": "tiled"}
-    assert choose(1, 200, 64, 1) == {"plan": "tiled"}
-    assert choose(256, 4096, 64, 1)["slices"] == 16 and choose(256 * 16, 4096, 64, 1) == {"plan": "tiled"}
+    assert choose(1, 4096, 1) == {"plan": "split_d", "slices": 16}
+    assert choose(8, 2048, 1) == {"plan": "split_d", "slices": 8}
+    assert choose(4096, 4096, 4) == {"plan": "tiled"}
+    assert choose(1, 200, 1) == {"plan": "tiled"}
+    assert choose(256, 4096, 1)["slices"] == 16 and choose(256 * 16, 4096, 1) == {"plan": "tiled"}
     monkeypatch.setenv(triton_steer.PLAN_ENV, "tiled")
-    assert choose(1, 4096, 64, 1) == {"plan": "tiled"}
+    assert choose(1, 4096, 1) == {"plan": "tiled"}
     monkeypatch.setenv(triton_steer.PLAN_ENV, "split_d")
-    assert choose(4096, 4096, 64, 4) == {"plan": "split_d", "slices": 2}
-    assert choose(1, 100, 64, 1) == {"plan": "tiled"}       # one slice is the tiled plan
+    assert choose(4096, 4096, 4) == {"plan": "split_d", "slices": 2}
+    assert choose(1, 100, 1) == {"plan": "tiled"}       # one slice is the tiled plan
     monkeypatch.setenv(triton_steer.PLAN_ENV, "fast")
     with pytest.raises(ValueError, match="ANCHOR_KERNELS_TRITON_PLAN"):
-        choose(1, 4096, 64, 1)
+        choose(1, 4096, 1)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

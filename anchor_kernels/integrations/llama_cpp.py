@@ -67,11 +67,10 @@ class LlamaCppSteerer:
         self.steerer = LogitSteerer(head, anchors, config)
         config = self.steerer.config
         self.llama = llama
-        self.needs_norm = config.relative_step or config.max_norm is not None
         if llama is not None and not getattr(getattr(llama, "context_params", None), "embeddings", False):
             raise ValueError("llama must be built with Llama(..., embedding=True): its hidden state gives "
                              "||h0|| for the relative step and the trust region")
-        if self.needs_norm and llama is None:
+        if (config.relative_step or config.max_norm is not None) and llama is None:
             raise ValueError("relative_step and max_norm need ||h0||: pass llama=Llama(..., embedding=True), "
                              "or use SteerConfig(relative_step=False) without max_norm")
         if llama is not None and llama.n_vocab() != head.shape[0]:

@@ -45,13 +45,13 @@ class RowTable:
     host and mirrored on the device; ``flush()`` copies only after a change."""
 
     def __init__(self, capacity: int, device: torch.device, pin_memory: bool = False):
-        self.device = torch.device(device)
-        on_host = self.device.type == "cpu"
+        device = torch.device(device)
+        on_host = device.type == "cpu"
         pin = pin_memory and not on_host
         self.sets_host = torch.full((capacity,), -1, dtype=torch.long, pin_memory=pin)
         self.steps_host = torch.zeros(capacity, dtype=torch.float32, pin_memory=pin)
-        self.sets = self.sets_host if on_host else self.sets_host.to(self.device)
-        self.steps = self.steps_host if on_host else self.steps_host.to(self.device)
+        self.sets = self.sets_host if on_host else self.sets_host.to(device)
+        self.steps = self.steps_host if on_host else self.steps_host.to(device)
         self.steered = 0          # slots with a set
         self.batch_size = 0
         self._dirty = False
