@@ -564,6 +564,8 @@ if IMPORT_ERROR is None:
             hidden = hidden.contiguous()
         if weight.stride(-1) != 1:
             weight = weight.contiguous()
+        if bias is not None and bias.stride(0) != 1:  # the kernels index bias by token id
+            bias = bias.contiguous()
         out = hidden.new_empty(hidden.shape)
         rows, dim = hidden.shape
         S, K = anchor_ids.shape

@@ -380,3 +380,16 @@ def test_temperature_below_the_conditioning_limit_is_refused():
     for backend in ("cpu",) if native.available() else ():
         out = ak.steer_hidden(hidden.cpu(), weight.cpu(), A, config, backend=backend)
         assert torch.isfinite(out).all()
+
+
+# === issue 20: the second outside review =================================================================
+
+@pytest.mark.parametrize("objective", ["lse", "mean"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_strided_bias_is_read_by_token_id(backend, objective):
+    hidden, weight = _case()
+    bias = torch.randn(2 * weight.shape[0], device=DEVICE)[::2]
+    assert not bias.is_contiguous()
+    config = ak.SteerConfig(steps=3, objective=objective, margin=0.5)
+    out = ak.steer_hidden(hidden, weight, A, config, bias=bias, backend=backend)
+    assert_steer_close(out, hidden, reference_fp64(hidden, weight, A, config, bias=bias), torch.float32, backend)
