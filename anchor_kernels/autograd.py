@@ -2,8 +2,8 @@
 for every kernel op (C++ and Triton), never a silent zero.
 
 The backward recomputes the edit from the saved inputs in eager K-space form
-(``kspace.steer_rows_differentiable``, fp32) and lets autograd differentiate it: exact for the
-method (the K-space form is an identity, not an approximation), cheap next to any training
+(``kspace.steer_rows_differentiable``, fp32) and differentiates it with ``torch.func.vjp``, so
+it is itself differentiable (double backward works): exact for the method (the K-space form is an identity, not an approximation), cheap next to any training
 step, and never on the decoding path (inference runs without grad).
 """
 from __future__ import annotations
@@ -33,18 +33,25 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out):
     hidden, weight, bias, anchor_ids, anchor_weights, row_sets, step_size = ctx.saved_tensors
     needs = ctx.needs_input_grad[:DIFFERENTIABLE]
-    leaves = [None if t is None else t.detach().requires_grad_(need)
-              for t, need in zip((hidden, weight, bias), needs)]
-    with torch.enable_grad():
-        out = steer_rows_differentiable(leaves[0], leaves[1], leaves[2], anchor_ids, anchor_weights,
-                                        row_sets, step_size, ctx.config)
-        wanted = [t for t, need in zip(leaves, needs) if need and t is not None]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out.float(), allow_unused=True)
-                     if wanted else ())
-    result = []
-    for t, need in zip(leaves, needs):
-        g = next(grads) if need and t is not None else None
-        result.append(None if g is None else g.to(t.dtype))
+    inputs = [hidden, weight, bias]
+    wanted = [i for i, t in enumerate(inputs) if needs[i] and t is not None]
+
+    def edit(*primals):
+        args = list(inputs)
+        for i, t in zip(wanted, primals):
+            args[i] = t
+        return steer_rows_differentiable(*args, anchor_ids, anchor_weights, row_sets, step_size, ctx.config)
+
+    # torch.func.vjp differentiates in the listed inputs only (no path through their history) and
+    # its result stays on the outer graph under create_graph: double backward (a gradient
+    # penalty) gets its second-order term instead of a detached first-order gradient.
+    grads = iter(())
+    if wanted:
+        _, vjp = torch.func.vjp(edit, *(inputs[i] for i in wanted))
+        grads = iter(vjp(grad_out.float()))
+    result = [None] * DIFFERENTIABLE
+    for i in wanted:
+        result[i] = next(grads).to(inputs[i].dtype)
     return (*result, *([None] * (NUM_ARGS - DIFFERENTIABLE)))
 
 

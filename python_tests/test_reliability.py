@@ -353,15 +353,15 @@ def test_from_words_rejects_non_strings_and_special_tokens():
 
 def test_cli_errors_are_clean(tmp_path, capsys):
     pytest.importorskip("transformers")
-    from anchor_kernels import generation
     from anchor_kernels.cli import main
+    from conftest import FORTUNE_MODEL
 
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
     assert main(["generate", "--model", str(broken), "--prompt", "hi"]) == 2
     assert "could not load the HF model folder" in capsys.readouterr().err
-    fortune = ["--model", str(generation.FORTUNE_MODEL)]
+    fortune = ["--model", str(FORTUNE_MODEL)]
     assert main(["generate", *fortune, "--prompt", ""]) == 2
     assert "prompts must not be empty" in capsys.readouterr().err
     assert main(["gap", *fortune, "--prompt", "hi", "--csv", str(tmp_path), "--max-new-tokens", "2"]) == 2
@@ -393,3 +393,19 @@ def test_strided_bias_is_read_by_token_id(backend, objective):
     config = ak.SteerConfig(steps=3, objective=objective, margin=0.5)
     out = ak.steer_hidden(hidden, weight, A, config, bias=bias, backend=backend)
     assert_steer_close(out, hidden, reference_fp64(hidden, weight, A, config, bias=bias), torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_double_backward_keeps_the_second_order_term(backend):
+    """A gradient penalty: d/dx ||d out/dx||^2 through the op equals the reference's."""
+    hidden, weight = _case(rows=3, d=10)
+    bias = torch.randn(weight.shape[0], device=DEVICE) * 0.3
+    config = ak.SteerConfig(steps=3, step_size=0.3, relative_step=False, max_norm=0.5)
+    got = {}
+    for name in ("reference", backend):
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        out = ak.steer_hidden(leaves[0], leaves[1], A, config, bias=leaves[2], backend=name)
+        (g,) = torch.autograd.grad(out.pow(2).sum(), leaves[0], create_graph=True)
+        got[name] = torch.autograd.grad(g.pow(2).sum(), leaves)
+    for mine, want, what in zip(got[backend], got["reference"], ("hidden", "weight", "bias")):
+        torch.testing.assert_close(mine.double().cpu(), want.double().cpu(), rtol=2e-3, atol=2e-4, msg=what)
