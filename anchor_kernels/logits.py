@@ -81,6 +81,10 @@ class LogitSteerer:
             raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
         if logits.device != self.mixing.device:
             raise ValueError(f"logits are on {logits.device} but the steerer is on {self.mixing.device}")
+        if logits.requires_grad and torch.is_grad_enabled():
+            # The edit is applied in place, outside autograd: a gradient would silently be the identity.
+            raise RuntimeError("logits require grad, but LogitSteerer is not differentiable: call it under "
+                               "torch.no_grad(), or steer the hidden state with steer_hidden (differentiable)")
         lead = logits.shape[:-1]
         rows = _row_sets(row_sets, self.num_sets, lead, logits.device)
         eta = _step_size(step_size, self.config, lead, logits.device)

@@ -409,3 +409,22 @@ def test_double_backward_keeps_the_second_order_term(backend):
         got[name] = torch.autograd.grad(g.pow(2).sum(), leaves)
     for mine, want, what in zip(got[backend], got["reference"], ("hidden", "weight", "bias")):
         torch.testing.assert_close(mine.double().cpu(), want.double().cpu(), rtol=2e-3, atol=2e-4, msg=what)
+
+
+LOGIT_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(why is not None, reason=str(why)))
+                  for b in ak.logits.LOGIT_BACKENDS for why in [ak.logits._unavailable(b, DEVICE)]]
+
+
+@pytest.mark.parametrize("backend", LOGIT_BACKENDS)
+def test_logit_steerer_refuses_logits_that_require_grad(backend):
+    """No autograd through the in-place edit: a gradient would be the identity, so it raises."""
+    hidden, weight = _case()
+    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(relative_step=False), backend=backend)
+    x = hidden.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="logits require grad"):
+        steerer(x @ weight.T)
+    leaf = (hidden @ weight.T).requires_grad_()
+    with pytest.raises(RuntimeError, match="logits require grad"):
+        steerer.apply_(leaf)
+    with torch.no_grad():
+        assert torch.isfinite(steerer(x @ weight.T)).all()
