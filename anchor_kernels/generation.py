@@ -15,8 +15,6 @@ from .anchors import AnchorSet
 from .config import SteerConfig
 
 DATA = Path(__file__).resolve().parent / "data"
-# The 4.3M-parameter fortune-cookie model: a small, fast fixture for tests (not the default).
-FORTUNE_MODEL = Path(__file__).resolve().parent / "models" / "fortune"
 DEFAULT_PROMPTS = DATA / "chat_prompts.json"
 
 

@@ -1,5 +1,6 @@
 """Shared test helpers. Without a GPU, Triton runs under its CPU interpreter."""
 import os
+from pathlib import Path
 
 import torch
 
@@ -11,6 +12,9 @@ import pytest  # noqa: E402
 import anchor_kernels as ak  # noqa: E402
 from anchor_kernels.steer import unavailable_reason  # noqa: E402
 
+# The 4.3M-parameter fortune-cookie model (scripts/train_fortune_model.py): a small, fast test
+# fixture, kept out of the package.
+FORTUNE_MODEL = Path(__file__).resolve().parent / "fixtures" / "fortune"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Relative tolerance on h' - h0 (METHOD.md "Precision") and the unit roundoff of writing h'.
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}

@@ -10,6 +10,7 @@ import pytest
 pytest.importorskip("transformers")
 from anchor_kernels import generation  # noqa: E402
 from anchor_kernels.cli import main  # noqa: E402
+from conftest import FORTUNE_MODEL  # noqa: E402
 
 
 def _is_png(path):
@@ -19,12 +20,12 @@ def _is_png(path):
     assert width > 100 and height > 100
 
 
-FORTUNE = ["--model", str(generation.FORTUNE_MODEL), "--sample"]
+FORTUNE = ["--model", str(FORTUNE_MODEL), "--sample"]
 
 
 def test_fortune_fixture_ships_with_its_provenance():
-    model, tokenizer = generation.load_model(generation.FORTUNE_MODEL)
-    info = json.loads((generation.FORTUNE_MODEL / "TRAINING.json").read_text())
+    model, tokenizer = generation.load_model(FORTUNE_MODEL)
+    info = json.loads((FORTUNE_MODEL / "TRAINING.json").read_text())
     assert info["held_out_perplexity"] > 1 and "fortunes" in info["corpus"]
     assert model.config.architectures == ["LlamaForCausalLM"] and len(tokenizer) == model.config.vocab_size
 
@@ -38,7 +39,7 @@ def test_generate_prints_unsteered_and_steered(capsys):
 def test_gap_writes_csv_and_png(tmp_path, capsys):
     csv, png = tmp_path / "gap.csv", tmp_path / "gap.png"
     assert main(["gap", *FORTUNE, "--prompt", "Life is", "Money can", "--max-new-tokens", "4", "--compare",
-                 str(generation.FORTUNE_MODEL), "--csv", str(csv), "--png", str(png)]) == 0
+                 str(FORTUNE_MODEL), "--csv", str(csv), "--png", str(png)]) == 0
     rows = csv.read_text().splitlines()
     assert rows[0] == "run,prompt,step,gap" and len(rows) == 1 + 3 * 2 * 4
     _is_png(png)

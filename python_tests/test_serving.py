@@ -12,6 +12,7 @@ import anchor_kernels as ak
 from anchor_kernels import generation
 from anchor_kernels.integrations import serving
 from anchor_kernels.integrations.serving import ServingConfig
+from conftest import FORTUNE_MODEL
 
 SETS = {"sunny": {"positive": ["love", "good"], "negative": ["hate", "war"]},
         "ids": {"positive_ids": [5, 9], "negative_ids": [23]},
@@ -79,7 +80,7 @@ def test_request_arguments():
 
 
 def test_bank_resolves_words_with_the_tokenizer():
-    _, tok = generation.load_model(generation.FORTUNE_MODEL)
+    _, tok = generation.load_model(FORTUNE_MODEL)
     bank = ServingConfig.from_dict({"sets": SETS}).bank(tok)
     assert bank.num_sets == 3
     assert bank.sets[0] == ak.AnchorSet.from_words(tok, ["love", "good"], ["hate", "war"])
@@ -106,8 +107,8 @@ def test_read_lm_head_untied_tied_and_sharded(tmp_path):
     (sharded / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"model.embed_tokens.weight": "a.safetensors", "lm_head.weight": "b.safetensors"}}))
     assert torch.equal(serving.read_lm_head(sharded), head)
-    assert torch.equal(serving.read_lm_head(generation.FORTUNE_MODEL).float(),
-                       generation.load_model(generation.FORTUNE_MODEL)[0].lm_head.weight)
+    assert torch.equal(serving.read_lm_head(FORTUNE_MODEL).float(),
+                       generation.load_model(FORTUNE_MODEL)[0].lm_head.weight)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="no .safetensors"):

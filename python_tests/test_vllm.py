@@ -28,13 +28,14 @@ import anchor_kernels as ak  # noqa: E402
 from anchor_kernels import generation  # noqa: E402
 from anchor_kernels.integrations import serving  # noqa: E402
 from anchor_kernels.integrations.vllm import AnchorSteering, RowTable  # noqa: E402
+from conftest import FORTUNE_MODEL  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 from vllm.exceptions import VLLMValidationError  # noqa: E402
 from vllm.v1.sample.logits_processor import BatchUpdate  # noqa: E402
 from vllm.v1.sample.logits_processor.interface import MoveDirectionality  # noqa: E402
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext  # noqa: E402
 
-MODEL = str(generation.FORTUNE_MODEL)
+MODEL = str(FORTUNE_MODEL)
 SETS = {"sunny": {"positive": ["love", "good", "happy", "kind"], "negative": ["hate", "bad", "death", "war"]},
         "harmless": {"lexicon": "harmless"}}
 LOGIT_FORM = {"form": "logits", "config": {"steps": 10, "step_size": 0.5, "relative_step": False}, "sets": SETS}
@@ -60,7 +61,7 @@ def serving_env(tmp_path, data):
 @pytest.fixture(scope="module")
 def hf_model():
     torch.set_num_threads(1)
-    return generation.load_model(generation.FORTUNE_MODEL)
+    return generation.load_model(FORTUNE_MODEL)
 
 
 def hf_tokens(hf_model, data, prompt, set_name=None, step=None, max_tokens=12):

@@ -5,7 +5,7 @@
     python scripts/train_default_model.py --minutes 55
 
 Seeded; on 2 CPU cores it trains for the given wall-clock budget, then reports held-out
-perplexity and writes anchor_kernels/models/fortune/ (safetensors in bf16, tokenizer, config,
+perplexity and writes python_tests/fixtures/fortune/ (safetensors in bf16, tokenizer, config,
 TRAINING.json with provenance and numbers).
 """
 import argparse
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 CORPUS_DIR = Path("/usr/share/games/fortunes")
-OUT = Path(__file__).resolve().parent.parent / "anchor_kernels" / "models" / "fortune"
+OUT = Path(__file__).resolve().parent.parent / "python_tests" / "fixtures" / "fortune"
 EOS = "<|endoftext|>"
 
 
