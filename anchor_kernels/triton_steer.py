@@ -533,7 +533,7 @@ if IMPORT_ERROR is None:
                                      ("gram", gram, torch.float32, 3), ("row_sets", row_sets, torch.long, 1),
                                      ("step_size", step_size, torch.float32, 1)):
             torch._check(t.dim() == dims and t.dtype == dtype and t.device == dev,
-                         lambda: f"steer_hidden: {name} must be a {dims}-D {dtype} tensor on {dev}, got "
+                         lambda: f"steer_hidden: {name} must be a {dims}-D {dtype} tensor on hidden's device {dev}, got "
                                  f"{t.dim()}-D {t.dtype} on {t.device}")
         S, K = anchor_ids.shape
         torch._check(weight.shape[1] == hidden.shape[1], lambda: "steer_hidden: weight must be [V, d] with hidden's d")
@@ -547,7 +547,8 @@ if IMPORT_ERROR is None:
                                                  f"{MAX_SET_SIZE} tokens, got K = {K}; use backend='cuda' or 'cpu'")
         if bias is not None:
             torch._check(bias.shape == (weight.shape[0],) and bias.dtype == hidden.dtype and bias.device == dev,
-                         lambda: "steer_hidden: bias must be [V] with hidden's dtype and device")
+                         lambda: f"steer_hidden: bias must be [V] = [{weight.shape[0]}] {hidden.dtype} on hidden's "
+                                 f"device {dev}, got {list(bias.shape)} {bias.dtype} on {bias.device}")
 
     # The schema is inferred from these annotations (triton_op ignores schema=); a test holds
     # it equal to the C++ declaration in csrc/ops.cpp.

@@ -428,3 +428,47 @@ def test_logit_steerer_refuses_logits_that_require_grad(backend):
         steerer.apply_(leaf)
     with torch.no_grad():
         assert torch.isfinite(steerer(x @ weight.T)).all()
+
+
+HIDDEN_OP_TENSORS = ["hidden", "weight", "bias", "anchor_ids", "anchor_weights", "gram", "row_sets", "step_size"]
+
+
+@pytest.mark.skipif(not native.available(), reason="anchor_kernels._C not built")
+@pytest.mark.parametrize("op_name", ["steer_hidden", "steer_hidden_triton"])
+@pytest.mark.parametrize("meta", HIDDEN_OP_TENSORS)
+def test_direct_op_call_with_one_meta_tensor_names_it(op_name, meta):
+    """One meta argument among CPU ones dispatches to the Meta (fake) kernel: it must raise, not
+    return uninitialised memory."""
+    if op_name == "steer_hidden_triton":
+        if unavailable_reason("triton", torch.device("cpu")) is not None:
+            pytest.skip("triton does not run here")
+        from anchor_kernels import triton_steer  # noqa: F401  (registers the op)
+    hidden, weight = _case()
+    hidden, weight = hidden.cpu(), weight.cpu()
+    args = dict(zip(HIDDEN_OP_TENSORS, (hidden, weight, torch.zeros(weight.shape[0]),
+                                        *ak.prepare_anchors(weight, A).tensors,
+                                        torch.zeros(hidden.shape[0], dtype=torch.long),
+                                        torch.full((hidden.shape[0],), 0.5))))
+    args[meta] = args[meta].to("meta")
+    op = getattr(torch.ops.anchor_kernels, op_name)
+    with pytest.raises(RuntimeError, match=rf"(?=.*\b{meta}\b)(?=.*meta)"):
+        op(*args.values(), 3, "lse", 0.0, 1.0, math.inf, math.inf, False)
+    if op_name == "steer_hidden":  # the fake kernel still serves an all-meta call (shape inference)
+        all_meta = [t.to("meta") for t in args.values()]
+        assert op(*all_meta, 3, "lse", 0.0, 1.0, math.inf, math.inf, False).device.type == "meta"
+
+
+@pytest.mark.skipif(not native.available(), reason="anchor_kernels._C not built")
+@pytest.mark.parametrize("meta", ["logits", "mixing", "row_sets", "hidden_norm"])
+def test_direct_logits_op_call_with_one_meta_tensor_names_it(meta):
+    hidden, weight = _case()
+    hidden, weight = hidden.cpu(), weight.cpu()
+    steerer = ak.LogitSteerer(weight, A, backend="cpu")
+    rows = hidden.shape[0]
+    args = dict(logits=hidden @ weight.T, mixing=steerer.mixing, ids=steerer.prepared.anchor_ids,
+                aw=steerer.prepared.anchor_weights, gram=steerer.prepared.gram,
+                row_sets=torch.zeros(rows, dtype=torch.long), eta=torch.full((rows,), 0.01),
+                hidden_norm=hidden.norm(dim=-1))
+    args[meta] = args[meta].to("meta")
+    with pytest.raises(RuntimeError, match=f"{meta} is on"):
+        torch.ops.anchor_kernels.steer_logits_(*args.values(), 3, "lse", 0.0, 1.0, math.inf, math.inf, True)
