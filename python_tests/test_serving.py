@@ -73,6 +73,7 @@ def test_request_arguments():
                         ({"anchor_set": "ids", "anchor_step_size": True}, "anchor_step_size"),
                         ({"anchor_set": "ids", "anchor_step_size": float("inf")}, "anchor_step_size"),
                         ({"anchor_set": "ids", "anchor_step_size": 1e39}, "anchor_step_size"),
+                        ({"anchor_set": "ids", "anchor_step_size": "0.1"}, "anchor_step_size. must be a number"),
                         ({"anchor_step_size": 1.0}, "needs"), ({"anchor_steps": 1}, "unknown steering"),
                         ("harmless", "must be an object")]:
         with pytest.raises(ValueError, match=match):
@@ -116,3 +117,24 @@ def test_read_lm_head_untied_tied_and_sharded(tmp_path):
     save_file({"other": emb}, empty / "model.safetensors")
     with pytest.raises(ValueError, match="no LM head"):
         serving.read_lm_head(empty)
+
+
+@pytest.mark.parametrize("objective", ["lse", "mean"])
+def test_request_steps_are_bounded_to_what_keeps_logits_finite(objective):
+    """3.4e38 made a request's logits non-finite; the bound is refused by name, and the largest
+    accepted step keeps the fortune model's logits finite."""
+    cfg = ServingConfig.from_dict({"sets": SETS, "config": {"objective": objective, "steps": 50}})
+    with pytest.raises(ValueError, match="'anchor_step_size' must be a number in \\[0, 10000\\]"):
+        cfg.request({"anchor_set": "ids", "anchor_step_size": 3.4e38})
+    with pytest.raises(ValueError, match="'config' step_size must be a number in"):
+        ServingConfig.from_dict({"sets": SETS, "config": {"step_size": 1e5}})
+    reg = ServingConfig.from_dict({"sets": SETS, "config": {"reg": 0.5}})
+    with pytest.raises(ValueError, match="'anchor_step_size' = 5 times reg = 0.5 exceeds 2.*<= 4"):
+        reg.request({"anchor_set": "ids", "anchor_step_size": 5})
+    steering = cfg.request({"anchor_set": "ids", "anchor_step_size": serving.MAX_STEP_SIZE})
+    model, tok = generation.load_model(FORTUNE_MODEL)
+    head = serving.read_lm_head(FORTUNE_MODEL).float()
+    steerer = ak.LogitSteerer(head, cfg.bank(tok), cfg.config, backend="eager")
+    logits = torch.randn(3, head.shape[0]) * 20
+    out = steerer(logits, row_sets=[steering.set_index] * 3, step_size=[steering.step_size] * 3)
+    assert torch.isfinite(out).all() and not torch.equal(out, logits)

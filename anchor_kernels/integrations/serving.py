@@ -41,6 +41,11 @@ SET_KEY, STEP_KEY = "anchor_set", "anchor_step_size"
 # median 0.064 (harmless), 0.097 (honest), 0.074 (positive_sentiment) over 20 chat prompts; 0.06
 # is that strength, slightly on the mild side. Other models need their own value.
 DEFAULT_LOGIT_STEP = 0.06
+# The largest step a server accepts (a request's or the config's). While eta * reg <= 2 the K-space
+# loop keeps ||c_T||_1 <= 2 eta T (|s|_1 <= 2 per step), so the logit change is at most
+# 2 eta T max|W_v . W_a|: with eta <= 1e4 and T <= 1e4 that is finite for any head whose anchor
+# products are below 1e29. Past eta * reg = 2 the loop diverges geometrically (|1 - eta reg| > 1).
+MAX_STEP_SIZE = 1e4
 
 
 class RequestSteering(NamedTuple):
@@ -59,10 +64,21 @@ def _config_from_dict(values: Mapping, form: str):
         raise ValueError(f"'config' has unknown fields {unknown}; SteerConfig has {sorted(fields)}")
     defaults = {} if form == "hidden" else {"relative_step": False, "step_size": DEFAULT_LOGIT_STEP}
     config = SteerConfig(**{**defaults, **values})
+    _check_step("'config' step_size", config.step_size, config)
     if form == "logits" and (config.relative_step or config.max_norm is not None):
         raise ValueError("the logit form cannot use relative_step or max_norm (they need ||h0||, which "
                          "logits do not carry): set them off, or use \"form\": \"hidden\"")
     return config
+
+
+def _check_step(name: str, step, config) -> None:
+    if isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(step) \
+            or not 0 <= step <= MAX_STEP_SIZE:
+        raise ValueError(f"{name} must be a number in [0, {MAX_STEP_SIZE:g}] (larger steps can make logits "
+                         f"non-finite), got {step!r}")
+    if not config.relative_step and step * config.reg > 2:
+        raise ValueError(f"{name} = {step!r} times reg = {config.reg} exceeds 2: the K-space loop would "
+                         f"diverge; use a step <= {2 / config.reg:g}")
 
 
 def _check_set_spec(name: str, spec) -> dict:
@@ -169,9 +185,7 @@ class ServingConfig:
             raise ValueError(f"{SET_KEY!r} = {name!r} is not a configured anchor set; "
                              f"configured: {list(self.names)}")
         step = args.get(STEP_KEY, self.config.step_size)
-        if isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(step) \
-                or not 0 <= step <= 3.4e38:
-            raise ValueError(f"{STEP_KEY!r} must be a finite number >= 0, got {step!r}")
+        _check_step(repr(STEP_KEY), step, self.config)
         return RequestSteering(self.names.index(name), float(step))
 
     def bank(self, tokenizer):
