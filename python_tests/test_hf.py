@@ -165,6 +165,29 @@ def test_model_is_restored_after_exit_and_after_an_exception():
         assert not head._forward_pre_hooks and torch.equal(model(ids).logits, plain)
 
 
+def test_blocks_exited_out_of_order_keep_the_open_one_steering():
+    """Enter A, enter B, exit A: B still steers (alone), and one object cannot be entered twice."""
+    model = make_model("llama")
+    ids = _prompt()
+    other = ak.AnchorSet(positive=[7], negative=[8])
+    with torch.no_grad():
+        plain = model(ids).logits
+        with ak.hf.steer(model, other, CONFIG):
+            only_b = model(ids).logits
+        a, b = ak.hf.steer(model, ANCHORS, CONFIG), ak.hf.steer(model, other, CONFIG)
+        a.__enter__()
+        b.__enter__()
+        a.__exit__(None, None, None)
+        assert torch.equal(model(ids).logits, only_b)
+        with pytest.raises(RuntimeError, match="already entered"):
+            b.__enter__()
+        b.__exit__(None, None, None)
+        assert torch.equal(model(ids).logits, plain)
+        with b:  # entered again after its exit: a new block
+            assert torch.equal(model(ids).logits, only_b)
+        assert not model.get_output_embeddings()._forward_pre_hooks
+
+
 def test_bank_with_padding_beam_search_and_sampling():
     model = make_model("qwen2")
     ids = _prompt(batch=3)

@@ -21,7 +21,6 @@ the block raises on the next forward instead of steering with a stale Gram.
 """
 from __future__ import annotations
 
-import contextlib
 import contextvars
 
 import torch
@@ -53,45 +52,58 @@ def expand_per_request(values, rows: int, name: str):
     return t.repeat_interleave(rows // t.numel())
 
 
-@contextlib.contextmanager
-def steer(model, anchors, config: SteerConfig | None = None, *, row_sets=None, step_size=None,
-          backend: str = "auto"):
-    """Steers the forwards of ``model``'s LM head run in this context inside the block; restores
-    it on exit, even after an exception. Works with tied embeddings and an LM-head bias."""
-    head = _lm_head(model)
-    config = SteerConfig() if config is None else config
-    if not isinstance(config, SteerConfig):
-        raise TypeError(f"config must be a SteerConfig, got {type(config).__name__}")
-    prepared = prepare_anchors(head.weight, anchors)
-    block = object()
+class steer:
+    """``with steer(model, anchors, config): ...`` steers the forwards of ``model``'s LM head run
+    in this context inside the block; restores it on exit, even after an exception. Works with
+    tied embeddings and an LM-head bias. Blocks may nest and exit in any order (each removes only
+    itself); one object is one block: entering it again while it is entered raises."""
 
-    def edit_positions(module, args, kwargs):
-        if block not in _ACTIVE.get():
-            return None
-        hidden = args[0] if args else kwargs["input"]
-        if hidden.dim() < 2:
-            raise ValueError(f"the LM-head input must be [batch, ..., d], got {tuple(hidden.shape)}")
-        batch = hidden.shape[0]
-        per_request = hidden[0].numel() // hidden.shape[-1]  # positions per batch row
+    def __init__(self, model, anchors, config: SteerConfig | None = None, *, row_sets=None, step_size=None,
+                 backend: str = "auto"):
+        self.head = _lm_head(model)
+        self.config = SteerConfig() if config is None else config
+        if not isinstance(self.config, SteerConfig):
+            raise TypeError(f"config must be a SteerConfig, got {type(self.config).__name__}")
+        self.model, self.anchors = model, anchors
+        self.row_sets, self.step_size, self.backend = row_sets, step_size, backend
+        self._handle = None
 
-        def per_row(values, name):
-            values = expand_per_request(values, batch, name)
-            return None if values is None else values.repeat_interleave(per_request)
+    def __enter__(self):
+        if self._handle is not None:
+            raise RuntimeError("this ak.hf.steer block is already entered: each `with` needs its own "
+                               "ak.hf.steer(...) object")
+        prepared = prepare_anchors(self.head.weight, self.anchors)  # the weight as it is on entry
 
-        new = steer_hidden(hidden, module.weight, prepared, config, bias=getattr(module, "bias", None),
-                           backend=backend, row_sets=per_row(row_sets, "row_sets"),
-                           step_size=per_row(step_size, "step_size"))
-        if args:
-            return (new, *args[1:]), kwargs
-        return args, {**kwargs, "input": new}
+        def edit_positions(module, args, kwargs):
+            if self not in _ACTIVE.get():
+                return None
+            hidden = args[0] if args else kwargs["input"]
+            if hidden.dim() < 2:
+                raise ValueError(f"the LM-head input must be [batch, ..., d], got {tuple(hidden.shape)}")
+            batch = hidden.shape[0]
+            per_request = hidden[0].numel() // hidden.shape[-1]  # positions per batch row
 
-    handle = head.register_forward_pre_hook(edit_positions, with_kwargs=True)
-    token = _ACTIVE.set(_ACTIVE.get() | {block})
-    try:
-        yield model
-    finally:
-        _ACTIVE.reset(token)
-        handle.remove()
+            def per_row(values, name):
+                values = expand_per_request(values, batch, name)
+                return None if values is None else values.repeat_interleave(per_request)
+
+            new = steer_hidden(hidden, module.weight, prepared, self.config, bias=getattr(module, "bias", None),
+                               backend=self.backend, row_sets=per_row(self.row_sets, "row_sets"),
+                               step_size=per_row(self.step_size, "step_size"))
+            if args:
+                return (new, *args[1:]), kwargs
+            return args, {**kwargs, "input": new}
+
+        self._handle = self.head.register_forward_pre_hook(edit_positions, with_kwargs=True)
+        _ACTIVE.set(_ACTIVE.get() | {self})
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        # Remove this block only: resetting to the value before entry would also end a block
+        # entered later and still open (enter A, enter B, exit A).
+        _ACTIVE.set(_ACTIVE.get() - {self})
+        self._handle.remove()
+        self._handle = None
 
 
 def logit_steerer(model, anchors, config: SteerConfig | None = None) -> LogitSteerer:
