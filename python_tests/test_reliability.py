@@ -472,3 +472,25 @@ def test_direct_logits_op_call_with_one_meta_tensor_names_it(meta):
     args[meta] = args[meta].to("meta")
     with pytest.raises(RuntimeError, match=f"{meta} is on"):
         torch.ops.anchor_kernels.steer_logits_(*args.values(), 3, "lse", 0.0, 1.0, math.inf, math.inf, True)
+
+
+def test_llama_cpp_steerer_never_writes_through_a_read_only_array(tmp_path):
+    """A read-only np.memmap segfaulted (torch.from_numpy wrote through it); an ordinary
+    read-only array was silently modified. Both are steered in a copy."""
+    import numpy as np
+
+    from anchor_kernels.integrations.llama_cpp import LlamaCppSteerer
+
+    _, weight = _case()
+    steerer = LlamaCppSteerer(weight.cpu(), A, ak.SteerConfig(relative_step=False, step_size=0.5))
+    raw = np.random.default_rng(0).standard_normal(weight.shape[0]).astype(np.float32)
+    expected = steerer([1], raw.copy())
+    assert not np.array_equal(expected, raw)
+    frozen = raw.copy()
+    frozen.flags.writeable = False
+    path = tmp_path / "scores.bin"
+    raw.tofile(path)
+    for scores in (frozen, np.memmap(path, dtype=np.float32, mode="r")):
+        out = steerer([1], scores)
+        np.testing.assert_array_equal(scores, raw)
+        np.testing.assert_array_equal(out, expected)

@@ -9,7 +9,8 @@
     llm.create_chat_completion(messages, logits_processor=LogitsProcessorList([steer]))
 
 llama-cpp-python calls the processor first, with ``llama_get_logits_ith(-1)`` (raw logits) as a
-float32 view, which the steerer edits in place (the logit form: + M c). The LM head is the GGUF's
+float32 view, which the steerer edits in place (the logit form: + M c); a read-only array is
+steered in a copy, which is returned. The LM head is the GGUF's
 ``output.weight``, or ``token_embd.weight`` for tied models, dequantised once with ``gguf``.
 The relative step and the trust region need ``||h0||``: with ``Llama(..., embedding=True)``
 llama.cpp also returns the final-norm hidden state, and passing that ``llama`` gives the exact
@@ -99,5 +100,7 @@ class LlamaCppSteerer:
         if not isinstance(scores, np.ndarray) or scores.dtype != np.float32 or scores.ndim != 1:
             raise TypeError("scores must be llama-cpp-python's float32 [n_vocab] logits array")
         norm = self._hidden_norm() if self.llama is not None else None
+        if not scores.flags.writeable:  # a read-only map would segfault, an ordinary one be modified anyway
+            scores = scores.copy()
         self.steerer.apply_(torch.from_numpy(scores), hidden_norm=norm)
         return scores
