@@ -43,7 +43,7 @@ def load_model(path: Path | str | None = None, dtype=torch.float32):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval()
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # a broken config.json, missing weights
+    except Exception as exc:  # whatever a broken config.json or checkpoint raises (SafetensorError, ...)
         raise ValueError(f"could not load the HF model folder {path}: {type(exc).__name__}: {exc}") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

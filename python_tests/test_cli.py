@@ -152,3 +152,55 @@ def test_answer_gap_counts_the_steps_an_answer_was_decoded_from():
     gap = generation.answer_gap(gen, anchors)
     assert gap.isnan().tolist() == [[False, False, True, True], [False] * 4, [False, True, True, True]]
     assert gap.nanmean().item() == 1.0                    # the padding steps' 100 does not count
+
+
+def _broken_copy(tmp_path, name, config=None, header=False):
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(FORTUNE_MODEL, folder)
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    if header:  # same size, garbage where the JSON header is
+        with open(folder / "model.safetensors", "r+b") as f:
+            f.seek(8)
+            f.write(b"x" * 12)
+    return folder
+
+
+@pytest.mark.parametrize("broken", [dict(config='{"model_type": "llama", "hidden_size": "abc"}'),
+                                    dict(config='{"model_type": "no_such_arch"}'), dict(header=True)],
+                         ids=["invalid-config", "unknown-arch", "corrupt-safetensors-header"])
+def test_a_broken_model_folder_is_a_clean_error(tmp_path, broken):
+    folder = _broken_copy(tmp_path, "broken", **broken)
+    run = subprocess.run([sys.executable, "-m", "anchor_kernels", "generate", "--model", str(folder), "--prompt", "hi",
+                          "--max-new-tokens", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    assert f"could not load the HF model folder {folder}" in run.stderr
+
+
+def test_a_corrupt_cache_entry_is_rebuilt(tmp_path, monkeypatch, capsys):
+    """A .gguf --model is converted into the cache; a same-size corruption of the cached weights
+    (the manifest's sizes still match) is converted again, not loaded."""
+    import shutil
+
+    from anchor_kernels import default_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    source = tmp_path / "fortune.gguf"
+    source.write_bytes(b"GGUF" + bytes(64))
+    calls = []
+
+    def convert(src, out):
+        calls.append(src)
+        shutil.copytree(FORTUNE_MODEL, out)
+        default_model.write_manifest(out, src)
+
+    monkeypatch.setattr(default_model, "convert", convert)
+    args = ["generate", "--model", str(source), "--prompt", "hi", "--max-new-tokens", "1"]
+    assert main(args) == 0
+    with open(default_model.cache_root() / "fortune" / "model.safetensors", "r+b") as f:
+        f.seek(8)
+        f.write(b"x" * 12)
+    assert main(args) == 0 and len(calls) == 2
