@@ -58,6 +58,11 @@ def test_from_env_reads_the_file_and_rereads_it_when_it_changes(tmp_path, monkey
     ({"sets": SETS, "config": {"steps": -1}}, "steps"),
     ({"sets": SETS, "config": {"relative_step": True}}, "logit form cannot"),
     ({"sets": SETS, "config": {"max_norm": 0.1}}, "logit form cannot"),
+    ({"sets": {"a": {"positive": "love", "negative": ["hate"]}}}, "set 'a': 'positive' must be a non-empty list of words"),
+    ({"sets": {"a": {"positive": ["love"], "negative": []}}}, "set 'a': 'negative' must be a non-empty list"),
+    ({"sets": {"a": {"positive_ids": [1, "2"], "negative_ids": [3]}}}, "'positive_ids' must be a non-empty list of token ids"),
+    ({"sets": {"a": {"positive_ids": [1], "negative_ids": 3}}}, "'negative_ids' must be a non-empty list of token ids"),
+    ({"sets": {"a": {"lexicon": ["harmless"]}}}, "unknown lexicon"),
 ])
 def test_bad_configs_are_refused_with_the_reason(data, match):
     with pytest.raises((TypeError, ValueError), match=match):
@@ -88,6 +93,8 @@ def test_bank_resolves_words_with_the_tokenizer():
     assert bank.sets[1] == ak.AnchorSet([5, 9], [23])
     with pytest.raises(ValueError, match="anchor set 'a'"):
         ServingConfig.from_dict({"sets": {"a": {"positive": ["qqqqzz"], "negative": ["hate"]}}}).bank(tok)
+    with pytest.raises(ValueError, match=r"anchor set 'ids': token ids \[9, 23\] are outside the model's vocabulary \[0, 9\)"):
+        ServingConfig.from_dict({"sets": {"ids": SETS["ids"]}}).bank(tok, vocab=9)
 
 
 def test_read_lm_head_untied_tied_and_sharded(tmp_path):

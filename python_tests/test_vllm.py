@@ -80,7 +80,7 @@ def hf_tokens(hf_model, data, prompt, set_name=None, step=None, max_tokens=12):
 
 def fake_vllm_config(max_num_seqs=8):
     return types.SimpleNamespace(
-        model_config=types.SimpleNamespace(model=MODEL, tokenizer=MODEL),
+        model_config=types.SimpleNamespace(model=MODEL, tokenizer=MODEL, get_vocab_size=lambda: 4096),
         scheduler_config=types.SimpleNamespace(max_num_seqs=max_num_seqs),
         parallel_config=types.SimpleNamespace(tensor_parallel_size=1))
 
@@ -199,8 +199,21 @@ def test_hidden_form_refuses_v2_and_tensor_parallel(tmp_path):
             AnchorSteering(cfg, torch.device("cpu"), False)
 
 
+@pytest.mark.parametrize("sets, match", [
+    ({"raw": {"positive_ids": [5, 4096], "negative_ids": [7]}}, r"anchor set 'raw': token ids \[4096\] are outside"),
+    ({"words": {"positive": ["qqqqzz"], "negative": ["hate"]}}, "anchor set 'words'"),
+])
+def test_sets_are_checked_against_the_vocabulary_when_the_engine_starts(tmp_path, sets, match):
+    """Not on the first steered request: the processor resolves the sets at construction."""
+    with serving_env(tmp_path, {**LOGIT_FORM, "sets": sets}):
+        AnchorSteering.validate_params(params({"anchor_set": next(iter(sets))}))  # the config alone is fine
+        with pytest.raises(ValueError, match=match):
+            AnchorSteering(fake_vllm_config(), torch.device("cpu"), False)
+
+
 @pytest.mark.parametrize("extra, match", [
     ({"anchor_set": "nope"}, "not a configured anchor set"),
+    ({"anchor_set": "sunny", "anchor_step_size": 3.4e38}, "anchor_step_size"),
     ({"anchor_set": "sunny", "anchor_step_size": -1.0}, "anchor_step_size"),
     ({"anchor_set": "sunny", "anchor_step_size": "big"}, "anchor_step_size"),
     ({"anchor_set": "sunny", "anchor_step_size": float("nan")}, "anchor_step_size"),

@@ -92,8 +92,16 @@ def _check_set_spec(name: str, spec) -> dict:
     if "lexicon" in spec:
         from .. import lexicons
 
-        if spec["lexicon"] not in lexicons.names():
+        if not isinstance(spec["lexicon"], str) or spec["lexicon"] not in lexicons.names():
             raise ValueError(f"set {name!r}: unknown lexicon {spec['lexicon']!r}; shipped: {lexicons.names()}")
+    for key in kinds[0]:
+        if key == "lexicon":
+            continue
+        values, want = spec[key], (int if key.endswith("_ids") else str)
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, want) and not isinstance(v, bool) for v in values):
+            raise TypeError(f"set {name!r}: {key!r} must be a non-empty list of "
+                            f"{'token ids (integers)' if want is int else 'words (strings)'}, got {values!r}")
     return dict(spec)
 
 
@@ -188,9 +196,10 @@ class ServingConfig:
         _check_step(repr(STEP_KEY), step, self.config)
         return RequestSteering(self.names.index(name), float(step))
 
-    def bank(self, tokenizer):
+    def bank(self, tokenizer, vocab: int | None = None):
         """The configured sets as one AnchorBank (set i = ``names[i]``), words resolved with
-        ``tokenizer``: a tokenizer, or a folder to load one from (only if a set has words)."""
+        ``tokenizer``: a tokenizer, or a folder to load one from (only if a set has words). With
+        ``vocab`` (the model's V), a token id outside it is refused, naming its set."""
         from ..anchors import AnchorBank, AnchorSet
 
         if isinstance(tokenizer, (str, Path)) and any("positive_ids" not in s for s in self.sets.values()):
@@ -206,6 +215,9 @@ class ServingConfig:
                     sets.append(AnchorSet.from_words(tokenizer, spec["positive"], spec["negative"]))
                 else:
                     sets.append(AnchorSet(spec["positive_ids"], spec["negative_ids"]))
+                outside = sorted(t for t in sets[-1].ids if vocab is not None and t >= vocab)
+                if outside:
+                    raise ValueError(f"token ids {outside} are outside the model's vocabulary [0, {vocab})")
             except (TypeError, ValueError) as e:
                 raise ValueError(f"anchor set {name!r}: {e}") from e
         return AnchorBank(sets)

@@ -41,7 +41,8 @@ def _steerer(serving: ServingConfig, device: torch.device):
             raise ValueError("SGLang runs the logit form only (\"form\": \"logits\")")
         head = read_lm_head(serving.model).to(device)
         _STEERERS.clear()   # the config changed: drop the old mixing matrices
-        _STEERERS[key] = (serving, LogitSteerer(head, serving.bank(serving.model), serving.config))
+        bank = serving.bank(serving.model, vocab=head.shape[0])
+        _STEERERS[key] = (serving, LogitSteerer(head, bank, serving.config))
     return _STEERERS[key][1]
 
 

@@ -140,7 +140,12 @@ class AnchorSteering(_V1, _V2):
         self._prepared = None
         self._layer_calls = 0
         self._checked_calls = 0
+        self._anchor_bank = None
         if not self.inert:
+            # Resolved now, against the model's vocabulary: a bad word or id fails the engine's
+            # start, not its first steered request.
+            model_config = vllm_config.model_config
+            self._anchor_bank = self.serving.bank(model_config.tokenizer, vocab=model_config.get_vocab_size())
             global _HIDDEN   # this engine's layer binds to the hidden-form processor, or to none
             _HIDDEN = None
             if self.serving.form == "hidden":
@@ -148,7 +153,7 @@ class AnchorSteering(_V1, _V2):
 
     # ---- shared
     def _bank(self):
-        return self.serving.bank(self.vllm_config.model_config.tokenizer)
+        return self._anchor_bank
 
     def _logit_steerer(self):
         if self._steerer is None:
