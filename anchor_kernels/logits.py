@@ -95,6 +95,8 @@ class LogitSteerer:
                 raise ValueError("hidden_norm entries must be finite and >= 0 (they are ||h0||)")
             norm = norm.to(logits.device)
         require_hidden_norm(self.config, norm)
+        if logits.numel() == 0:
+            return logits
         flat = logits.view(-1, self.vocab) if logits.is_contiguous() else logits.reshape(-1, self.vocab).clone()
         c = self.config
         if self.backend != "eager":

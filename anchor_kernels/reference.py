@@ -82,11 +82,14 @@ def steer_rows_fp64(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     if not create_graph:
         hidden, weight = hidden.detach(), weight.detach()
         bias = None if bias is None else bias.detach()
-    h0 = hidden.double()
-    w = weight.double()
-    b = None if bias is None else bias.double()
-    out = h0.clone()
-    with torch.enable_grad():
+    # Outside inference mode (grad G is computed with autograd, which inference mode disables),
+    # on copies: an inference tensor cannot be saved for backward.
+    with torch.inference_mode(False), torch.enable_grad():
+        h0 = hidden.to(torch.float64, copy=True)
+        w = weight.to(torch.float64, copy=True)
+        b = None if bias is None else bias.to(torch.float64, copy=True)
+        step_size, row_sets = step_size.clone(), row_sets.clone()
+        out = h0.clone()
         for index, anchor_set in enumerate(anchors.sets):
             rows = (row_sets == index).nonzero().flatten()
             if rows.numel():

@@ -56,6 +56,7 @@ void steer_logits_cpu(const at::Tensor& logits, const at::Tensor& mixing,
                                      step_size, hidden_norm, steps, std::string(objective), reg,
                                      temperature, margin, max_norm, relative_step);
   const ak_logits_params& q = call.params;
+  if (q.rows == 0) return;  // nothing to edit (and no coefficient buffer to hand the kernels)
   const int64_t S = q.num_sets, K = q.set_size, V = q.vocab;
   std::atomic<int> status{AK_OK};
   std::vector<float> coef(q.rows * K);

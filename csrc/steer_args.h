@@ -222,7 +222,9 @@ inline LogitsCall make_logits_call(const at::Tensor& logits, const at::Tensor& m
   q.step_size = eta.data_ptr<float>();
   q.hidden_norm = norm.defined() ? norm.data_ptr<float>() : nullptr;
   set_loop_fields(q, steps, obj, reg, temperature, margin, max_norm, relative_step);
-  TORCH_CHECK(ak_steer_logits_check_params(&q) == AK_OK, "steer_logits: invalid arguments");
+  // An empty batch's tensors have null data pointers, which the C check reads as missing.
+  TORCH_CHECK(q.rows == 0 || ak_steer_logits_check_params(&q) == AK_OK,
+              "steer_logits: invalid arguments");
   return call;
 }
 

@@ -494,3 +494,32 @@ def test_llama_cpp_steerer_never_writes_through_a_read_only_array(tmp_path):
         out = steerer([1], scores)
         np.testing.assert_array_equal(scores, raw)
         np.testing.assert_array_equal(out, expected)
+
+
+def test_reference_backend_runs_inside_inference_mode():
+    hidden, weight = _case()
+    config = ak.SteerConfig(steps=3, max_norm=0.5)
+    expected = ak.steer_hidden(hidden, weight, A, config, backend="reference")
+    with torch.inference_mode():
+        out = ak.steer_hidden(hidden, weight, A, config, backend="reference")
+        frozen = ak.steer_hidden(hidden.clone(), weight.clone(), A, config, backend="reference")  # inference tensors
+    assert torch.equal(out, expected) and torch.equal(frozen, expected)
+
+
+@pytest.mark.parametrize("backend", LOGIT_BACKENDS)
+def test_logit_steerer_on_an_empty_batch(backend):
+    _, weight = _case()
+    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(relative_step=False), backend=backend)
+    empty = torch.empty(0, weight.shape[0], device=DEVICE)
+    assert steerer(empty).shape == (0, weight.shape[0])
+    assert steerer.apply_(torch.empty(3, 0, weight.shape[0], device=DEVICE)).shape == (3, 0, weight.shape[0])
+
+
+@pytest.mark.skipif(not native.available(), reason="anchor_kernels._C not built")
+def test_direct_logits_op_call_on_an_empty_batch():
+    _, weight = _case()
+    weight = weight.cpu()
+    steerer = ak.LogitSteerer(weight, A, backend="cpu")
+    torch.ops.anchor_kernels.steer_logits_(
+        torch.empty(0, weight.shape[0]), steerer.mixing, *steerer.prepared.tensors, torch.empty(0, dtype=torch.long),
+        torch.empty(0), torch.empty(0), 3, "lse", 0.0, 1.0, math.inf, math.inf, True)
