@@ -127,6 +127,26 @@ def test_logits_processor_matches_hidden_state_path(arch):
     assert head.weight.shape[0] == steerer.vocab
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_logits_processor_under_beam_search_ranks_beams_like_the_hook(arch):
+    """Beam search passes log-softmaxed scores to processors and sums them over steps: the
+    processor returns them re-normalised, so its beams are the hook form's."""
+    model = make_model(arch)
+    ids = _prompt()
+    config = ak.SteerConfig(steps=8, step_size=3.0, objective="lse", relative_step=False)
+    steerer = ak.hf.logit_steerer(model, ANCHORS, config)
+    kw = dict(num_beams=4, num_return_sequences=4, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        with ak.hf.steer(model, ANCHORS, config, backend="cpu"):
+            via_hidden = _generate(model, ids, **kw)
+        processor = ak.hf.AnchorLogitsProcessor(steerer)
+        via_logits = _generate(model, ids, logits_processor=transformers.LogitsProcessorList([processor]), **kw)
+        log_probs = torch.randn(3, V).log_softmax(-1)
+        torch.testing.assert_close(torch.logsumexp(processor(None, log_probs), -1), torch.zeros(3))
+    assert torch.equal(via_logits.sequences, via_hidden.sequences)
+    torch.testing.assert_close(via_logits.sequences_scores, via_hidden.sequences_scores, rtol=1e-4, atol=1e-4)
+
+
 def _gap(logits, anchors=ANCHORS):
     logp = torch.log_softmax(logits.double(), -1)
     return (torch.logsumexp(logp[:, list(anchors.positive)], -1)
@@ -223,7 +243,7 @@ def test_logit_steerer_errors():
     steerer = ak.hf.logit_steerer(model, ANCHORS, CONFIG)
     with pytest.raises(ValueError, match="logits must be"):
         steerer(torch.zeros(2, V + 1))
-    trust = ak.hf.logit_steerer(model, ANCHORS, ak.SteerConfig(max_norm=0.1, relative_step=False))
+    trust = ak.hf.logit_steerer(model, ANCHORS, ak.SteerConfig(max_norm=0.1, relative_step=False), with_hidden_norm=True)
     with pytest.raises(ValueError, match="need ..h0.., which logits do not carry"):
         trust(torch.zeros(2, V))
     torch.testing.assert_close(trust(torch.zeros(2, V), hidden_norm=torch.zeros(2)), torch.zeros(2, V))

@@ -117,9 +117,16 @@ except ImportError:  # transformers is optional; only this class needs it
     LogitsProcessor = object
 
 
+# |logsumexp| of a row below this: the row holds log-probabilities (fp32 rounding over a
+# vocabulary stays far below it; raw logits hit it only by coincidence, where renormalising is
+# harmless anyway).
+LOG_PROB_TOLERANCE = 1e-3
+
+
 class AnchorLogitsProcessor(LogitsProcessor):
     """The logit-space form as an HF ``LogitsProcessor``. Put it first in the list: it needs raw
-    logits. ``row_sets`` / ``step_size`` are per request (see the module docstring)."""
+    logits, or the log-probabilities beam search hands processors (returned re-normalised, as
+    the hook form's are). ``row_sets`` / ``step_size`` are per request (see the module docstring)."""
 
     def __init__(self, steerer: LogitSteerer, row_sets=None, step_size=None):
         if not isinstance(steerer, LogitSteerer):
@@ -129,5 +136,10 @@ class AnchorLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = scores.shape[0]
-        return self.steerer(scores, row_sets=expand_per_request(self.row_sets, rows, "row_sets"),
-                            step_size=expand_per_request(self.step_size, rows, "step_size"))
+        out = self.steerer(scores, row_sets=expand_per_request(self.row_sets, rows, "row_sets"),
+                           step_size=expand_per_request(self.step_size, rows, "step_size"))
+        # Beam search hands processors log-softmaxed scores and adds them to each beam's running
+        # sum: re-normalised rows are what the hook form gives (log_softmax(W h' + b)). The edit
+        # itself is shift-invariant, and so is every softmax-based decision made on the result.
+        normalised = torch.logsumexp(scores.float(), dim=-1).abs() < LOG_PROB_TOLERANCE
+        return torch.where(normalised[..., None], out.float().log_softmax(-1).to(out.dtype), out)
