@@ -160,7 +160,8 @@ class PreparedAnchors(NamedTuple):
     dtype, device, storage and, where torch tracks it, the version counter, so an in-place
     update is caught), but writes that bypass the version counter (through ``.numpy()``, or a
     ``.data`` swap onto the same address) cannot be seen: after changing the weight, call
-    ``prepare_anchors`` again.
+    ``prepare_anchors`` again. Inside torch.compile, where neither can be read, the anchor rows'
+    norms are compared with the Gram's diagonal instead.
     """
 
     anchor_ids: torch.Tensor      # [S, K] int64
@@ -192,7 +193,10 @@ class PreparedAnchors(NamedTuple):
         if self.vocab != weight.shape[0]:
             raise ValueError(f"anchors were prepared for a weight with V = {self.vocab} rows, but weight "
                              f"has V = {weight.shape[0]}: call prepare_anchors(weight, anchors) for this weight")
-        if torch.compiler.is_compiling() or not self.source:
+        if torch.compiler.is_compiling():
+            self._check_rows_in_graph(weight)
+            return
+        if not self.source:
             return
         ptr, version, shape, dtype, device = self.source
         if (ptr, shape, dtype, device) != (weight.data_ptr(), tuple(weight.shape), weight.dtype, weight.device):
@@ -201,6 +205,19 @@ class PreparedAnchors(NamedTuple):
         if version is not None and _version(weight) != version:
             raise ValueError("weight was modified in place since prepare_anchors built these anchors "
                              "(its version counter moved): call prepare_anchors(weight, anchors) again")
+
+
+    def _check_rows_in_graph(self, weight: torch.Tensor) -> None:
+        # A graph cannot read data pointers or version counters, so compare the anchor rows'
+        # squared norms (one read of the K rows, fused) with the Gram's diagonal, on the device:
+        # a rescaled or rewritten anchor row raises instead of steering with a stale Gram. (On
+        # CUDA this is a device-side assertion, fatal to the process as any is.) Norm-preserving
+        # rewrites of anchor rows are not seen.
+        live = self.anchor_weights != 0
+        norms = torch.where(live, weight[self.anchor_ids].float().pow(2).sum(-1), 0.0)
+        same = torch.isclose(norms, self.gram.diagonal(dim1=1, dim2=2), rtol=1e-3, atol=0.0, equal_nan=True)
+        torch._assert_async(same.all(), "weight's anchor rows changed since prepare_anchors built these anchors "
+                                        "(checked inside torch.compile): call prepare_anchors(weight, anchors) again")
 
 
 def _version(weight: torch.Tensor) -> int | None:

@@ -27,16 +27,24 @@ class LogitSteerer:
     The logits must be raw: before soft-capping (Gemma 2's ``final_logit_softcapping``),
     temperature, repetition penalties or any other processor, or the edit is not the one
     METHOD.md defines. The trust region (``max_norm``) and ``relative_step`` need ``||h0||``,
-    which logits do not carry; pass ``hidden_norm`` per call if you have it.
+    which logits do not carry: such a config is refused unless ``with_hidden_norm=True`` promises
+    ``hidden_norm`` on every call.
     """
 
     def __init__(self, weight: torch.Tensor, anchors, config: SteerConfig | None = None,
-                 bias: torch.Tensor | None = None, backend: str = "auto"):
+                 bias: torch.Tensor | None = None, backend: str = "auto", with_hidden_norm: bool = False):
         """``backend``: "auto" (the fused op for the device: C++ on CPU; CUDA, then Triton, on a
         GPU; the eager form where none runs), "cpu", "cuda", "triton" or "eager"."""
         self.config = SteerConfig() if config is None else config
         if not isinstance(self.config, SteerConfig):
             raise TypeError(f"config must be a SteerConfig, got {type(self.config).__name__}")
+        needs = needs_hidden_norm(self.config)
+        if needs and not with_hidden_norm:  # refused here, not at the first generated token
+            raise ValueError(
+                f"the logit form cannot run {needs}: it needs ||h0||, which logits do not carry. Use "
+                "SteerConfig(relative_step=False, max_norm=None), or pass with_hidden_norm=True and "
+                "hidden_norm= on every call, or steer the hidden state instead")
+        self.with_hidden_norm = bool(with_hidden_norm)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
             raise ValueError("weight must be the [V, d] floating-point LM-head weight")
         if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],)):
@@ -97,7 +105,10 @@ class LogitSteerer:
         require_hidden_norm(self.config, norm)
         if logits.numel() == 0:
             return logits
-        flat = logits.view(-1, self.vocab) if logits.is_contiguous() else logits.reshape(-1, self.vocab).clone()
+        # A layout flag, not a data_ptr comparison: torch.compile(fullgraph=True) traces it.
+        contiguous = logits.is_contiguous()
+        # contiguous(), not clone(): a clone keeps a column-major layout, which the ops cannot edit.
+        flat = logits.view(-1, self.vocab) if contiguous else logits.reshape(-1, self.vocab).contiguous()
         c = self.config
         if self.backend != "eager":
             if self.backend == "triton":
@@ -114,9 +125,16 @@ class LogitSteerer:
             for s in range(self.num_sets):
                 delta += (coef * (rows == s).unsqueeze(-1)) @ self.mixing[s]
             flat.copy_(flat.float() + delta)
-        if flat.data_ptr() != logits.data_ptr():
+        if not contiguous:  # flat is a copy
             logits.copy_(flat.view(logits.shape))
         return logits
+
+
+def needs_hidden_norm(config: SteerConfig) -> str | None:
+    """The fields of ``config`` that need ||h0|| (None if none does), as a message names them."""
+    fields = [f for f, on in (("relative_step=True", config.relative_step),
+                              (f"max_norm={config.max_norm}", config.max_norm is not None)) if on]
+    return " and ".join(f"SteerConfig.{f}" for f in fields) or None
 
 
 def _resolve(backend: str, device: torch.device) -> str:

@@ -136,9 +136,9 @@ def test_logit_form_on_gpu_matches_the_cpu_op(backend, dtype):
     bank = prepared.to_bank()
     raw = (hidden @ weight.T).to(dtype)
     norm = hidden.norm(dim=-1)
-    want = ak.LogitSteerer(weight.cpu(), bank, config, backend="cpu")(
+    want = ak.LogitSteerer(weight.cpu(), bank, config, backend="cpu", with_hidden_norm=True)(
         raw.cpu(), row_sets=row_sets.cpu(), step_size=step_size.cpu(), hidden_norm=norm.cpu())
-    steerer = ak.LogitSteerer(weight, bank, config, backend=backend)
+    steerer = ak.LogitSteerer(weight, bank, config, backend=backend, with_hidden_norm=True)
     got = raw.clone()
     steerer.apply_(got, row_sets=row_sets, step_size=step_size, hidden_norm=norm)
     tol = 1e-4 if dtype == torch.float32 else 2e-2

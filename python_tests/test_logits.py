@@ -53,7 +53,7 @@ LOGIT_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(why is not None, reas
 def test_matches_the_reference(backend, seed, rows, d, vocab, bias, dtype, config):
     weight, b, hidden, bank, row_sets = _problem(seed, rows, d, vocab, [(3, 2), (1, 4)], dtype, bias)
     raw = (hidden.double() @ weight.double().T + (0 if b is None else b.double())).to(dtype)
-    steerer = ak.LogitSteerer(weight, bank, config, bias=b, backend=backend)
+    steerer = ak.LogitSteerer(weight, bank, config, bias=b, backend=backend, with_hidden_norm=True)
     out = steerer(raw, row_sets=row_sets, hidden_norm=hidden.float().norm(dim=-1))
     ref_h = reference_fp64(hidden, weight, bank, config, bias=b, row_sets=row_sets)
     # the edit of the logits is W (h' - h0); raw logits carry their own rounding, so add it to raw
@@ -79,7 +79,7 @@ def test_apply_is_in_place_and_unsteered_rows_are_not_read(backend):
 @needs_op
 def test_op_validates_its_arguments():
     weight, _, hidden, bank, _ = _problem(0, 2, 8, 30, [(2, 2)], torch.float32, False)
-    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig())
+    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(), with_hidden_norm=True)
     p = steerer.prepared
     args = lambda **o: dict(dict(logits=torch.zeros(2, 30), mixing=steerer.mixing, anchor_ids=p.anchor_ids,  # noqa: E731
                                  anchor_weights=p.anchor_weights, gram=p.gram, row_sets=torch.zeros(2, dtype=torch.long),
@@ -111,11 +111,11 @@ def test_triton_large_sets_and_bad_arguments(backend):
     rows = torch.tensor([0, 1, -1, 0, 1])
     norm = hidden.norm(dim=-1)
     raw = hidden @ weight.T
-    want = ak.LogitSteerer(weight, bank, config, backend="cpu")(raw, row_sets=rows, hidden_norm=norm)
-    got = ak.LogitSteerer(weight, bank, config, backend=backend)(raw, row_sets=rows, hidden_norm=norm)
+    want = ak.LogitSteerer(weight, bank, config, backend="cpu", with_hidden_norm=True)(raw, row_sets=rows, hidden_norm=norm)
+    got = ak.LogitSteerer(weight, bank, config, backend=backend, with_hidden_norm=True)(raw, row_sets=rows, hidden_norm=norm)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     from anchor_kernels.triton_steer import steer_logits_triton_ as op
-    steerer = ak.LogitSteerer(weight, bank, config, backend=backend)
+    steerer = ak.LogitSteerer(weight, bank, config, backend=backend, with_hidden_norm=True)
     p = steerer.prepared
     base = dict(logits=raw.clone(), mixing=steerer.mixing, anchor_ids=p.anchor_ids, anchor_weights=p.anchor_weights,
                 gram=p.gram, row_sets=rows, step_size=torch.full((5,), 0.1), hidden_norm=norm, steps=3,
@@ -127,7 +127,7 @@ def test_triton_large_sets_and_bad_arguments(backend):
         with pytest.raises(RuntimeError, match=message):
             op(**{**base, **over})
     with pytest.raises(ValueError, match="backend must be"):
-        ak.LogitSteerer(weight, bank, config, backend="cuda")
+        ak.LogitSteerer(weight, bank, config, backend="cuda", with_hidden_norm=True)
 
 
 def test_building_m_makes_no_fp32_copy_of_the_head():
@@ -135,6 +135,40 @@ def test_building_m_makes_no_fp32_copy_of_the_head():
     weight = torch.randn(V, d, dtype=torch.bfloat16)
     anchors = ak.AnchorSet(list(range(32)), list(range(32, 64)))
     with LargestOutput() as mode:
-        steerer = ak.LogitSteerer(weight, anchors, ak.SteerConfig())
+        steerer = ak.LogitSteerer(weight, anchors, ak.SteerConfig(relative_step=False))
     assert steerer.mixing.shape == (1, 64, V)
     assert mode.largest < V * d, mode.largest  # chunks of W only; M itself is V x K
+
+
+def test_refuses_at_construction_a_config_it_cannot_run():
+    """relative_step and max_norm need ||h0||: refused when the steerer is built, naming the field,
+    not at the first generated token."""
+    weight, _, _, bank, _ = _problem(0, 2, 8, 30, [(2, 2)], torch.float32, False)
+    for config, field in ((ak.SteerConfig(), r"SteerConfig\.relative_step=True"),
+                          (ak.SteerConfig(relative_step=False, max_norm=0.1), r"SteerConfig\.max_norm=0\.1"),
+                          (ak.SteerConfig(max_norm=0.2), r"relative_step=True and SteerConfig\.max_norm=0\.2")):
+        with pytest.raises(ValueError, match=field):
+            ak.LogitSteerer(weight, bank, config)
+        ak.LogitSteerer(weight, bank, config, with_hidden_norm=True)
+    ak.LogitSteerer(weight, bank, ak.SteerConfig(relative_step=False))
+
+
+def test_hf_processor_refuses_a_steerer_that_needs_hidden_norm():
+    weight, _, _, bank, _ = _problem(0, 2, 8, 30, [(2, 2)], torch.float32, False)
+    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(), with_hidden_norm=True)
+    with pytest.raises(ValueError, match=r"AnchorLogitsProcessor cannot give .* SteerConfig\.relative_step=True"):
+        ak.hf.AnchorLogitsProcessor(steerer)
+    ak.hf.AnchorLogitsProcessor(ak.LogitSteerer(weight, bank, ak.SteerConfig(relative_step=False)))
+
+
+@pytest.mark.parametrize("backend, compiler", [pytest.param("cpu", "inductor", marks=needs_op), ("eager", "aot_eager")])
+def test_compiles_with_fullgraph(backend, compiler):
+    weight, _, hidden, bank, rows = _problem(5, 4, 16, 120, [(3, 2), (2, 2)], torch.float32, False)
+    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(max_norm=0.1), backend=backend, with_hidden_norm=True)
+    compiled = torch.compile(steerer, fullgraph=True, backend=compiler)
+    raw, norm = hidden @ weight.T, hidden.norm(dim=-1)
+    strided = raw.t().contiguous().t()                    # not contiguous: the steered copy is written back
+    for logits in (raw, strided):
+        got = compiled(logits, row_sets=rows, hidden_norm=norm)
+        torch.testing.assert_close(got, steerer(logits, row_sets=rows, hidden_norm=norm), rtol=1e-5, atol=1e-5)
+        assert not torch.equal(got, raw)

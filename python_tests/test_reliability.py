@@ -463,7 +463,7 @@ def test_direct_op_call_with_one_meta_tensor_names_it(op_name, meta):
 def test_direct_logits_op_call_with_one_meta_tensor_names_it(meta):
     hidden, weight = _case()
     hidden, weight = hidden.cpu(), weight.cpu()
-    steerer = ak.LogitSteerer(weight, A, backend="cpu")
+    steerer = ak.LogitSteerer(weight, A, backend="cpu", with_hidden_norm=True)
     rows = hidden.shape[0]
     args = dict(logits=hidden @ weight.T, mixing=steerer.mixing, ids=steerer.prepared.anchor_ids,
                 aw=steerer.prepared.anchor_weights, gram=steerer.prepared.gram,
@@ -519,7 +519,28 @@ def test_logit_steerer_on_an_empty_batch(backend):
 def test_direct_logits_op_call_on_an_empty_batch():
     _, weight = _case()
     weight = weight.cpu()
-    steerer = ak.LogitSteerer(weight, A, backend="cpu")
+    steerer = ak.LogitSteerer(weight, A, backend="cpu", with_hidden_norm=True)
     torch.ops.anchor_kernels.steer_logits_(
         torch.empty(0, weight.shape[0]), steerer.mixing, *steerer.prepared.tensors, torch.empty(0, dtype=torch.long),
         torch.empty(0), torch.empty(0), 3, "lse", 0.0, 1.0, math.inf, math.inf, True)
+
+
+@pytest.mark.skipif(not native.available(), reason="anchor_kernels._C not built")
+def test_compiled_call_with_prepared_anchors_refuses_a_changed_weight():
+    """Eager calls see the version counter move; a compiled graph cannot read it, so it compares
+    the anchor rows' norms with the Gram's diagonal and raises instead of steering stale."""
+    hidden, weight = _case()
+    hidden, weight = hidden.cpu(), weight.cpu()
+    prepared = ak.prepare_anchors(weight, A)
+    config = ak.SteerConfig(steps=3)
+    compiled = torch.compile(lambda h, w, p: ak.steer_hidden(h, w, p, config, backend="cpu"), fullgraph=True)
+    assert_steer_close(compiled(hidden, weight, prepared), hidden, reference_fp64(hidden, weight, A, config),
+                       torch.float32)
+    with torch.no_grad():
+        weight[7].mul_(2)   # not an anchor row: the Gram is still right
+    assert_steer_close(compiled(hidden, weight, prepared), hidden, reference_fp64(hidden, weight, A, config),
+                       torch.float32)
+    with torch.no_grad():
+        weight.mul_(2)
+    with pytest.raises(RuntimeError, match="anchor rows changed since prepare_anchors"):
+        compiled(hidden, weight, prepared)

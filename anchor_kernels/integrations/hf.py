@@ -27,7 +27,7 @@ import torch
 
 from ..anchors import prepare_anchors
 from ..config import SteerConfig
-from ..logits import LogitSteerer
+from ..logits import LogitSteerer, needs_hidden_norm
 from ..steer import steer_hidden
 
 # The steer() blocks active in this context: the hooks only act for their own block.
@@ -106,9 +106,10 @@ class steer:
         self._handle = None
 
 
-def logit_steerer(model, anchors, config: SteerConfig | None = None) -> LogitSteerer:
+def logit_steerer(model, anchors, config: SteerConfig | None = None, with_hidden_norm: bool = False) -> LogitSteerer:
     head = _lm_head(model)
-    return LogitSteerer(head.weight, anchors, config, bias=getattr(head, "bias", None))
+    return LogitSteerer(head.weight, anchors, config, bias=getattr(head, "bias", None),
+                        with_hidden_norm=with_hidden_norm)
 
 
 try:
@@ -132,6 +133,10 @@ class AnchorLogitsProcessor(LogitsProcessor):
         if not isinstance(steerer, LogitSteerer):
             raise TypeError(f"steerer must be a LogitSteerer (build one with "
                             f"ak.hf.logit_steerer(model, anchors, config)), got {type(steerer).__name__}")
+        if steerer.with_hidden_norm:  # generate() hands a processor scores only: it would fail at the first token
+            raise ValueError(f"AnchorLogitsProcessor cannot give the steerer hidden_norm, which its "
+                             f"{needs_hidden_norm(steerer.config) or 'with_hidden_norm=True'} needs: use "
+                             "SteerConfig(relative_step=False, max_norm=None), or ak.hf.steer (the hidden state)")
         self.steerer, self.row_sets, self.step_size = steerer, row_sets, step_size
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

@@ -65,7 +65,8 @@ class LlamaCppSteerer:
     """A llama-cpp-python ``logits_processor`` that steers every call (one request per Llama)."""
 
     def __init__(self, head: torch.Tensor, anchors, config: SteerConfig | None = None, llama=None):
-        self.steerer = LogitSteerer(head, anchors, config)
+        # It passes hidden_norm whenever it has llama, and refuses such a config without it (below).
+        self.steerer = LogitSteerer(head, anchors, config, with_hidden_norm=True)
         config = self.steerer.config
         self.llama = llama
         if llama is not None and not getattr(getattr(llama, "context_params", None), "embeddings", False):
