@@ -243,7 +243,7 @@ def test_logit_steerer_errors():
     steerer = ak.hf.logit_steerer(model, ANCHORS, CONFIG)
     with pytest.raises(ValueError, match="logits must be"):
         steerer(torch.zeros(2, V + 1))
-    trust = ak.hf.logit_steerer(model, ANCHORS, ak.SteerConfig(max_norm=0.1, relative_step=False))
+    trust = ak.hf.logit_steerer(model, ANCHORS, ak.SteerConfig(max_norm=0.1, relative_step=False), with_hidden_norm=True)
     with pytest.raises(ValueError, match="need ..h0.., which logits do not carry"):
         trust(torch.zeros(2, V))
     torch.testing.assert_close(trust(torch.zeros(2, V), hidden_norm=torch.zeros(2)), torch.zeros(2, V))
