@@ -206,7 +206,6 @@ class PreparedAnchors(NamedTuple):
             raise ValueError("weight was modified in place since prepare_anchors built these anchors "
                              "(its version counter moved): call prepare_anchors(weight, anchors) again")
 
-
     def _check_rows_in_graph(self, weight: torch.Tensor) -> None:
         # A graph cannot read data pointers or version counters, so compare the anchor rows'
         # squared norms (one read of the K rows, fused) with the Gram's diagonal, on the device:
