@@ -20,7 +20,8 @@ except ImportError as exc:
     raise SystemExit(
         "anchor_kernels compiles a C++ extension against the torch it will run with, and no torch is "
         f"importable here ({exc}). Install torch first, then build without build isolation:\n"
-        "    pip install torch\n    pip install --no-build-isolation anchor_kernels   (or: .)\n"
+        "    pip install torch setuptools wheel ninja\n"
+        "    pip install --no-build-isolation <this sdist, or . in a checkout>\n"
         "An isolated build would compile against another torch, whose ABI does not match yours.")
 
 ROOT = Path(__file__).parent
