@@ -21,18 +21,27 @@ def _probabilities(hidden, weight, anchors):
     return log_pos, log_neg
 
 
+DEMO_ANCHORS = 8  # positive and as many negative anchor tokens
+
+
 def demo(args) -> int:
     """Steers the last hidden states of a randomly initialised LM head (no trained model yet)."""
+    for flag, value, least in (("--vocab", args.vocab, 2 * DEMO_ANCHORS), ("--dim", args.dim, 1),
+                               ("--batch", args.batch, 1)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}" + (f" ({DEMO_ANCHORS} positive + {DEMO_ANCHORS} negative "
+                             "anchor tokens)" if flag == "--vocab" else "") + f", got {value}")
     g = torch.Generator().manual_seed(args.seed)
     weight = torch.randn(args.vocab, args.dim, generator=g) / args.dim**0.5
     hidden = torch.randn(args.batch, args.dim, generator=g) * 4
     perm = torch.randperm(args.vocab, generator=g).tolist()
-    anchors = AnchorSet(positive=perm[:8], negative=perm[8:16])
+    anchors = AnchorSet(positive=perm[:DEMO_ANCHORS], negative=perm[DEMO_ANCHORS: 2 * DEMO_ANCHORS])
     config = SteerConfig(steps=args.steps, step_size=args.step_size, objective=args.objective,
                          max_norm=args.max_norm)
     print("anchor_kernels demo: a RANDOMLY INITIALISED LM head (V=%d, d=%d), %d hidden states, "
-          "8 positive + 8 negative anchor tokens.\nThe trained embedded model arrives with the "
-          "CLI's generate command; this shows the op itself.\n" % (args.vocab, args.dim, args.batch))
+          "%d positive + %d negative anchor tokens.\nThe trained embedded model arrives with the "
+          "CLI's generate command; this shows the op itself.\n"
+          % (args.vocab, args.dim, args.batch, len(anchors.positive), len(anchors.negative)))
     print(config)
     pos0, neg0 = _probabilities(hidden, weight, anchors)
     print(f"\n{'backend':>10} {'ms':>8} {'log p(P) - log p(N)':>22} {'p(P)':>9} {'p(N)':>9} {'|h-h0|/|h0|':>12}")
@@ -195,8 +204,8 @@ def cmd_gap(args) -> int:
     """The paper's analysis: the positive-minus-negative anchor logit gap at every step."""
     import csv
 
-    if args.csv.is_dir() or args.png.is_dir():
-        raise ValueError(f"--csv/--png must be file paths, got a directory: {args.csv if args.csv.is_dir() else args.png}")
+    _check_writable("--csv", args.csv)
+    _check_writable("--png", args.png)
     model, tokenizer, anchors, config = _setup(args)
     prompts = [p for group in _prompts(args).values() for p in group]
     common = _decoding(args)
@@ -228,6 +237,21 @@ def cmd_gap(args) -> int:
     _plot_gap(gaps, args.png)
     print(f"wrote {args.csv} and {args.png}")
     return 0
+
+
+def _check_writable(flag: str, path: Path) -> None:
+    """Before any work: a path that cannot be written must not fail a long run at its end."""
+    if path.is_dir():
+        raise ValueError(f"{flag} must be a file path, got a directory: {path}")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag}: cannot write {path}: {exc.strerror or exc}") from None
+    if not existed:
+        path.unlink()
 
 
 def _pyplot():
@@ -283,6 +307,9 @@ def cmd_eval(args) -> int:
 
     from tqdm import tqdm
 
+    for flag, path in (("--png", args.png), ("--json", args.json), ("--table", args.table)):
+        if path is not None:
+            _check_writable(flag, path)
     model, tokenizer, anchors, config = _setup(args)
     groups = _prompts(args)
     negative_prompts, neutral_prompts = groups.get("negative", []), groups.get("neutral", [])

@@ -201,16 +201,22 @@ def load_prompts(path: Path | str = DEFAULT_PROMPTS) -> dict[str, list[str]]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--prompts: no such file {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        text = "\0"
+    if "\0" in text:
+        raise ValueError(f"--prompts: {path} is not a UTF-8 text file (a .json file or one prompt per line)")
     if path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
         except ValueError as exc:
             raise ValueError(f"--prompts: {path} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
             raise ValueError(f"--prompts: {path} must map groups to lists of prompts")
         groups = {k: [str(p).strip() for p in v if str(p).strip()] for k, v in data.items()}
     else:
-        groups = {"negative": [line.strip() for line in path.read_text().splitlines() if line.strip()]}
+        groups = {"negative": [line.strip() for line in text.splitlines() if line.strip()]}
     if not any(groups.values()):
         raise ValueError(f"--prompts: {path} holds no prompts")
     return groups

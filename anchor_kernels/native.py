@@ -96,7 +96,7 @@ if _C is not None:
         _check_devices("steer_logits_", "logits", logits=logits, mixing=mixing, anchor_ids=anchor_ids,
                        anchor_weights=anchor_weights, gram=gram, row_sets=row_sets, step_size=step_size,
                        hidden_norm=hidden_norm)
-        torch._check(logits.dim() == 2, lambda: "steer_logits: logits must be 2-D [B, V]")
+        torch._check(logits.dim() == 2, lambda: "steer_logits_: logits must be 2-D [B, V]")
         return None
 
     from .autograd import register as _register_autograd

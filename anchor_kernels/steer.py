@@ -58,6 +58,8 @@ def resolve_backend(backend: str, device: torch.device, rows: int = 0, set_size:
     batch shape, auto takes the batched (Triton) plan for large rows x anchors on a GPU."""
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"${BACKEND_ENV} must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         order = AUTO_ORDER.get(device.type, ())
         if device.type == "cuda" and rows * set_size >= BATCHED_MIN_ROWS_X_ANCHORS:
@@ -108,7 +110,11 @@ def _host_values(t: torch.Tensor) -> bool:
 def _per_row(value, name: str, lead_shape, device, dtype) -> torch.Tensor:
     """One entry per row of hidden, as a flat tensor on the host or already on ``device``."""
     rows = math.prod(lead_shape)
-    t = torch.as_tensor(value)
+    try:
+        t = torch.as_tensor(value)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # strings, ints past int64, ...
+        raise TypeError(f"{name} must be a tensor or a sequence of {'integers' if dtype == torch.long else 'reals'} "
+                        f"(one per row of hidden), got {value!r:.80}: {exc}") from None
     if t.dtype == torch.bool or t.is_complex() or (dtype == torch.long and t.is_floating_point()):
         raise TypeError(f"{name} must hold {'integers' if dtype == torch.long else 'reals'}, got {t.dtype}")
     if tuple(t.shape) not in (tuple(lead_shape), (rows,)):

@@ -64,6 +64,9 @@ def token_ids_for_words(tokenizer, words, multi_token: str = "drop", report: Wor
     for word in words:
         if not isinstance(word, str):
             raise TypeError(f"{name} must hold strings, got {word!r} ({type(word).__name__})")
+    if not callable(getattr(tokenizer, "get_vocab", None)) or not callable(getattr(tokenizer, "encode", None)):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer (or a tokenizers.Tokenizer), got "
+                        f"{type(tokenizer).__name__}")
     report = WordReport() if report is None else report
     vocab = tokenizer.get_vocab()
     id_to_token = {i: t for t, i in vocab.items()}

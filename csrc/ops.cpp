@@ -71,11 +71,11 @@ void steer_logits_cpu(const at::Tensor& logits, const at::Tensor& mixing,
       const ak_status st = ak_steer_logits_apply_cpu(&q, coef.data(), moved.data(), begin, end);
       if (st != AK_OK) status.store(st);
     });
-  TORCH_CHECK(status.load() != AK_ERROR_ROW_SET, "steer_logits: row_sets entries must be in [-1, ",
+  TORCH_CHECK(status.load() != AK_ERROR_ROW_SET, "steer_logits_: row_sets entries must be in [-1, ",
               S, ")");
-  TORCH_CHECK(status.load() != AK_ERROR_ANCHOR_ID, "steer_logits: anchor_ids must be in [0, ", V,
+  TORCH_CHECK(status.load() != AK_ERROR_ANCHOR_ID, "steer_logits_: anchor_ids must be in [0, ", V,
               ") (the vocabulary size of logits)");
-  TORCH_CHECK(status.load() == AK_OK, "steer_logits: CPU kernel failed with status ",
+  TORCH_CHECK(status.load() == AK_OK, "steer_logits_: CPU kernel failed with status ",
               status.load());
 }
 

@@ -19,24 +19,31 @@ struct SteerCall {
   ak_steer_params params{};
 };
 
-inline ak_dtype to_ak_dtype(at::ScalarType t) {
+// Which op is checking, and the name of its first tensor (hidden or logits), for the messages.
+struct OpNames {
+  const char* op;
+  const char* first;
+};
+constexpr OpNames kSteerHidden{"steer_hidden", "hidden"};
+constexpr OpNames kSteerLogits{"steer_logits_", "logits"};
+
+inline ak_dtype to_ak_dtype(at::ScalarType t, const OpNames& at) {
   switch (t) {
     case at::kFloat: return AK_FLOAT32;
     case at::kHalf: return AK_FLOAT16;
     case at::kBFloat16: return AK_BFLOAT16;
     default:
-      TORCH_CHECK(false, "steer_hidden: hidden must be float32, float16 or bfloat16, got ", t);
+      TORCH_CHECK(false, at.op, ": ", at.first, " must be float32, float16 or bfloat16, got ", t);
   }
 }
 
 inline void check_tensor(const at::Tensor& t, const char* name, at::ScalarType dtype,
-                         int64_t dim, const at::Device& device) {
-  TORCH_CHECK(t.dim() == dim, "steer_hidden: ", name, " must be ", dim, "-D, got shape ",
-              t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, "steer_hidden: ", name, " must be ", dtype, ", got ",
+                         int64_t dim, const at::Device& device, const OpNames& at) {
+  TORCH_CHECK(t.dim() == dim, at.op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, at.op, ": ", name, " must be ", dtype, ", got ",
               t.scalar_type());
-  TORCH_CHECK(t.device() == device, "steer_hidden: ", name, " is on ", t.device(),
-              " but hidden is on ", device);
+  TORCH_CHECK(t.device() == device, at.op, ": ", name, " is on ", t.device(), " but ", at.first,
+              " is on ", device);
 }
 
 // The scalar ranges of the K-space loop (anchor_kernels/triton_steer.py holds the same).
@@ -64,24 +71,24 @@ inline void check_loop_scalars(int64_t steps, const std::string& objective, doub
 // anchor_ids [S, K], anchor_weights [S, K], gram [S, K, K], row_sets [B], step_size [B].
 inline void check_bank(const at::Tensor& anchor_ids, const at::Tensor& anchor_weights,
                        const at::Tensor& gram, const at::Tensor& row_sets,
-                       const at::Tensor& step_size, int64_t rows, const at::Device& dev) {
-  check_tensor(anchor_ids, "anchor_ids", at::kLong, 2, dev);
+                       const at::Tensor& step_size, int64_t rows, const at::Device& dev,
+                       const OpNames& at) {
+  check_tensor(anchor_ids, "anchor_ids", at::kLong, 2, dev, at);
   const int64_t S = anchor_ids.size(0), K = anchor_ids.size(1);
-  TORCH_CHECK(S >= 1 && K >= 1, "anchor_kernels: anchor_ids must be [S, K] with S, K >= 1, got ",
+  TORCH_CHECK(S >= 1 && K >= 1, at.op, ": anchor_ids must be [S, K] with S, K >= 1, got ",
               anchor_ids.sizes());
-  check_tensor(anchor_weights, "anchor_weights", at::kFloat, 2, dev);
-  TORCH_CHECK(anchor_weights.sizes() == anchor_ids.sizes(), "anchor_kernels: anchor_weights ",
+  check_tensor(anchor_weights, "anchor_weights", at::kFloat, 2, dev, at);
+  TORCH_CHECK(anchor_weights.sizes() == anchor_ids.sizes(), at.op, ": anchor_weights ",
               anchor_weights.sizes(), " must match anchor_ids ", anchor_ids.sizes());
-  check_tensor(gram, "gram", at::kFloat, 3, dev);
-  TORCH_CHECK(gram.size(0) == S && gram.size(1) == K && gram.size(2) == K,
-              "anchor_kernels: gram must be [S, K, K] = [", S, ", ", K, ", ", K, "], got ",
-              gram.sizes());
-  check_tensor(row_sets, "row_sets", at::kLong, 1, dev);
-  TORCH_CHECK(row_sets.size(0) == rows, "anchor_kernels: row_sets has ", row_sets.size(0),
-              " entries but there are ", rows, " rows");
-  check_tensor(step_size, "step_size", at::kFloat, 1, dev);
-  TORCH_CHECK(step_size.size(0) == rows, "anchor_kernels: step_size has ", step_size.size(0),
-              " entries but there are ", rows, " rows");
+  check_tensor(gram, "gram", at::kFloat, 3, dev, at);
+  TORCH_CHECK(gram.size(0) == S && gram.size(1) == K && gram.size(2) == K, at.op,
+              ": gram must be [S, K, K] = [", S, ", ", K, ", ", K, "], got ", gram.sizes());
+  check_tensor(row_sets, "row_sets", at::kLong, 1, dev, at);
+  TORCH_CHECK(row_sets.size(0) == rows, at.op, ": row_sets has ", row_sets.size(0),
+              " entries but ", at.first, " has ", rows, " rows");
+  check_tensor(step_size, "step_size", at::kFloat, 1, dev, at);
+  TORCH_CHECK(step_size.size(0) == rows, at.op, ": step_size has ", step_size.size(0),
+              " entries but ", at.first, " has ", rows, " rows");
 }
 
 // The K-space loop's fields, shared by ak_steer_params and ak_logits_params.
@@ -111,13 +118,13 @@ inline SteerCall make_steer_call(const at::Tensor& hidden, const at::Tensor& wei
   const at::Device dev = hidden.device();
   TORCH_CHECK(hidden.dim() == 2, "steer_hidden: hidden must be 2-D [B, d], got shape ",
               hidden.sizes());
-  const ak_dtype dtype = to_ak_dtype(hidden.scalar_type());
+  const ak_dtype dtype = to_ak_dtype(hidden.scalar_type(), kSteerHidden);
   TORCH_CHECK(hidden.size(1) >= 1, "steer_hidden: hidden must have d >= 1");
-  check_tensor(weight, "weight", hidden.scalar_type(), 2, dev);
+  check_tensor(weight, "weight", hidden.scalar_type(), 2, dev, kSteerHidden);
   TORCH_CHECK(weight.size(1) == hidden.size(1), "steer_hidden: weight is [V, d] = ",
               weight.sizes(), " but hidden has d = ", hidden.size(1));
   TORCH_CHECK(weight.size(0) >= 1, "steer_hidden: weight must have V >= 1 rows");
-  check_bank(anchor_ids, anchor_weights, gram, row_sets, step_size, hidden.size(0), dev);
+  check_bank(anchor_ids, anchor_weights, gram, row_sets, step_size, hidden.size(0), dev, kSteerHidden);
   const int64_t S = anchor_ids.size(0), K = anchor_ids.size(1);
   check_loop_scalars(steps, objective, reg, temperature, margin, max_norm);
 
@@ -125,7 +132,7 @@ inline SteerCall make_steer_call(const at::Tensor& hidden, const at::Tensor& wei
   call.hidden = unit_stride_rows(hidden);
   call.weight = unit_stride_rows(weight);
   if (bias.has_value()) {
-    check_tensor(*bias, "bias", hidden.scalar_type(), 1, dev);
+    check_tensor(*bias, "bias", hidden.scalar_type(), 1, dev, kSteerHidden);
     TORCH_CHECK(bias->size(0) == weight.size(0), "steer_hidden: bias has ", bias->size(0),
                 " entries but weight has V = ", weight.size(0), " rows");
     call.bias = bias->contiguous();
@@ -176,28 +183,28 @@ inline LogitsCall make_logits_call(const at::Tensor& logits, const at::Tensor& m
                                    const std::string& objective, double reg, double temperature,
                                    double margin, double max_norm, bool relative_step) {
   const at::Device dev = logits.device();
-  TORCH_CHECK(logits.dim() == 2, "steer_logits: logits must be 2-D [B, V], got shape ",
+  TORCH_CHECK(logits.dim() == 2, "steer_logits_: logits must be 2-D [B, V], got shape ",
               logits.sizes());
-  const ak_dtype dtype = to_ak_dtype(logits.scalar_type());
+  const ak_dtype dtype = to_ak_dtype(logits.scalar_type(), kSteerLogits);
   TORCH_CHECK(logits.stride(1) == 1 && (logits.size(0) <= 1 || logits.stride(0) >= logits.size(1)),
-              "steer_logits: logits must have unit stride along V and non-overlapping rows (it is "
+              "steer_logits_: logits must have unit stride along V and non-overlapping rows (it is "
               "edited in place)");
-  check_bank(anchor_ids, anchor_weights, gram, row_sets, step_size, logits.size(0), dev);
+  check_bank(anchor_ids, anchor_weights, gram, row_sets, step_size, logits.size(0), dev, kSteerLogits);
   const int64_t S = anchor_ids.size(0), K = anchor_ids.size(1), V = logits.size(1);
-  check_tensor(mixing, "mixing", at::kFloat, 3, dev);
+  check_tensor(mixing, "mixing", at::kFloat, 3, dev, kSteerLogits);
   TORCH_CHECK(mixing.size(0) == S && mixing.size(1) == K && mixing.size(2) == V,
-              "steer_logits: mixing must be [S, K, V] = [", S, ", ", K, ", ", V, "], got ",
+              "steer_logits_: mixing must be [S, K, V] = [", S, ", ", K, ", ", V, "], got ",
               mixing.sizes());
   const std::string& obj = objective;
   check_loop_scalars(steps, obj, reg, temperature, margin, max_norm);
   const bool needs_norm = std::isfinite(max_norm) || relative_step;
   TORCH_CHECK(hidden_norm.has_value() || !needs_norm,
-              "steer_logits: max_norm (the trust region) and relative_step need hidden_norm "
+              "steer_logits_: max_norm (the trust region) and relative_step need hidden_norm "
               "(||h0|| per row), which logits do not carry");
   at::Tensor norm;
   if (hidden_norm.has_value()) {
-    check_tensor(*hidden_norm, "hidden_norm", at::kFloat, 1, dev);
-    TORCH_CHECK(hidden_norm->size(0) == logits.size(0), "steer_logits: hidden_norm has ",
+    check_tensor(*hidden_norm, "hidden_norm", at::kFloat, 1, dev, kSteerLogits);
+    TORCH_CHECK(hidden_norm->size(0) == logits.size(0), "steer_logits_: hidden_norm has ",
                 hidden_norm->size(0), " entries but logits has ", logits.size(0), " rows");
     norm = hidden_norm->contiguous();
   }
@@ -224,7 +231,7 @@ inline LogitsCall make_logits_call(const at::Tensor& logits, const at::Tensor& m
   set_loop_fields(q, steps, obj, reg, temperature, margin, max_norm, relative_step);
   // An empty batch's tensors have null data pointers, which the C check reads as missing.
   TORCH_CHECK(q.rows == 0 || ak_steer_logits_check_params(&q) == AK_OK,
-              "steer_logits: invalid arguments");
+              "steer_logits_: invalid arguments");
   return call;
 }
 

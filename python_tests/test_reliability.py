@@ -544,3 +544,91 @@ def test_compiled_call_with_prepared_anchors_refuses_a_changed_weight():
         weight.mul_(2)
     with pytest.raises(RuntimeError, match="anchor rows changed since prepare_anchors"):
         compiled(hidden, weight, prepared)
+
+
+# --- issue 20, unclear errors: each names the argument and what it allows -----------------------
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(row_sets="ab"), "row_sets must be a tensor or a sequence of integers"),
+    (dict(row_sets=["a", "b", "c", "d", "e"]), "row_sets must be a tensor or a sequence of integers"),
+    (dict(row_sets=[2**64, 0, 0, 0, 0]), "row_sets must be a tensor or a sequence of integers"),
+    (dict(step_size="0.1"), "step_size must be a tensor or a sequence of reals"),
+    (dict(step_size=["0.1"] * 5), "step_size must be a tensor or a sequence of reals"),
+])
+def test_string_and_overflowing_per_row_values_are_named(kwargs, match):
+    hidden, weight = _case()
+    with pytest.raises(TypeError, match=match):
+        ak.steer_hidden(hidden, weight, A, backend="reference", **kwargs)
+
+
+def test_a_bogus_backend_variable_is_named(monkeypatch):
+    hidden, weight = _case()
+    monkeypatch.setenv("ANCHOR_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"\$ANCHOR_KERNELS_BACKEND must be 'auto' or one of .*'reference'.*got 'bogus'"):
+        ak.steer_hidden(hidden, weight, A)
+
+
+def test_from_words_without_a_tokenizer_says_so():
+    with pytest.raises(TypeError, match="tokenizer must be a Hugging Face tokenizer.*got NoneType"):
+        ak.AnchorSet.from_words(None, ["good"], ["bad"])
+
+
+@pytest.mark.skipif(not native.available(), reason="anchor_kernels._C not built")
+def test_steer_logits_errors_name_steer_logits_and_logits():
+    _, weight = _case()
+    weight = weight.cpu()
+    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(relative_step=False), backend="cpu")
+    ids, aw, gram = steerer.prepared.tensors
+    rows, eta = torch.zeros(2, dtype=torch.long), torch.zeros(2)
+    op = torch.ops.anchor_kernels.steer_logits_
+    tail = (None, 3, "lse", 0.0, 1.0, math.inf, math.inf, False)
+    with pytest.raises(RuntimeError, match="^steer_logits_: logits must be float32, float16 or bfloat16"):
+        op(torch.zeros(2, weight.shape[0], dtype=torch.float64), steerer.mixing, ids, aw, gram, rows, eta, *tail)
+    with pytest.raises(RuntimeError, match="^steer_logits_: anchor_ids must be Long"):
+        op(torch.zeros(2, weight.shape[0]), steerer.mixing, ids.int(), aw, gram, rows, eta, *tail)
+    with pytest.raises(RuntimeError, match="^steer_logits_: row_sets has 3 entries but logits has 2 rows"):
+        op(torch.zeros(2, weight.shape[0]), steerer.mixing, ids, aw, gram, torch.zeros(3, dtype=torch.long), eta, *tail)
+
+
+def test_serving_config_errors_name_the_file_and_the_field(tmp_path):
+    from anchor_kernels.integrations.serving import ServingConfig, read_lm_head
+
+    cfg = ServingConfig.from_dict({"sets": {"a": {"positive_ids": [1], "negative_ids": [2]}}})
+    with pytest.raises(ValueError, match=r"'anchor_set' = \['a'\] is not a configured anchor set; configured: \['a'\]"):
+        cfg.request({"anchor_set": ["a"]})   # unhashable: vLLM and SGLang both parse requests here
+    bad_utf8 = tmp_path / "bad.json"
+    bad_utf8.write_bytes(b'{"sets": "\xff\xfe"}')
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    for path, why in ((bad_utf8, "UnicodeDecodeError"), (deep, "RecursionError")):
+        with pytest.raises(ValueError, match=f"cannot read the serving config {path}: {why}"):
+            ServingConfig.from_file(path)
+    index = tmp_path / "index"
+    index.mkdir()
+    (index / "model.safetensors.index.json").write_text("{}")
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "model.safetensors").write_bytes(b"\x10" + bytes(7) + b"garbage!garbage!")
+    for folder, why in ((index, "KeyError: 'weight_map'"), (corrupt, "SafetensorError")):
+        with pytest.raises(ValueError, match=f"cannot read the LM head from {folder}: {why}"):
+            read_lm_head(folder)
+
+
+def test_cli_checks_its_paths_and_arguments_before_any_work(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from anchor_kernels.cli import main
+    from conftest import FORTUNE_MODEL
+
+    binary = tmp_path / "prompts.txt"
+    binary.write_bytes(bytes(range(256)))
+    fortune = ["--model", str(FORTUNE_MODEL), "--max-new-tokens", "1"]
+    assert main(["generate", *fortune, "--prompts", str(binary)]) == 2
+    assert f"--prompts: {binary} is not a UTF-8 text file" in capsys.readouterr().err
+    assert main(["demo", "--vocab", "10"]) == 2
+    assert "--vocab must be >= 16 (8 positive + 8 negative anchor tokens), got 10" in capsys.readouterr().err
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    csv = tmp_path / "gap.csv"
+    assert main(["gap", *fortune, "--prompt", "hi", "--csv", str(csv), "--png", str(blocker / "gap.png")]) == 2
+    assert f"--png: cannot write {blocker / 'gap.png'}" in capsys.readouterr().err
+    assert not csv.exists()

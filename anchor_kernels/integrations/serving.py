@@ -142,8 +142,8 @@ class ServingConfig:
         path = Path(path)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read the serving config {path}: {e}") from e
+        except (OSError, ValueError, RecursionError) as e:  # unreadable, not UTF-8, not JSON, nested too deep
+            raise ValueError(f"cannot read the serving config {path}: {type(e).__name__}: {str(e)[:200]}") from e
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:
@@ -189,7 +189,7 @@ class ServingConfig:
                 raise ValueError(f"{STEP_KEY!r} needs {SET_KEY!r} (one of {list(self.names)})")
             return None
         name = args[SET_KEY]
-        if name not in self.sets:
+        if not isinstance(name, str) or name not in self.sets:
             raise ValueError(f"{SET_KEY!r} = {name!r} is not a configured anchor set; "
                              f"configured: {list(self.names)}")
         step = args.get(STEP_KEY, self.config.step_size)
@@ -236,10 +236,19 @@ def _cached(path, mtime) -> ServingConfig:
 
 def read_lm_head(model_dir):
     """The ``[V, d]`` LM-head weight of a safetensors checkpoint folder, in its stored dtype (no
-    fp32 copy): ``lm_head.weight``, or the input embedding of a model with tied embeddings."""
+    fp32 copy): ``lm_head.weight``, or the input embedding of a model with tied embeddings.
+    Whatever fails (a missing key in the index, a corrupt header) is a ValueError naming the folder."""
+    model_dir = Path(model_dir)
+    try:
+        return _read_lm_head(model_dir)
+    except Exception as e:  # SafetensorError, KeyError, JSONDecodeError, ... from a broken checkpoint
+        why = str(e) if type(e) is ValueError else f"{type(e).__name__}: {e}"
+        raise ValueError(f"cannot read the LM head from {model_dir}: {why}") from e
+
+
+def _read_lm_head(model_dir: Path):
     from safetensors import safe_open
 
-    model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
         where = json.loads(index.read_text())["weight_map"]
