@@ -245,9 +245,29 @@ def _pack(bank: AnchorBank, weight: torch.Tensor) -> PreparedAnchors:
     with torch.no_grad():  # not weight.detach(): that is a [V, d] tensor, if only a view
         rows = torch.where((weights != 0).unsqueeze(-1), weight[ids].double(), 0.0)
         gram = torch.bmm(rows, rows.transpose(1, 2)).float()
+    check_finite_anchors(weight, ids, weights != 0)
     source = () if torch.compiler.is_compiling() else (
         weight.data_ptr(), _version(weight), tuple(weight.shape), weight.dtype, weight.device)
     return PreparedAnchors(ids, weights.float(), gram, int(weight.shape[0]), source)
+
+
+def check_finite_anchors(weight: torch.Tensor, ids: torch.Tensor, live: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None) -> None:
+    """Every backend leaves the rows of a set with a non-finite anchor row of W untouched (its
+    Gram is not finite), and those with a NaN or +inf anchor bias entry too (their gap is not
+    finite): steering would silently do nothing. Where checking costs no device sync (CPU
+    tensors, not tracing) that is an error naming the token ids. ``live``: which ``ids`` count."""
+    if weight.device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    ids = (ids if live is None else ids[live]).flatten().unique()
+    with torch.no_grad():
+        bad = ~torch.isfinite(weight[ids]).all(-1)
+        if bias is not None:
+            bad |= ~torch.isfinite(bias[ids])
+    if bool(bad.any()):
+        raise ValueError(f"weight's rows{'' if bias is None else ' or bias entries'} for anchor token ids "
+                         f"{ids[bad].tolist()} are not finite (NaN or inf): a set with such an anchor cannot "
+                         "steer; drop those tokens or fix the weight")
 
 
 def prepare_anchors(weight: torch.Tensor, anchors) -> PreparedAnchors:

@@ -44,7 +44,12 @@ def kspace_loop(z0: torch.Tensor, w: torch.Tensor, gram_times: Callable[[torch.T
     ``eta [B]`` and ``gram_times(c) = Gm c`` per row. Rows where ``valid`` is False get c = 0.
     ``hidden_norm`` (= ||h0||) is needed by the trust region and by ``relative_step``."""
     require_hidden_norm(config, hidden_norm)
-    eta = eta[:, None]
+    # As the kernels: a step that is not finite and > 0, or (where ||h0|| is used) a norm that is
+    # not finite and >= 0, leaves its row untouched (per-row values are not always host-checked).
+    usable = (eta > 0) & torch.isfinite(eta)
+    if config.max_norm is not None or config.relative_step:
+        usable &= (hidden_norm >= 0) & torch.isfinite(hidden_norm)
+    eta = torch.where(usable, eta, 0.0)[:, None]
     if config.relative_step:
         _, s0 = _gap_and_grad(z0, w, config)
         g_sq = (s0 * gram_times(s0)).sum(-1, keepdim=True)
@@ -76,7 +81,10 @@ def solve_coefficients(z0: torch.Tensor, prepared: PreparedAnchors, row_sets: to
     trust region and ``relative_step``.
     """
     num_sets = prepared.anchor_ids.shape[0]
+    # As the kernels: a set with a non-finite anchor row (non-finite Gram diagonal) cannot steer.
+    finite_set = torch.isfinite(prepared.gram.diagonal(dim1=1, dim2=2)).all(-1)   # [S]
     valid = (row_sets >= 0) & (row_sets < num_sets)
+    valid &= finite_set[torch.where(valid, row_sets, 0)]
     w = prepared.anchor_weights[torch.where(valid, row_sets, 0)]     # [B, K]
     # Gm c per row against each set's shared Gram: S small matmuls, no [B, K, K] gather.
     in_set = [(row_sets == s).unsqueeze(-1) for s in range(num_sets)]

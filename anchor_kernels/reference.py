@@ -32,6 +32,8 @@ def anchor_gap(z_pos: torch.Tensor, z_neg: torch.Tensor, anchors: AnchorSet,
 
 def _steer_rows_one_set(h0, weight, bias, anchors: AnchorSet, eta, config: SteerConfig,
                         create_graph: bool):
+    if not bool(torch.isfinite(weight[list(anchors.ids)]).all()):
+        return h0.clone()  # a non-finite anchor row: no backend steers with this set (anchors.py)
     pos = torch.tensor(anchors.positive, device=h0.device)
     neg = torch.tensor(anchors.negative, device=h0.device)
     is_anchor = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)

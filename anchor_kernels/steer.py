@@ -7,7 +7,7 @@ import os
 import torch
 
 from . import native, reference
-from .anchors import PreparedAnchors, as_bank, check_vocab, prepare_anchors
+from .anchors import PreparedAnchors, as_bank, check_finite_anchors, check_vocab, prepare_anchors
 from .config import SteerConfig
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
@@ -185,10 +185,12 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
     if name == "reference":
         bank = bank if bank is not None else prepared.to_bank()
         check_vocab(bank, weight.shape[0])
+        check_finite_anchors(weight, torch.tensor([t for s in bank.sets for t in s.ids]), bias=bias)
         out = reference.steer_rows_fp64(h2, weight, bias, bank, rows, eta, config).to(hidden.dtype)
         return out.reshape(hidden.shape)
     if prepared is None:
         prepared = prepare_anchors(weight, bank)
+    check_finite_anchors(weight, prepared.anchor_ids, prepared.anchor_weights != 0, bias)
     if name == "triton":
         from .triton_steer import steer_hidden_triton as op
     else:

@@ -221,6 +221,19 @@ if IMPORT_ERROR is None:
         return z0, h_sq
 
     @triton.jit
+    def _usable_step(eta, h_norm, TRUST: tl.constexpr, RELATIVE: tl.constexpr):
+        """Per-row values are not host-checked on every path (direct op calls, device tensors):
+        a step that is not finite and > 0, or (where ||h0|| is used) a norm that is not finite
+        and >= 0, becomes 0, which leaves the row untouched (as the C++ kernels do)."""
+        ok = (eta > 0.0) & (eta < float("inf"))
+        norm_ok = (h_norm >= 0.0) & (h_norm < float("inf"))
+        if TRUST:
+            ok = ok & norm_ok
+        if RELATIVE:
+            ok = ok & norm_ok
+        return tl.where(ok, eta, 0.0)
+
+    @triton.jit
     def _kspace_loop(z0, w, live, eta, h_norm, mine, gram_base, row_scratch, k, k_ok, set_size,
                      steps, reg, tau, margin, max_norm, LSE: tl.constexpr, TRUST: tl.constexpr,
                      RELATIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -228,6 +241,12 @@ if IMPORT_ERROR is None:
         """c_T from the anchor logits z0 of the rows ``mine`` (METHOD.md, K-space): each step
         z = z0 + Gm c, c += eta m (s(z) - reg c), trust region on c^T Gm c. Gm c is carried
         across steps so a step is one K x K dot. Shared by the hidden and the logit kernels."""
+        eta = _usable_step(eta, h_norm, TRUST, RELATIVE)
+        # A set with a non-finite anchor row of W (a non-finite ||W_a||^2 on the Gram's diagonal)
+        # cannot steer: its rows are left untouched, as in the C++ kernels.
+        diag = tl.load(gram_base + k * set_size + k, mask=k_ok & live, other=0.0)
+        bad = tl.sum(((diag != diag) | (tl.abs(diag) == float("inf"))).to(tl.int32), axis=0)
+        eta = tl.where(bad == 0, eta, 0.0)
         limit = max_norm * h_norm
         if CHUNKED:
             gram_t = 0.0
@@ -454,7 +473,7 @@ if IMPORT_ERROR is None:
                     gamma += tl.sum(u * u, axis=0)
             gap0 = z + tl.load(wb_ptr + s)
             h_norm = tl.sqrt(h_sq)
-            eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
+            eta = _usable_step(tl.load(eta_ptr + r, mask=mine, other=0.0), h_norm, TRUST, RELATIVE)
             if RELATIVE:
                 ok = (gamma > 0.0) & (gamma < float("inf"))
                 eta = tl.where(ok, eta * h_norm / tl.sqrt(tl.where(ok, gamma, 1.0)), 0.0)

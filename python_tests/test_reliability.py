@@ -632,3 +632,102 @@ def test_cli_checks_its_paths_and_arguments_before_any_work(tmp_path, capsys):
     assert main(["gap", *fortune, "--prompt", "hi", "--csv", str(csv), "--png", str(blocker / "gap.png")]) == 2
     assert f"--png: cannot write {blocker / 'gap.png'}" in capsys.readouterr().err
     assert not csv.exists()
+
+
+# --- issue 20, item 11: unchecked per-row values on direct op calls are harmless --------------------
+
+BAD_STEPS = [float("nan"), -0.5, float("inf"), -float("inf")]
+
+
+def _hidden_op(backend):
+    if backend == "triton":
+        from anchor_kernels.triton_steer import steer_hidden_triton
+        return steer_hidden_triton
+    return torch.ops.anchor_kernels.steer_hidden
+
+
+@pytest.mark.parametrize("relative, max_norm", [(False, math.inf), (True, math.inf), (False, 0.3), (True, 0.3)])
+@pytest.mark.parametrize("objective", ["lse", "mean"])
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_direct_op_call_with_bad_steps_leaves_those_rows_untouched(backend, objective, relative, max_norm):
+    """The op does not check per-row values (a device tensor would need a sync): NaN, negative and
+    infinite steps leave their rows bit for bit; the good rows are steered as usual."""
+    hidden, weight = _case(rows=len(BAD_STEPS) + 1)
+    prepared = ak.prepare_anchors(weight, A)
+    eta = torch.tensor(BAD_STEPS + [0.05], device=DEVICE)
+    rows = torch.zeros(hidden.shape[0], dtype=torch.long, device=DEVICE)
+    out = _hidden_op(backend)(hidden, weight, None, *prepared.tensors, rows, eta, 3, objective, 0.0, 1.0,
+                              math.inf, max_norm, relative)
+    assert torch.equal(out[:-1], hidden[:-1])
+    config = ak.SteerConfig(steps=3, step_size=0.05, objective=objective, relative_step=relative,
+                            max_norm=None if math.isinf(max_norm) else max_norm)
+    assert_steer_close(out[-1:], hidden[-1:], reference_fp64(hidden[-1:], weight, A, config), torch.float32, backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in LOGIT_BACKENDS if b.values[0] != "eager"])
+def test_direct_logits_op_call_with_bad_steps_or_norms_leaves_those_rows_untouched(backend):
+    hidden, weight = _case(rows=len(BAD_STEPS) + 4)
+    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(relative_step=False), backend=backend)
+    if backend == "triton":
+        from anchor_kernels.triton_steer import steer_logits_triton_ as op
+    else:
+        op = torch.ops.anchor_kernels.steer_logits_
+    logits = hidden @ weight.T
+    n = hidden.shape[0]
+    eta = torch.tensor(BAD_STEPS + [0.05] * 4, device=DEVICE)
+    norm = torch.tensor([1.0] * len(BAD_STEPS) + [-1.0, float("nan"), float("inf"), 1.0], device=DEVICE)
+    for relative, max_norm in ((False, 0.3), (True, math.inf)):
+        out = logits.clone()
+        op(out, steerer.mixing, *steerer.prepared.tensors, torch.zeros(n, dtype=torch.long, device=DEVICE), eta,
+           norm, 3, "lse", 0.0, 1.0, math.inf, max_norm, relative)
+        assert torch.equal(out[:-1], logits[:-1]), (relative, max_norm)
+        assert torch.isfinite(out).all() and not torch.equal(out[-1], logits[-1])
+
+
+# --- issue 20, item 10: a non-finite anchor row of W or anchor bias entry ----------------------------
+
+NONFINITE = [("weight", 2, float("nan")), ("weight", 2, float("inf")), ("weight", 3, -float("inf")),
+             ("bias", 2, float("nan")), ("bias", 2, float("inf")), ("bias", 4, -float("inf"))]
+
+
+@pytest.mark.parametrize("where, token, value", NONFINITE)
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_nonfinite_anchor_is_an_error_naming_the_token(backend, where, token, value):
+    """It used to turn steering off for every row silently (CPU) or write non-finite rows (the
+    reference, Triton): on the host it is an error naming the token id."""
+    hidden, weight = _case()
+    bias = torch.randn(weight.shape[0], device=DEVICE)
+    if where == "weight":
+        weight[token, 0] = value
+    else:
+        bias[token] = value
+    if DEVICE.type != "cpu":
+        pytest.skip("checked on the host only (a device check would sync); the kernels test covers the device")
+    with pytest.raises(ValueError, match=rf"rows.* for anchor token ids \[{token}\] are not finite"):
+        ak.steer_hidden(hidden, weight, A, ak.SteerConfig(steps=3), bias=bias, backend=backend)
+
+
+@pytest.mark.parametrize("objective, relative", [("lse", False), ("lse", True), ("mean", False), ("mean", True)])
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_kernels_and_reference_leave_a_nonfinite_sets_rows_untouched(backend, objective, relative):
+    """What the device path does unchecked: rows of the set with a non-finite anchor row come back
+    bit for bit in every kernel and in the oracle; rows of a healthy set are steered."""
+    hidden, weight = _case(rows=6)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        broken = weight.clone()
+        broken[3, 0] = value
+        bank = ak.AnchorBank([A, ak.AnchorSet([7], [9])])
+        row_sets = torch.tensor([0, 1, 0, 1, 0, 1], device=DEVICE)
+        config = ak.SteerConfig(steps=3, step_size=0.05 if relative else 0.5, objective=objective, relative_step=relative)
+        with torch.no_grad():  # the packing a device caller gets (no host check there)
+            ids = torch.tensor([[1, 2, 5, 3, 4], [7, 9, 0, 0, 0]], device=DEVICE)
+            signed = torch.tensor([[1 / 3] * 3 + [-0.5] * 2, [1.0, -1.0, 0, 0, 0]], device=DEVICE)
+            rows = torch.where((signed != 0).unsqueeze(-1), broken[ids].double(), 0.0)
+            gram = torch.bmm(rows, rows.transpose(1, 2)).float()
+        out = _hidden_op(backend)(hidden, broken, None, ids, signed, gram, row_sets,
+                                  torch.full((6,), config.step_size, device=DEVICE), 3, objective, 0.0, 1.0,
+                                  math.inf, math.inf, relative)
+        expected = reference.steer_rows_fp64(hidden.cpu(), broken.cpu(), None, bank, row_sets.cpu(),
+                                             torch.full((6,), config.step_size), config)
+        assert torch.equal(out[0::2], hidden[0::2]) and torch.equal(expected[0::2].float(), hidden[0::2].cpu())
+        assert_steer_close(out[1::2], hidden[1::2], expected[1::2], torch.float32, backend)

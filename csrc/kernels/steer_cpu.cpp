@@ -114,6 +114,24 @@ float gap_and_grad(const float* z, const float* w, const float* log_w, int64_t K
   return tau * ((max_pos + std::log(sum_pos)) - (max_neg + std::log(sum_neg)));
 }
 
+// Per-row values are not host-checked on every path (direct op calls, device tensors): a step
+// that is not finite and > 0 would write NaN rows or steer backwards, and a norm that is not
+// finite and >= 0 would flip or disable the trust region. Such a row is left untouched.
+bool usable_step(float eta) { return eta > 0.f && std::isfinite(eta); }
+bool usable_row(const ak_steer_params& p, float eta, float h0_norm) {
+  const bool needs_norm = std::isfinite(p.max_norm) || p.relative_step;
+  return usable_step(eta) && (!needs_norm || (h0_norm >= 0.f && std::isfinite(h0_norm)));
+}
+
+// A set with a non-finite anchor row of W (its Gram diagonal, ||W_a||^2, is not finite) cannot
+// steer: every backend leaves the rows using it untouched (the Python API refuses such a set
+// where it can check without a device sync).
+bool finite_set(const float* gram, const float* w, int64_t K) {
+  for (int64_t i = 0; i < K; ++i)
+    if (w[i] != 0.f && !std::isfinite(gram[i * K + i])) return false;
+  return true;
+}
+
 // The T-step K-space loop. Returns whether c ended anywhere nonzero.
 bool solve_coefficients(const ak_steer_params& p, const float* z0, const float* w,
                         const float* log_w, const float* gram, float eta, float h0_norm,
@@ -123,6 +141,7 @@ bool solve_coefficients(const ak_steer_params& p, const float* z0, const float* 
   const bool trust = std::isfinite(p.max_norm);
   const float limit = p.max_norm * h0_norm;
   std::fill(c, c + K, 0.f);
+  if (!usable_row(p, eta, h0_norm) || !finite_set(gram, w, K)) return false;
   if (p.relative_step) {
     // ||grad G(h0)||^2 = s0^T Gm s0: the step is scaled so the first one moves h by eta ||h0||.
     gap_and_grad(z0, w, log_w, K, lse, p.temperature, s);
@@ -199,6 +218,7 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
       gamma_of_set[set] = gamma;
       wb_of_set[set] = wb;
     }
+    if (!usable_row(p, eta, h0_norm) || !finite_set(p.gram + set * K * K, w, K)) return 0.f;
     const float gamma = gamma_of_set[set];
     const float gap0 = dot(u.data(), h0, d) + wb_of_set[set];
     if (p.relative_step) {  // ||grad G|| = ||u|| = sqrt(gamma)
@@ -223,7 +243,7 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
     const int64_t set = p.row_sets[r];
     if (set < -1 || set >= p.num_sets) return AK_ERROR_ROW_SET;
     const float eta = p.step_size[r];
-    if (set < 0 || p.steps == 0 || eta == 0.f) {
+    if (set < 0 || p.steps == 0 || !usable_step(eta)) {
       std::memcpy(h_out, h_in, d * sizeof(T));
       continue;
     }
@@ -278,7 +298,7 @@ ak_status solve_logit_rows(const ak_logits_params& q, int64_t row_begin, int64_t
     const int64_t set = q.row_sets[r];
     if (set < -1 || set >= q.num_sets) return AK_ERROR_ROW_SET;
     const float eta = q.step_size[r];
-    if (set < 0 || q.steps == 0 || eta == 0.f) continue;  // untouched and unread
+    if (set < 0 || q.steps == 0 || !usable_step(eta)) continue;  // untouched and unread
     const T* row = static_cast<const T*>(q.logits) + r * q.logits_row_stride;
     const int64_t* ids = q.anchor_ids + set * K;
     const float* w = q.anchor_weights + set * K;

@@ -57,7 +57,9 @@ typedef struct {
   int64_t num_sets;            /* S */
   int64_t set_size;            /* K (padded) */
   const int64_t* row_sets;     /* [B]: set index per row, -1 = leave the row untouched */
-  const float* step_size;      /* [B]: eta per row */
+  const float* step_size;      /* [B]: eta per row; a row whose eta is not finite and > 0 is
+                                  left untouched (as is one whose ||h0|| is not finite and >= 0
+                                  where the trust region or relative_step uses it) */
   int64_t steps;               /* 0 <= T <= AK_MAX_STEPS */
   int32_t relative_step;       /* 1: step_size is the fraction of ||h0|| the first step moves h */
   ak_objective objective;
@@ -92,9 +94,10 @@ typedef struct {
   int64_t num_sets;            /* S */
   int64_t set_size;            /* K */
   const int64_t* row_sets;     /* [B] */
-  const float* step_size;      /* [B] */
+  const float* step_size;      /* [B], as in ak_steer_params */
   const float* hidden_norm;    /* [B] ||h0||, or NULL: then max_norm must be +inf and
-                                  relative_step 0 (logits do not carry ||h0||) */
+                                  relative_step 0 (logits do not carry ||h0||); a row whose
+                                  entry is not finite and >= 0 is left untouched where it is used */
   int64_t steps;
   int32_t relative_step;
   ak_objective objective;
