@@ -41,7 +41,7 @@ def steering_cases(draw):
             margin=draw(st.one_of(st.none(), st.floats(-2.0, 3.0))),
             max_norm=draw(st.one_of(st.none(), st.floats(0.01, 1.0))),
         ),
-        bias=draw(st.booleans()),
+        bias=draw(st.sampled_from([False, True, "strided"])),  # strided: Triton read it as contiguous
         per_row_eta=draw(st.booleans()),
         layout=draw(st.sampled_from(["contiguous", "padded_rows", "strided_d"])),
     )
@@ -52,6 +52,8 @@ def build_case(case, dtype, device=DEVICE):
     d, vocab = case["d"], case["vocab"]
     weight = (torch.randn(vocab, d, generator=g) * 2 / math.sqrt(d)).to(dtype)
     bias = (torch.randn(vocab, generator=g) * 0.5).to(dtype) if case["bias"] else None
+    if case["bias"] == "strided":
+        bias = torch.stack([bias, torch.zeros_like(bias)], -1).flatten()[::2]
     perm = torch.randperm(vocab, generator=g).tolist()
     sets, at = [], 0
     for p, n in case["sizes"]:
