@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: demo eval test test-vllm test-llama-cpp bench bench-vllm bench-llama-cpp cuda-check aot-check gpu-check gpu-check-build gpu-check-bench clean
+.PHONY: demo eval test test-vllm test-llama-cpp bench bench-vllm bench-llama-cpp cuda-check cuda-emu aot-check gpu-check gpu-bench clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -118,6 +118,14 @@ cuda-check: $(VENV)/.deps
 			-I$(TORCH_INCLUDE)/torch/csrc/api/include -I$$(dirname $$(command -v nvcc))/../include \
 			-I/usr/local/cuda/include -Ibuild/stubs -I$(PY_INCLUDE) -Icsrc -Icsrc/include -Icsrc/kernels $$f || exit 1; \
 	done
+
+# The CUDA kernels run on the CPU (no GPU): steer_cuda.cu, unmodified, built by g++ against a
+# small CUDA emulator (csrc/tests/cuda_emu: a fiber per CUDA thread, checked barriers, shuffles
+# and launch rules) and checked against the C++ CPU kernels by steer_test under ASan+UBSan, a
+# quick set under TSan, and two negative controls (a removed barrier, a misaligned vector access)
+# that must be reported. About 5 minutes on 2 cores; needs nvcc for ptxas' resource table.
+cuda-emu:
+	$(PYTHON) scripts/cuda_emu.py
 
 # Ahead-of-time resource checks, no GPU needed: the Triton kernel compiled for sm_80/sm_90a for
 # every launcher configuration, and the CUDA kernel's ptxas report (shared memory, spills).

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from . import native, reference
+from . import native, reference, selftest
 from .anchors import PreparedAnchors, as_bank, check_finite_anchors, check_vocab, prepare_anchors
 from .config import SteerConfig
 
@@ -53,23 +53,33 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
     raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
 
 
-def resolve_backend(backend: str, device: torch.device, rows: int = 0, set_size: int = 0) -> str:
+def resolve_backend(backend: str, device: torch.device, rows: int = 0, set_size: int = 0,
+                    dtype: torch.dtype | None = None) -> str:
     """Turns ``backend`` ("auto" or a name) into the backend that will run, or raises. With the
-    batch shape, auto takes the batched (Triton) plan for large rows x anchors on a GPU."""
+    batch shape, auto takes the batched (Triton) plan for large rows x anchors on a GPU, where
+    Triton holds the set. With ``dtype``, a GPU backend must first pass its known-answer
+    self-test on the device (anchor_kernels.selftest): auto skips one that failed, an explicit
+    ``backend=`` raises."""
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto")
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"${BACKEND_ENV} must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
+        from .triton_steer import MAX_SET_SIZE as triton_max_set_size
+
         order = AUTO_ORDER.get(device.type, ())
-        if device.type == "cuda" and rows * set_size >= BATCHED_MIN_ROWS_X_ANCHORS:
-            order = ("triton",) + order
+        if device.type == "cuda" and rows * set_size >= BATCHED_MIN_ROWS_X_ANCHORS and set_size <= triton_max_set_size:
+            order = ("triton",) + tuple(n for n in order if n != "triton")
         for name in order:
-            if unavailable_reason(name, device) is None:
+            if unavailable_reason(name, device) is None and (dtype is None or selftest.failure(name, device, dtype) is None):
                 return name
         raise RuntimeError(f"no anchor_kernels backend runs on {device}; pass backend='reference' "
                            "for the (slow) fp64 reference")
     why = unavailable_reason(backend, device)
+    if why is None and dtype is not None:
+        failed = selftest.failure(backend, device, dtype)
+        if failed is not None:
+            why = f"it failed its known-answer self-test on {device} for {dtype}: {failed}"
     if why is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
     return backend
@@ -178,7 +188,7 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
     num_sets = bank.num_sets if bank is not None else prepared.anchor_ids.shape[0]
     lead_shape, d = hidden.shape[:-1], hidden.shape[-1]
     name = resolve_backend(backend, hidden.device, math.prod(lead_shape),
-                           bank.size if bank is not None else prepared.anchor_ids.shape[1])
+                           bank.size if bank is not None else prepared.anchor_ids.shape[1], hidden.dtype)
     rows = _row_sets(row_sets, num_sets, lead_shape, hidden.device)
     eta = _step_size(step_size, config, lead_shape, hidden.device)
     h2 = hidden.reshape(-1, d)

@@ -10,6 +10,7 @@ each step computes Gm c in chunks of GRAM_CHUNK columns through a per-row fp32 s
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Optional
@@ -106,6 +107,15 @@ def choose_plan(rows: int, dim: int, num_sets: int, device=None) -> dict:
     if want < 2:
         return {"plan": "tiled"}
     return {"plan": "split_d", "slices": min(max_slices, want)}
+
+
+def device_guard(device: torch.device):
+    """Makes ``device`` current while a launch is set up: Triton launches on the current CUDA
+    device, which need not be the tensors' (HF ``device_map="auto"`` puts layers on several).
+    Under torch.compile the generated code guards the device itself."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 def _interpreting() -> bool:
@@ -578,45 +588,46 @@ if IMPORT_ERROR is None:
         row_sets: torch.Tensor, step_size: torch.Tensor, steps: int, objective: str, reg: float,
         temperature: float, margin: float, max_norm: float, relative_step: bool,
     ) -> torch.Tensor:
-        _check(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size)
-        check_scalars(steps, objective, reg, temperature, margin, max_norm)
-        if hidden.stride(-1) != 1:
-            hidden = hidden.contiguous()
-        if weight.stride(-1) != 1:
-            weight = weight.contiguous()
-        if bias is not None and bias.stride(0) != 1:  # the kernels index bias by token id
-            bias = bias.contiguous()
-        out = hidden.new_empty(hidden.shape)
-        rows, dim = hidden.shape
-        S, K = anchor_ids.shape
-        if rows == 0:
+        with device_guard(hidden.device):
+            _check(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size)
+            check_scalars(steps, objective, reg, temperature, margin, max_norm)
+            if hidden.stride(-1) != 1:
+                hidden = hidden.contiguous()
+            if weight.stride(-1) != 1:
+                weight = weight.contiguous()
+            if bias is not None and bias.stride(0) != 1:  # the kernels index bias by token id
+                bias = bias.contiguous()
+            out = hidden.new_empty(hidden.shape)
+            rows, dim = hidden.shape
+            S, K = anchor_ids.shape
+            if rows == 0:
+                return out
+            if objective == "mean":
+                _steer_mean(hidden, weight, bias, anchor_ids, anchor_weights, row_sets, step_size, out, steps, reg,
+                            margin, max_norm, relative_step)
+                return out
+            cfg = launch_config(K, dim, hidden.dtype == torch.float32)
+            plan = choose_plan(rows, dim, S, hidden.device)
+            if plan["plan"] == "split_d":
+                _steer_split(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, out, steps,
+                             objective, reg, temperature, margin, max_norm, relative_step,
+                             split_launch_config(K, dim, hidden.dtype == torch.float32), plan["slices"])
+                return out
+            grid = launch_grid(rows, S)
+            scratch = hidden.new_empty((rows, cfg["BLOCK_K"]) if cfg["CHUNKED"] else (1, 1), dtype=torch.float32)
+            # Several sets and more than one tile: group rows by set on the device (a stable sort, no
+            # host sync); -1 rows sort first and their tiles only copy.
+            grouped = S > 1 and rows > BLOCK_ROWS
+            order = torch.argsort(row_sets, stable=True) if grouped else row_sets
+            torch.library.wrap_triton(_steer_hidden_kernel)[grid](
+                hidden, weight, weight if bias is None else bias, anchor_ids.contiguous(),
+                anchor_weights.contiguous(), gram.contiguous(), row_sets.contiguous(),
+                step_size.contiguous(), out, scratch, order, rows, dim, weight.shape[0], S, K, hidden.stride(0),
+                weight.stride(0), out.stride(0), steps, reg, temperature, margin, max_norm,
+                LSE=objective == "lse", TRUST=max_norm != float("inf"), HAS_BIAS=bias is not None,
+                RELATIVE=relative_step, NATIVE_DOT16=not _interpreting(), GROUPED=grouped, **cfg,
+            )
             return out
-        if objective == "mean":
-            _steer_mean(hidden, weight, bias, anchor_ids, anchor_weights, row_sets, step_size, out, steps, reg,
-                        margin, max_norm, relative_step)
-            return out
-        cfg = launch_config(K, dim, hidden.dtype == torch.float32)
-        plan = choose_plan(rows, dim, S, hidden.device)
-        if plan["plan"] == "split_d":
-            _steer_split(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, out, steps,
-                         objective, reg, temperature, margin, max_norm, relative_step,
-                         split_launch_config(K, dim, hidden.dtype == torch.float32), plan["slices"])
-            return out
-        grid = launch_grid(rows, S)
-        scratch = hidden.new_empty((rows, cfg["BLOCK_K"]) if cfg["CHUNKED"] else (1, 1), dtype=torch.float32)
-        # Several sets and more than one tile: group rows by set on the device (a stable sort, no
-        # host sync); -1 rows sort first and their tiles only copy.
-        grouped = S > 1 and rows > BLOCK_ROWS
-        order = torch.argsort(row_sets, stable=True) if grouped else row_sets
-        torch.library.wrap_triton(_steer_hidden_kernel)[grid](
-            hidden, weight, weight if bias is None else bias, anchor_ids.contiguous(),
-            anchor_weights.contiguous(), gram.contiguous(), row_sets.contiguous(),
-            step_size.contiguous(), out, scratch, order, rows, dim, weight.shape[0], S, K, hidden.stride(0),
-            weight.stride(0), out.stride(0), steps, reg, temperature, margin, max_norm,
-            LSE=objective == "lse", TRUST=max_norm != float("inf"), HAS_BIAS=bias is not None,
-            RELATIVE=relative_step, NATIVE_DOT16=not _interpreting(), GROUPED=grouped, **cfg,
-        )
-        return out
 
     def _steer_split(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, out, steps,
                      objective, reg, temperature, margin, max_norm, relative_step, cfg, slices):
@@ -684,47 +695,48 @@ if IMPORT_ERROR is None:
     ) -> None:
         """The logit-space form in place (the schema of the C++ ``steer_logits_``): two launches,
         a K-space solve per row from its anchors' logits, then + M c over the vocabulary."""
-        dev = logits.device
-        torch._check(logits.dim() == 2 and logits.dtype in (torch.float32, torch.float16, torch.bfloat16),
-                     lambda: f"steer_logits_: logits must be 2-D float32/float16/bfloat16, got {logits.dim()}-D {logits.dtype}")
-        torch._check(logits.stride(-1) == 1, lambda: "steer_logits_: logits rows must be contiguous")
-        rows, vocab = logits.shape
-        S, K = anchor_ids.shape
-        for name, t, dtype, shape in (("mixing", mixing, torch.float32, (S, K, vocab)),
-                                      ("anchor_ids", anchor_ids, torch.long, (S, K)),
-                                      ("anchor_weights", anchor_weights, torch.float32, (S, K)),
-                                      ("gram", gram, torch.float32, (S, K, K)),
-                                      ("row_sets", row_sets, torch.long, (rows,)),
-                                      ("step_size", step_size, torch.float32, (rows,))):
-            torch._check(tuple(t.shape) == shape and t.dtype == dtype and t.device == dev,
-                         lambda: f"steer_logits_: {name} must be {dtype} {list(shape)} on {dev}, got "
-                                 f"{t.dtype} {list(t.shape)} on {t.device}")
-        needs_norm = relative_step or max_norm != float("inf")
-        torch._check(hidden_norm is not None or not needs_norm,
-                     lambda: "steer_logits_: relative_step and max_norm need hidden_norm (||h0|| per row)")
-        if hidden_norm is not None:
-            torch._check(tuple(hidden_norm.shape) == (rows,) and hidden_norm.dtype == torch.float32
-                         and hidden_norm.device == dev, lambda: "steer_logits_: hidden_norm must be float32 [rows]")
-        torch._check(K <= MAX_SET_SIZE, lambda: f"steer_logits_: the triton backend supports anchor sets of at most "
-                                                 f"{MAX_SET_SIZE} tokens, got K = {K}")
-        check_scalars(steps, objective, reg, temperature, margin, max_norm)
-        if rows == 0:
-            return
-        cfg = launch_config(K, 1, True)
-        block_k = cfg["BLOCK_K"]
-        c = torch.zeros((rows, block_k), dtype=torch.float32, device=dev)
-        scratch = c.new_empty((rows, block_k) if cfg["CHUNKED"] else (1, 1))
-        torch.library.wrap_triton(_solve_logits_kernel)[launch_grid(rows, S)](
-            logits, anchor_ids.contiguous(), anchor_weights.contiguous(), gram.contiguous(),
-            row_sets.contiguous(), step_size.contiguous(),
-            step_size if hidden_norm is None else hidden_norm.contiguous(), c, scratch,
-            rows, vocab, S, K, logits.stride(0), steps, reg, temperature, margin, max_norm,
-            LSE=objective == "lse", TRUST=max_norm != float("inf"), RELATIVE=relative_step,
-            HAS_NORM=hidden_norm is not None, BLOCK_B=cfg["BLOCK_B"], BLOCK_K=block_k,
-            CHUNKED=cfg["CHUNKED"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"],
-        )
-        block_v = max(32, APPLY_TILE // block_k)
-        torch.library.wrap_triton(_apply_logits_kernel)[(rows, triton.cdiv(vocab, block_v))](
-            logits, mixing.contiguous(), c, row_sets.contiguous(), vocab, S, K, logits.stride(0),
-            BLOCK_K=block_k, BLOCK_V=block_v, num_warps=4,
-        )
+        with device_guard(logits.device):
+            dev = logits.device
+            torch._check(logits.dim() == 2 and logits.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                         lambda: f"steer_logits_: logits must be 2-D float32/float16/bfloat16, got {logits.dim()}-D {logits.dtype}")
+            torch._check(logits.stride(-1) == 1, lambda: "steer_logits_: logits rows must be contiguous")
+            rows, vocab = logits.shape
+            S, K = anchor_ids.shape
+            for name, t, dtype, shape in (("mixing", mixing, torch.float32, (S, K, vocab)),
+                                          ("anchor_ids", anchor_ids, torch.long, (S, K)),
+                                          ("anchor_weights", anchor_weights, torch.float32, (S, K)),
+                                          ("gram", gram, torch.float32, (S, K, K)),
+                                          ("row_sets", row_sets, torch.long, (rows,)),
+                                          ("step_size", step_size, torch.float32, (rows,))):
+                torch._check(tuple(t.shape) == shape and t.dtype == dtype and t.device == dev,
+                             lambda: f"steer_logits_: {name} must be {dtype} {list(shape)} on {dev}, got "
+                                     f"{t.dtype} {list(t.shape)} on {t.device}")
+            needs_norm = relative_step or max_norm != float("inf")
+            torch._check(hidden_norm is not None or not needs_norm,
+                         lambda: "steer_logits_: relative_step and max_norm need hidden_norm (||h0|| per row)")
+            if hidden_norm is not None:
+                torch._check(tuple(hidden_norm.shape) == (rows,) and hidden_norm.dtype == torch.float32
+                             and hidden_norm.device == dev, lambda: "steer_logits_: hidden_norm must be float32 [rows]")
+            torch._check(K <= MAX_SET_SIZE, lambda: f"steer_logits_: the triton backend supports anchor sets of at most "
+                                                     f"{MAX_SET_SIZE} tokens, got K = {K}")
+            check_scalars(steps, objective, reg, temperature, margin, max_norm)
+            if rows == 0:
+                return
+            cfg = launch_config(K, 1, True)
+            block_k = cfg["BLOCK_K"]
+            c = torch.zeros((rows, block_k), dtype=torch.float32, device=dev)
+            scratch = c.new_empty((rows, block_k) if cfg["CHUNKED"] else (1, 1))
+            torch.library.wrap_triton(_solve_logits_kernel)[launch_grid(rows, S)](
+                logits, anchor_ids.contiguous(), anchor_weights.contiguous(), gram.contiguous(),
+                row_sets.contiguous(), step_size.contiguous(),
+                step_size if hidden_norm is None else hidden_norm.contiguous(), c, scratch,
+                rows, vocab, S, K, logits.stride(0), steps, reg, temperature, margin, max_norm,
+                LSE=objective == "lse", TRUST=max_norm != float("inf"), RELATIVE=relative_step,
+                HAS_NORM=hidden_norm is not None, BLOCK_B=cfg["BLOCK_B"], BLOCK_K=block_k,
+                CHUNKED=cfg["CHUNKED"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"],
+            )
+            block_v = max(32, APPLY_TILE // block_k)
+            torch.library.wrap_triton(_apply_logits_kernel)[(rows, triton.cdiv(vocab, block_v))](
+                logits, mixing.contiguous(), c, row_sets.contiguous(), vocab, S, K, logits.stride(0),
+                BLOCK_K=block_k, BLOCK_V=block_v, num_warps=4,
+            )

@@ -44,11 +44,13 @@ at::Tensor steer_hidden_cuda(const at::Tensor& hidden, const at::Tensor& weight,
     // the rank-one form: u = W_A^T w and w . b_A per set
     workspace = at::empty({call.params.num_sets, call.params.dim + 1}, fp32);
     call.params.workspace = workspace.data_ptr<float>();
+    call.params.workspace_size = workspace.numel();
   } else if (call.params.rows > 0) {
     const int64_t slices = cuda_split_slices(call.params.rows, call.params.dim);
     if (slices > 1) {  // the split-d plan: partial z0 and ||h0||^2 per slice
       workspace = at::empty({slices, call.params.rows, call.params.set_size + 1}, fp32);
       call.params.workspace = workspace.data_ptr<float>();
+      call.params.workspace_size = workspace.numel();
       call.params.split_slices = slices;
     }
   }

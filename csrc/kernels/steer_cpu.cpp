@@ -399,6 +399,18 @@ extern "C" ak_status ak_steer_logits_apply_cpu(const ak_logits_params* q, const 
 }
 
 // Host-side plan logic of the CUDA launcher: here so that it builds (and is tested) without CUDA.
+extern "C" int64_t ak_cuda_workspace_size(const ak_steer_params* p) {
+  if (!p || p->rows < 0 || p->dim < 0 || p->set_size < 0 || p->num_sets < 0) return -1;
+  constexpr int64_t kMax = INT64_MAX / 4;  // in floats, so the byte count fits too
+  auto mul = [](int64_t a, int64_t b) { return a != 0 && b > kMax / a ? -1 : a * b; };
+  if (p->split_slices > 1) {
+    const int64_t per_slice = mul(p->rows, p->set_size + 1);
+    return per_slice < 0 ? -1 : mul(p->split_slices, per_slice);
+  }
+  if (p->objective == AK_OBJECTIVE_MEAN) return mul(p->num_sets, p->dim + 1);
+  return 0;
+}
+
 extern "C" int64_t ak_cuda_split_slices(int64_t rows, int64_t dim, int64_t sm_count) {
   const int64_t max_slices = (dim + AK_SPLIT_MIN_SLICE - 1) / AK_SPLIT_MIN_SLICE;
   if (rows <= 0 || max_slices <= 1 || sm_count <= 0) return 1;

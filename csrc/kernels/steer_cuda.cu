@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <mutex>
 
 #include "anchor_kernels/steer.h"
@@ -35,22 +36,39 @@ __device__ __forceinline__ void store_float(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_float(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store_float(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// 16-byte accesses through a may_alias vector type, not a plain uint4 lvalue over memory of
+// another type (strict aliasing: g++ -O2 miscompiles that form, clang-CUDA and HIP may). The
+// alignment is what the callers checked (vec_flags): one 16-byte load or store.
+#if defined(__NVCC__)
+typedef uint4 uint4_alias;  // nvcc has no may_alias, and no type-based alias analysis to need it
+#else
+typedef uint4 __attribute__((may_alias)) uint4_alias;
+#endif
+__device__ __forceinline__ uint4 load16(const void* p) {
+  return *static_cast<const uint4_alias*>(__builtin_assume_aligned(p, 16));
+}
+__device__ __forceinline__ void store16(void* p, const uint4& raw) {
+  *static_cast<uint4_alias*>(__builtin_assume_aligned(p, 16)) = raw;
+}
+
 // 16 bytes of T as fp32 values.
 template <typename T>
 struct Vec {
   static constexpr int N = 16 / sizeof(T);
   __device__ __forceinline__ static void load(const T* p, float (&out)[N]) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const T* v = reinterpret_cast<const T*>(&raw);
+    const uint4 raw = load16(p);
+    T v[N];
+    memcpy(v, &raw, 16);
 #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = load_float(v + i);
   }
   __device__ __forceinline__ static void store(T* p, const float (&in)[N]) {
-    uint4 raw;
-    T* v = reinterpret_cast<T*>(&raw);
+    T v[N];
 #pragma unroll
     for (int i = 0; i < N; ++i) store_float(v + i, in[i]);
-    *reinterpret_cast<uint4*>(p) = raw;
+    uint4 raw;
+    memcpy(&raw, v, 16);
+    store16(p, raw);
   }
 };
 
@@ -87,9 +105,8 @@ __device__ __forceinline__ float2 block_reduce2(float a, float b, float2* scratc
 template <typename T>
 __device__ void copy_row(const T* in, T* out, int64_t d, bool vec) {
   if (vec) {
-    const uint4* src = reinterpret_cast<const uint4*>(in);
-    uint4* dst = reinterpret_cast<uint4*>(out);
-    for (int64_t j = threadIdx.x; j < d / Vec<T>::N; j += blockDim.x) dst[j] = src[j];
+    constexpr int N = Vec<T>::N;
+    for (int64_t j = threadIdx.x; j < d / N; j += blockDim.x) store16(out + j * N, load16(in + j * N));
     return;
   }
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) out[j] = in[j];
@@ -626,7 +643,8 @@ ak_status prepare_device(int device, int dtype_index, size_t smem) {
   }
   const int dynamic_max = st.smem_optin - st.static_smem[dtype_index];
   if (smem > static_cast<size_t>(dynamic_max)) return AK_ERROR_UNSUPPORTED;
-  if (smem > 48 * 1024 && !st.raised[dtype_index]) {
+  // The default limit (48 KiB) holds dynamic + static shared memory together.
+  if (smem + st.static_smem[dtype_index] > 48 * 1024 && !st.raised[dtype_index]) {
     const cudaError_t err = cudaFuncSetAttribute(
         steer_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, dynamic_max);
     if (err != cudaSuccess) return cuda_failed(err);
@@ -666,7 +684,8 @@ size_t split_smem(int64_t K) {
 template <typename T>
 ak_status launch_split(const ak_steer_params& p, cudaStream_t stream) {
   const size_t smem = split_smem(p.set_size);
-  if (smem > 48 * 1024) return AK_ERROR_UNSUPPORTED;  // K <= 1024 stays under 48 KiB
+  // Within the 48 KiB default with the kernel's static shared memory (80 B): true for K <= 1024.
+  if (smem + 1024 > 48 * 1024) return AK_ERROR_UNSUPPORTED;
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(static_cast<unsigned>(p.rows), static_cast<unsigned>(p.split_slices));
   config.blockDim = dim3(kThreads);
@@ -680,9 +699,16 @@ ak_status launch_split(const ak_steer_params& p, cudaStream_t stream) {
 
 template <typename T>
 ak_status launch(const ak_steer_params& p, cudaStream_t stream, int dtype_index) {
-  if (p.objective == AK_OBJECTIVE_MEAN && p.workspace != nullptr) return launch_mean<T>(p, stream);
-  if (p.split_slices > 1) {
-    if (p.workspace == nullptr || p.split_slices > 65535 || p.split_slices > p.dim) return AK_ERROR_INVALID_ARGUMENT;
+  // The plan by the workspace's precedence (steer.h), after checking that it is large enough:
+  // a kernel writes all of the size its plan needs.
+  const bool split = p.split_slices > 1, rank_one = !split && p.objective == AK_OBJECTIVE_MEAN && p.workspace;
+  if (split || rank_one) {
+    const int64_t need = ak_cuda_workspace_size(&p);
+    if (!p.workspace || need < 0 || p.workspace_size < need) return AK_ERROR_INVALID_ARGUMENT;
+  }
+  if (rank_one) return launch_mean<T>(p, stream);
+  if (split) {
+    if (p.split_slices > 65535 || p.split_slices > p.dim) return AK_ERROR_INVALID_ARGUMENT;
     return launch_split<T>(p, stream);
   }
   const VecFlags vec = vec_flags<T>(p);

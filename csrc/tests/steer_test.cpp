@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -216,42 +217,226 @@ std::vector<double> run_cpu(Problem& p, ak_dtype dtype) {
 }
 
 #ifdef AK_TEST_CUDA
+// Exactly v's bytes (no slack), so that any access past them is caught under the emulator.
 template <typename V>
-V* to_device(const std::vector<V>& v) {
+V* to_device(const std::vector<V>& v, int64_t offset = 0) {
   V* ptr = nullptr;
-  cudaMalloc(&ptr, v.size() * sizeof(V) + 16);
-  cudaMemcpy(ptr, v.data(), v.size() * sizeof(V), cudaMemcpyHostToDevice);
+  const size_t n = v.size() + size_t(offset);
+  cudaMalloc(&ptr, std::max<size_t>(1, n * sizeof(V)));
+  if (!v.empty()) cudaMemcpy(ptr + offset, v.data(), v.size() * sizeof(V), cudaMemcpyHostToDevice);
   return ptr;
 }
 
-// rank_one: objective MEAN through its rank-one path (a workspace), else the general loop.
+// How run_cuda lays the problem out and which plan it asks for.
+struct CudaRun {
+  enum Plan { kTiled, kRankOne, kSplit } plan = kTiled;
+  int64_t slices = 3;
+  int64_t workspace_short = 0;  // floats fewer than the plan needs (must be refused)
+  bool strided = false;         // rows 3 / 5 elements apart and W one element off 16-byte alignment
+};
+
+// The CUDA kernels on the problem (its hidden already rounded to T by run_cpu), widened to
+// doubles in the problem's [B, d] layout; empty if the launch failed. `status` gets its status.
 template <typename T>
-std::vector<double> run_cuda(const Problem& p, ak_dtype dtype, bool rank_one = false, int64_t slices = 1) {
-  auto h = to_device(convert<T>(p.hidden));
-  auto w = to_device(convert<T>(p.weight));
+std::vector<double> run_cuda(const Problem& p, ak_dtype dtype, CudaRun how = {}, ak_status* status = nullptr) {
+  const int64_t hs = how.strided ? p.d + 3 : p.d, os = how.strided ? p.d + 5 : p.d;
+  std::vector<float> hidden(p.B * hs, 0.f);
+  for (int64_t r = 0; r < p.B; ++r)
+    for (int64_t x = 0; x < p.d; ++x) hidden[r * hs + x] = p.hidden[r * p.d + x];
+  auto h = to_device(convert<T>(hidden));
+  T* w = to_device(convert<T>(p.weight), how.strided ? 1 : 0);
   auto b = to_device(convert<T>(p.bias));
   auto ids = to_device(p.ids);
   auto aw = to_device(p.aw);
   auto gram = to_device(p.gram);
   auto rs = to_device(p.row_sets);
   auto eta = to_device(p.eta);
-  T* out = to_device(std::vector<T>(p.B * p.d));
-  float* ws = rank_one ? to_device(std::vector<float>(p.S * (p.d + 1)))
-              : slices > 1 ? to_device(std::vector<float>(slices * p.B * (p.K + 1))) : nullptr;
-  ak_steer_params q = params_for(p, dtype, h, w, b, out, ids, aw, gram, rs, eta);
-  q.workspace = ws;
-  q.split_slices = slices;
+  T* out = to_device(std::vector<T>(p.B * os));
+  ak_steer_params q = params_for(p, dtype, h, w + (how.strided ? 1 : 0), b, out, ids, aw, gram, rs, eta);
+  q.hidden_row_stride = hs;
+  q.out_row_stride = os;
+  q.split_slices = how.plan == CudaRun::kSplit ? how.slices : 1;
+  float* ws = nullptr;
+  if (how.plan != CudaRun::kTiled) {
+    q.workspace_size = ak_cuda_workspace_size(&q) - how.workspace_short;
+    ws = to_device(std::vector<float>(q.workspace_size));
+    q.workspace = ws;
+  }
   const ak_status st = ak_steer_hidden_cuda(&q, nullptr);
-  std::vector<T> host(p.B * p.d);
+  if (status) *status = st;
+  std::vector<T> host(p.B * os);
   const cudaError_t err = cudaMemcpy(host.data(), out, host.size() * sizeof(T), cudaMemcpyDeviceToHost);
   for (void* ptr : {(void*)h, (void*)w, (void*)b, (void*)ids, (void*)aw, (void*)gram, (void*)rs,
                     (void*)eta, (void*)out, (void*)ws})
     cudaFree(ptr);
   if (st != AK_OK || err != cudaSuccess) {
-    std::printf("FAIL cuda launch: status %d, %s\n", int(st), cudaGetErrorString(err));
+    if (!status) std::printf("FAIL cuda launch: status %d, %s\n", int(st), cudaGetErrorString(err));
     return {};
   }
-  return widen(host);
+  std::vector<double> got(p.B * p.d);
+  for (int64_t r = 0; r < p.B; ++r)
+    for (int64_t x = 0; x < p.d; ++x) got[r * p.d + x] = anchor_kernels::to_float(host[r * os + x]);
+  return got;
+}
+
+// Every CUDA plan of the hidden-state op against the CPU kernel, in one dtype.
+template <typename T>
+bool cuda_plans_ok(Problem p, ak_dtype dtype, double tol, double roundoff, const char* name) {
+  const std::vector<double> cpu = run_cpu<T>(p, dtype);
+  bool ok = !cpu.empty();
+  char what[96];
+  auto check = [&](const char* plan, CudaRun how) {
+    std::snprintf(what, sizeof what, "cuda %s %s", plan, name);
+    ok &= close(p, run_cuda<T>(p, dtype, how), cpu, tol, roundoff, what);
+  };
+  check("tiled", {});
+  check("tiled strided", {CudaRun::kTiled, 3, 0, true});
+  if (p.d >= 3) check("split", {CudaRun::kSplit, 3});
+  if (p.d >= 2) check("split strided", {CudaRun::kSplit, 2, 0, true});
+  if (p.objective == AK_OBJECTIVE_MEAN) {
+    check("rank-one", {CudaRun::kRankOne});
+    check("rank-one strided", {CudaRun::kRankOne, 3, 0, true});
+  }
+  return ok;
+}
+
+// The logit form: W h' + b = (W h0 + b) + M c on raw logits, CUDA against the CPU kernel.
+template <typename T>
+bool cuda_logits_ok(const Problem& p, ak_dtype dtype, double tol, double roundoff, const char* name) {
+  const int64_t V = p.V, K = p.K, S = p.S;
+  std::vector<float> logits(p.B * V), mixing(S * K * V, 0.f), norms(p.B);
+  for (int64_t r = 0; r < p.B; ++r) {
+    double n = 0;
+    for (int64_t x = 0; x < p.d; ++x) n += double(p.hidden[r * p.d + x]) * p.hidden[r * p.d + x];
+    norms[r] = float(std::sqrt(n));
+    for (int64_t v = 0; v < V; ++v) {
+      double z = p.bias[v];
+      for (int64_t x = 0; x < p.d; ++x) z += double(p.weight[v * p.d + x]) * p.hidden[r * p.d + x];
+      logits[r * V + v] = float(z);
+    }
+  }
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t k = 0; k < K; ++k) {
+      if (p.aw[s * K + k] == 0) continue;
+      const int64_t id = p.ids[s * K + k];
+      for (int64_t v = 0; v < V; ++v) {
+        double m = 0;
+        for (int64_t x = 0; x < p.d; ++x) m += double(p.weight[v * p.d + x]) * p.weight[id * p.d + x];
+        mixing[(s * K + k) * V + v] = float(m);
+      }
+    }
+  ak_logits_params q{};
+  q.dtype = dtype;
+  q.rows = p.B;
+  q.vocab = V;
+  q.logits_row_stride = V;
+  q.num_sets = S;
+  q.set_size = K;
+  q.steps = p.steps;
+  q.relative_step = p.relative;
+  q.objective = p.objective;
+  q.reg = p.reg;
+  q.temperature = p.tau;
+  q.margin = p.margin;
+  q.max_norm = p.max_norm;
+  // CPU
+  std::vector<T> cpu = convert<T>(logits);
+  const std::vector<double> before = widen(cpu);
+  q.logits = cpu.data();
+  q.mixing = mixing.data();
+  q.anchor_ids = p.ids.data();
+  q.anchor_weights = p.aw.data();
+  q.gram = p.gram.data();
+  q.row_sets = p.row_sets.data();
+  q.step_size = p.eta.data();
+  q.hidden_norm = norms.data();
+  std::vector<float> coef(p.B * K);
+  std::vector<uint8_t> moved(p.B);
+  if (ak_steer_logits_solve_cpu(&q, 0, p.B, coef.data(), moved.data()) != AK_OK ||
+      ak_steer_logits_apply_cpu(&q, coef.data(), moved.data(), 0, V) != AK_OK) {
+    std::printf("FAIL cpu logits %s\n", name);
+    return false;
+  }
+  // CUDA
+  T* dl = to_device(convert<T>(logits));
+  float* dm = to_device(mixing);
+  int64_t* ids = to_device(p.ids);
+  float *aw = to_device(p.aw), *gram = to_device(p.gram), *eta = to_device(p.eta), *dn = to_device(norms);
+  int64_t* rs = to_device(p.row_sets);
+  float* dc = to_device(std::vector<float>(p.B * K));
+  ak_logits_params g = q;
+  g.logits = dl;
+  g.mixing = dm;
+  g.anchor_ids = ids;
+  g.anchor_weights = aw;
+  g.gram = gram;
+  g.row_sets = rs;
+  g.step_size = eta;
+  g.hidden_norm = dn;
+  const ak_status st = ak_steer_logits_cuda(&g, dc, nullptr);
+  std::vector<T> host(p.B * V);
+  cudaMemcpy(host.data(), dl, host.size() * sizeof(T), cudaMemcpyDeviceToHost);
+  for (void* ptr : {(void*)dl, (void*)dm, (void*)ids, (void*)aw, (void*)gram, (void*)eta, (void*)dn, (void*)rs, (void*)dc})
+    cudaFree(ptr);
+  if (st != AK_OK) {
+    std::printf("FAIL cuda logits %s: status %d\n", name, int(st));
+    return false;
+  }
+  // Per row: ||got - cpu|| <= tol ||cpu - before|| + roundoff ||cpu||; unmoved rows bit for bit.
+  const std::vector<double> want = widen(cpu), got = widen(host);
+  for (int64_t r = 0; r < p.B; ++r) {
+    double err = 0, delta = 0, norm = 0;
+    for (int64_t v = 0; v < V; ++v) {
+      const int64_t i = r * V + v;
+      err += (got[i] - want[i]) * (got[i] - want[i]);
+      delta += (want[i] - before[i]) * (want[i] - before[i]);
+      norm += want[i] * want[i];
+    }
+    const bool same = !moved[r] ? err == 0 : std::sqrt(err) <= tol * std::sqrt(delta) + roundoff * std::sqrt(norm) + 1e-30;
+    if (!same) {
+      std::printf("FAIL cuda logits %s: row %lld err %.3g |delta| %.3g\n", name, (long long)r, std::sqrt(err),
+                  std::sqrt(delta));
+      return false;
+    }
+  }
+  return true;
+}
+
+// Every CUDA kernel on one problem, every dtype.
+bool cuda_ok(const Problem& p) {
+  Problem ph = p, pb = p;
+  bool ok = cuda_plans_ok<float>(p, AK_FLOAT32, 1e-4, 0x1p-24, "fp32");
+  ok &= cuda_plans_ok<half_bits>(ph, AK_FLOAT16, 2e-2, 0x1p-10, "fp16");
+  ok &= cuda_plans_ok<bfloat16_bits>(pb, AK_BFLOAT16, 2e-2, 0x1p-7, "bf16");
+  ok &= cuda_logits_ok<float>(p, AK_FLOAT32, 1e-4, 0x1p-22, "fp32");
+  ok &= cuda_logits_ok<half_bits>(p, AK_FLOAT16, 2e-2, 0x1p-10, "fp16");
+  ok &= cuda_logits_ok<bfloat16_bits>(p, AK_BFLOAT16, 2e-2, 0x1p-7, "bf16");
+  return ok;
+}
+
+// Edges of the launcher: a workspace one float short of its plan is refused, not overrun; a row
+// whose shared memory lies between 48 KiB - static and 48 KiB launches (K = 16, fp32).
+bool cuda_edges_ok(std::mt19937& rng) {
+  bool ok = true;
+  Problem p = make_problem(rng, 4, 64, 2, 8, AK_OBJECTIVE_MEAN, INFINITY, INFINITY);
+  Problem p32 = p;
+  run_cpu<float>(p32, AK_FLOAT32);
+  for (CudaRun::Plan plan : {CudaRun::kSplit, CudaRun::kRankOne}) {
+    ak_status st = AK_OK;
+    run_cuda<float>(p32, AK_FLOAT32, {plan, 3, 1}, &st);
+    if (st != AK_ERROR_INVALID_ARGUMENT) {
+      std::printf("FAIL a short workspace (plan %d) was not refused: status %d\n", int(plan), int(st));
+      ok = false;
+    }
+  }
+  for (int64_t d : {11890, 11904}) {
+    Problem e = make_problem(rng, 2, d, 1, 16, AK_OBJECTIVE_LSE, INFINITY, INFINITY);
+    e.row_sets = {0, 0};
+    Problem e32 = e;
+    const std::vector<double> cpu = run_cpu<float>(e32, AK_FLOAT32);
+    ok &= close(e32, run_cuda<float>(e32, AK_FLOAT32), cpu, 1e-4, 0x1p-24, "cuda tiled at the 48 KiB edge");
+  }
+  return ok;
 }
 #endif
 
@@ -268,22 +453,26 @@ bool plan_choice_ok() {
 
 int main() {
   std::mt19937 rng(1234);
-  const int64_t dims[] = {1, 7, 64, 130, 1000};
-  const int64_t set_sizes[] = {2, 5, 64, 100};
+  // AK_TEST_QUICK: a smaller matrix (the TSan run and the negative controls).
+  const bool quick = std::getenv("AK_TEST_QUICK") != nullptr;
+  const std::vector<int64_t> dims = quick ? std::vector<int64_t>{7, 64} : std::vector<int64_t>{1, 7, 64, 130, 1000};
+  const std::vector<int64_t> set_sizes = quick ? std::vector<int64_t>{5, 64} : std::vector<int64_t>{2, 5, 64, 100};
   bool ok = plan_choice_ok();
   int cases = 0;
 #ifdef AK_TEST_CUDA
   int devices = 0;
   const bool have_gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
   if (!have_gpu) std::printf("no CUDA device: the CUDA kernel checks are skipped\n");
+  if (have_gpu) ok &= cuda_edges_ok(rng);
 #endif
   for (int64_t d : dims)
     for (int64_t K : set_sizes)
       for (int obj = 0; obj < 2; ++obj)
         for (float max_norm : {INFINITY, 0.05f}) {
+          if (quick && max_norm < 1 && obj == 0) continue;
           const ak_objective objective = obj ? AK_OBJECTIVE_LSE : AK_OBJECTIVE_MEAN;
           const float margin = obj ? 3.f : INFINITY;
-          Problem p = make_problem(rng, 9, d, 2, K, objective, max_norm, margin);
+          Problem p = make_problem(rng, quick ? 5 : 9, d, 2, K, objective, max_norm, margin);
           p.relative = (cases % 3 == 1);  // every third case: the relative step
           if (p.relative)
             for (float& e : p.eta) e *= 0.02f;
@@ -292,25 +481,7 @@ int main() {
           ok &= !got.empty() && close(p32, got, reference(p32), 1e-4, 0x1p-24, "cpu fp32 vs fp64");
           ++cases;
 #ifdef AK_TEST_CUDA
-          if (!have_gpu) continue;
-          Problem ph = p, pb = p;
-          const auto cpu16 = run_cpu<half_bits>(ph, AK_FLOAT16);
-          const auto cpub16 = run_cpu<bfloat16_bits>(pb, AK_BFLOAT16);
-          ok &= close(p32, run_cuda<float>(p32, AK_FLOAT32), got, 1e-4, 0x1p-24, "cuda fp32");
-          ok &= close(ph, run_cuda<half_bits>(ph, AK_FLOAT16), cpu16, 2e-2, 0x1p-10, "cuda fp16");
-          ok &= close(pb, run_cuda<bfloat16_bits>(pb, AK_BFLOAT16), cpub16, 2e-2, 0x1p-7, "cuda bf16");
-          if (d >= 3) {  // the split-d plan: 3 slices, every dtype
-            ok &= close(p32, run_cuda<float>(p32, AK_FLOAT32, false, 3), got, 1e-4, 0x1p-24, "cuda split fp32");
-            ok &= close(ph, run_cuda<half_bits>(ph, AK_FLOAT16, false, 3), cpu16, 2e-2, 0x1p-10, "cuda split fp16");
-            ok &= close(pb, run_cuda<bfloat16_bits>(pb, AK_BFLOAT16, false, 3), cpub16, 2e-2, 0x1p-7,
-                        "cuda split bf16");
-          }
-          if (objective == AK_OBJECTIVE_MEAN) {
-            ok &= close(p32, run_cuda<float>(p32, AK_FLOAT32, true), got, 1e-4, 0x1p-24, "cuda rank-one fp32");
-            ok &= close(ph, run_cuda<half_bits>(ph, AK_FLOAT16, true), cpu16, 2e-2, 0x1p-10, "cuda rank-one fp16");
-            ok &= close(pb, run_cuda<bfloat16_bits>(pb, AK_BFLOAT16, true), cpub16, 2e-2, 0x1p-7,
-                        "cuda rank-one bf16");
-          }
+          if (have_gpu) ok &= cuda_ok(p);
 #endif
         }
   std::printf("%d cases: %s\n", cases, ok ? "passed" : "FAILED");

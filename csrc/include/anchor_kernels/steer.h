@@ -69,10 +69,13 @@ typedef struct {
   float max_norm;              /* rho >= 0; +inf: no trust region */
   void* out;                   /* [B, d], unit stride along d; may not alias hidden */
   int64_t out_row_stride;      /* in elements */
-  float* workspace;            /* CUDA device scratch, fp32, or NULL. Objective MEAN: [S, d + 1] for
-                                  the rank-one form (u = W_A^T w and w . b_A per set: one dot, a
-                                  scalar loop and one axpy per row). Otherwise, with split_slices
-                                  > 1: [split_slices, B, K + 1] of partial z0 and ||h0||^2. */
+  float* workspace;            /* CUDA device scratch, fp32, or NULL; its plan by precedence:
+                                  split_slices > 1: the split-d plan, [split_slices, B, K + 1]
+                                  of partial z0 and ||h0||^2 (any objective). Else objective
+                                  MEAN: the rank-one form, [S, d + 1] (u = W_A^T w and w . b_A
+                                  per set: one dot, a scalar loop and one axpy per row). */
+  int64_t workspace_size;      /* floats at workspace; a launch whose plan needs more fails with
+                                  AK_ERROR_INVALID_ARGUMENT (ak_cuda_workspace_size) */
   int64_t split_slices;        /* CUDA, general loop: > 1 gives each row this many blocks, one per
                                   slice of d (two launches; needs the workspace); 0 or 1: one block
                                   per row. ak_cuda_split_slices() picks it by shape. */
@@ -137,6 +140,11 @@ ak_status ak_steer_hidden_cuda(const ak_steer_params* p, void* stream);
 #define AK_SPLIT_MIN_SLICE 256
 #define AK_SPLIT_OCCUPANCY 2
 int64_t ak_cuda_split_slices(int64_t rows, int64_t dim, int64_t sm_count);
+/* Floats of workspace the plan that `p` selects needs (see ak_steer_params.workspace):
+ * split_slices > 1 -> split_slices * rows * (set_size + 1); else objective MEAN ->
+ * num_sets * (dim + 1) (the rank-one form; with no workspace the one-block-per-row loop runs
+ * instead); else 0. -1 if the size overflows. */
+int64_t ak_cuda_workspace_size(const ak_steer_params* p);
 /* The current device's SM count (queried once per device), or -1 if CUDA cannot say. */
 int64_t ak_cuda_sm_count(void);
 

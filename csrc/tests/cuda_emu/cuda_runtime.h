@@ -154,8 +154,10 @@ namespace {
 alignas(16) thread_local unsigned char smem_raw[ak_emu::kMaxSmem];
 // g++ calls the translation unit's TLS initialiser before a block-scope `extern thread_local`
 // access, and emits that initialiser only if some thread_local needs dynamic initialisation.
-[[maybe_unused]] thread_local const unsigned char* const ak_emu_tls_init_anchor = ak_emu::tls_anchor(smem_raw);
-unsigned char* ak_emu_dynamic_smem() { return smem_raw; }
+thread_local const unsigned char* const ak_emu_tls_init_anchor = ak_emu::tls_anchor(smem_raw);
+// Called on the block's host thread before its fibers start: reading the anchor runs that
+// initialiser there, not lazily (and racily) in the first fiber that touches shared memory.
+unsigned char* ak_emu_dynamic_smem() { return const_cast<unsigned char*>(ak_emu_tls_init_anchor); }
 }  // namespace
 
 template <typename T>

@@ -250,6 +250,32 @@ void fiber_main() {
 
 extern "C" void ak_emu_fiber_entry() { fiber_main(); }
 
+// Fiber stacks are mapped once and reused by later blocks: mapping and unmapping them per block
+// (and their sanitizer shadow) cost more than running the block. The pool's lock orders a
+// block's use of a region before the next block's.
+std::mutex stack_mutex;
+std::multimap<size_t, char*> stack_pool;
+
+char* take_stacks(size_t bytes) {
+  {
+    std::lock_guard<std::mutex> lock(stack_mutex);
+    auto it = stack_pool.find(bytes);
+    if (it != stack_pool.end()) {
+      char* region = it->second;
+      stack_pool.erase(it);
+      return region;
+    }
+  }
+  void* region = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (region == MAP_FAILED) fatal("cannot map fiber stacks");
+  return static_cast<char*>(region);
+}
+
+void give_stacks(char* region, size_t bytes) {
+  std::lock_guard<std::mutex> lock(stack_mutex);
+  stack_pool.emplace(bytes, region);
+}
+
 void run_block(const void* kernel, const dim3& grid, const dim3& dim, uint3 index,
                unsigned char* dynamic_smem, size_t dynamic_bytes, const char* name,
                const std::function<void()>& body) {
@@ -261,15 +287,13 @@ void run_block(const void* kernel, const dim3& grid, const dim3& dim, uint3 inde
   b.kernel = name;
   b.body = &body;
   const int n = static_cast<int>(dim.x * dim.y * dim.z);
-#if defined(AK_EMU_ASAN) || defined(AK_EMU_TSAN)
-  b.stack_size = 256 * 1024;
+#if defined(AK_EMU_ASAN)
+  b.stack_size = 256 * 1024;  // ASan's redzones grow frames
 #else
   b.stack_size = 64 * 1024;
 #endif
   b.stacks_bytes = b.stack_size * n;
-  b.stacks = static_cast<char*>(mmap(nullptr, b.stacks_bytes, PROT_READ | PROT_WRITE,
-                                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0));
-  if (b.stacks == MAP_FAILED) fatal("cannot map fiber stacks");
+  b.stacks = take_stacks(b.stacks_bytes);
   b.fibers.resize(n);
   b.warps.resize((n + 31) / 32);
   for (int w = 0; w < static_cast<int>(b.warps.size()); ++w) b.warps[w].lanes = std::min(32, n - 32 * w);
@@ -309,6 +333,7 @@ void run_block(const void* kernel, const dim3& grid, const dim3& dim, uint3 inde
   release(&b.setup_token);
   tl_block = &b;
   switch_fiber(b, -1, 0, false);
+  acquire(&launch_end);  // the fibers read the block's bookkeeping (threadIdx) that goes now
   tl_block = nullptr;
 #if defined(AK_EMU_ASAN)
   ASAN_UNPOISON_MEMORY_REGION(dynamic_smem, kMaxSmem);
@@ -317,7 +342,7 @@ void run_block(const void* kernel, const dim3& grid, const dim3& dim, uint3 inde
 #if defined(AK_EMU_TSAN)
   for (Fiber& f : b.fibers) __tsan_destroy_fiber(f.tsan);
 #endif
-  munmap(b.stacks, b.stacks_bytes);
+  give_stacks(b.stacks, b.stacks_bytes);
 }
 
 unsigned workers() {
