@@ -132,12 +132,13 @@ cuda-emu:
 aot-check: $(VENV)/.built
 	$(BIN)/python -m anchor_kernels.aot --jobs 2 --json build/aot/triton.json --cuda-source csrc/kernels/steer_cuda.cu
 
-# On a GPU machine with CUDA torch (system python, no network): two stages of < 10 minutes each.
+# On a GPU machine with CUDA torch (system python, no network). gpu-check: one call of at most
+# 8 minutes on an H100/H200 (extension, steer_test, compute-sanitizer smoke, GPU tests, decode
+# timings; the README lists each step's time). gpu-bench: the long benchmark grid, later.
 GPU_PY ?= python3
-gpu-check: gpu-check-build gpu-check-bench
-gpu-check-build:
-	PY=$(GPU_PY) bash scripts/gpu_check.sh build
-gpu-check-bench:
+gpu-check:
+	PY=$(GPU_PY) bash scripts/gpu_check.sh check
+gpu-bench:
 	PY=$(GPU_PY) bash scripts/gpu_check.sh bench
 
 clean:

@@ -6,7 +6,9 @@ Compiles ``_steer_hidden_kernel`` (and the split-d plan's two kernels, the logit
 ``_solve_logits_kernel`` and ``_apply_logits_kernel``, and the rank-one mean kernels, every
 BLOCK_K, all flags on) for sm_80 and sm_90a (Triton's own ptxas, no device needed)
 for every configuration ``triton_steer.launch_config`` can pick, with the launcher's
-specialisation (16-byte aligned pointers, i32 integers), and fails when a kernel's shared
+specialisation (16-byte aligned pointers, i32 integers, Triton's default stages), and, for
+decode calls, each launch captured from the launchers and compiled exactly as Triton would
+specialise it (``launched_jobs``); fails when a kernel's shared
 memory exceeds SHARED_LIMIT (the 99 KiB opt-in limit of sm_86/sm_89, the smallest of the GPUs
 we target, so one kernel launches on A100, A10/L4/L40S/RTX and H100 alike) or ptxas spills more
 than the budget per thread (none up to K = 128; the chunked K = 256 path may spill up to
@@ -114,8 +116,14 @@ def _compile(kernel, pointers, cfg, flags, num_warps, capability, arch):
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", capability, 32)
     start = time.perf_counter()
-    compiled = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": 2})
+    # num_stages: Triton's default, as the launchers leave it
+    compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
     seconds = time.perf_counter() - start
+    return _resources(compiled, arch, seconds)
+
+
+def _resources(compiled, arch, seconds):
+    """(shared bytes, registers, spill bytes, compile seconds) of a compiled kernel, from ptxas -v."""
     with tempfile.TemporaryDirectory() as tmp:
         ptx = Path(tmp) / "k.ptx"
         ptx.write_text(compiled.asm["ptx"])
@@ -194,6 +202,87 @@ def compile_extra_one(job):
                 compile_s=seconds)
 
 
+# Decode calls whose launches are captured from the launchers themselves and compiled exactly as
+# launched (Triton's own binder: integers equal to 1 become constants, integers and pointers
+# divisible by 16 get that attribute, default stages): (form, dtype, K, objective, plan).
+LAUNCHED_SHAPE = dict(rows=8, dim=4096, vocab=2048, steps=10)
+
+
+def launched_jobs():
+    for dtype, K in itertools.product(("bf16", "fp32"), (16, 64, 256)):
+        for objective, plan in (("lse", "tiled"), ("lse", "split_d"), ("mean", "tiled")):
+            yield ("hidden", dtype, K, objective, plan)
+        yield ("logits", dtype, K, "lse", "tiled")
+
+
+def capture_launches(job):
+    """Runs the launcher of ``job`` on CPU tensors with every Triton launch captured, not run:
+    [(kernel, args, kwargs)]."""
+    import torch
+
+    from . import prepare_anchors, AnchorSet, triton_steer
+
+    form, dtype, K, objective, plan = job
+    os.environ[triton_steer.PLAN_ENV] = plan
+    tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    B, d, V, T = (LAUNCHED_SHAPE[k] for k in ("rows", "dim", "vocab", "steps"))
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(V, d, generator=gen).to(tdtype)
+    prepared = prepare_anchors(weight, AnchorSet(list(range(K // 2)), list(range(K // 2, K))))
+    rows, eta = torch.zeros(B, dtype=torch.long), torch.full((B,), 0.003)
+    captured = []
+
+    class Capture:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: captured.append((self.kernel, args, kwargs))
+
+    real = torch.library.wrap_triton
+    torch.library.wrap_triton = Capture
+    try:
+        scalars = (T, objective, 0.0, 1.0, float("inf"), 0.5, True)
+        if form == "hidden":
+            hidden = torch.randn(B, d, generator=gen).to(tdtype)
+            triton_steer.steer_hidden_triton(hidden, weight, None, *prepared.tensors, rows, eta, *scalars)
+        else:
+            logits = torch.randn(B, V, generator=gen).to(tdtype)
+            mixing = torch.randn(1, K, V, generator=gen)
+            triton_steer.steer_logits_triton_(logits, mixing, *prepared.tensors, rows, eta, torch.ones(B), *scalars)
+    finally:
+        torch.library.wrap_triton = real
+    return captured
+
+
+def compile_launched(job, capability=90, arch="sm_90a"):
+    """Compiles every launch of ``job`` with the specialisation Triton's launcher would give it."""
+    _prepare_env()
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    reports = []
+    for kernel, args, kwargs in capture_launches(job):
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+        start = time.perf_counter()
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                                  options=options.__dict__)
+        shared, regs, spills, seconds = _resources(compiled, arch, time.perf_counter() - start)
+        block_k = kwargs.get("BLOCK_K", 0)
+        reports.append(dict(kernel=kernel.fn.__name__, arch=arch, dtype=job[1], K=job[2], objective=job[3],
+                            plan=job[4], as_launched=True, LSE=job[3] == "lse", TRUST=True, HAS_BIAS=False,
+                            RELATIVE=True, BLOCK_K=block_k, BLOCK_D=kwargs.get("BLOCK_D", kwargs.get("BLOCK_V", 0)),
+                            num_warps=options.num_warps, num_stages=options.num_stages, shared=shared,
+                            registers=regs, spill_bytes=spills, compile_s=seconds))
+    return reports
+
+
 CUDA_ARCHS = ("sm_80", "sm_90a")
 
 
@@ -267,6 +356,13 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         reports = list(pool.map(compile_one, jobs))
+        launched = [r for rs in pool.map(compile_launched, list(launched_jobs())) for r in rs]
+    print(f"as launched (decode shape {LAUNCHED_SHAPE}, sm_90a):")
+    for r in launched:
+        print(f"  {r['kernel']:>22} {r['dtype']:>5} K={r['K']:<3} {r['objective']:>4} {r['plan']:>7} "
+              f"warps {r['num_warps']} stages {r['num_stages']} shared {r['shared']:>6} B regs {r['registers']:>3} "
+              f"spill {r['spill_bytes']} B")
+    reports += launched
     print(f"{len(reports)} compiles in {time.perf_counter() - start:.0f} s")
     print(f"{'kernel':>20} {'arch':>7} {'dtype':>5} {'BLOCK_K':>7} {'BLOCK_D':>7} {'warps':>5} {'shared B':>9} {'regs':>5} {'spill B':>7}")
     widest = {}

@@ -2,6 +2,7 @@
 
     python bench/sweep.py                      # GPU: B{1,8,64,256} x d{2048,4096,8192} x K{16,64,256} x T{1,10,50}, bf16
     python bench/sweep.py --quick              # a few small shapes (what CI runs, on CPU)
+    python bench/sweep.py --decode             # decode shapes only (make gpu-check)
 
 floor = max(bytes that must move / measured bandwidth, latency of an empty launch). Bytes: read
 hidden and write h' (B*d each), read the K anchor rows once (K*d) and the Gram (K*K fp32).
@@ -37,6 +38,8 @@ PLANS = ("tiled", "split_d")
 RESULTS = Path(__file__).resolve().parent / "results"
 FULL = dict(B=(1, 8, 64, 256), d=(2048, 4096, 8192), K=(16, 64, 256), T=(1, 10, 50))
 QUICK = dict(B=(1, 8), d=(256,), K=(16, 64), T=(1, 10))
+# The decode shapes most worth timing when a GPU is lent for minutes (make gpu-check).
+DECODE = dict(B=(1, 8, 64), d=(4096,), K=(16, 64, 256), T=(10,))
 VOCAB = 32000
 
 
@@ -79,7 +82,8 @@ def empty_launch_ms(device) -> float:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a few small shapes (CI on CPU)")
+    parser.add_argument("--decode", action="store_true", help="decode shapes only: B 1/8/64, d 4096, T 10")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backends", default="auto", help="comma list, or auto = all that run here")
     parser.add_argument("--out", type=Path, default=None)
@@ -91,7 +95,7 @@ def main(argv=None):
              if args.backends == "auto" else args.backends.split(","))
     if "triton" in names and device.type == "cuda":
         names += [f"triton:{p}" for p in PLANS]
-    grid = QUICK if args.quick else FULL
+    grid = QUICK if args.quick else DECODE if args.decode else FULL
     bw, launch = bandwidth_gbps(device), empty_launch_ms(device)
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor()}), "
           f"copy bandwidth {bw:.1f} GB/s, empty launch {launch * 1e3:.1f} us, backends {names}")

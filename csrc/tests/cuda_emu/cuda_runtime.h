@@ -1,9 +1,9 @@
 // cuda-emu: enough of the CUDA runtime and device language for the host compiler to build and
 // run csrc/kernels/steer_cuda.cu unmodified (see emu.cpp for how a launch runs).
 //
-// Each CUDA thread is a fiber; the fibers of a block run on one host thread of their own, so
-// `__shared__` is `thread_local` (per block), and a fresh host thread per block gives every block
-// fresh static shared memory. Dynamic shared memory is a per-host-thread array whose bytes past
+// Each CUDA thread is a fiber; the fibers of a block run on one host thread (a worker that runs
+// one block at a time), so `__shared__` is `thread_local`: per block. Static shared memory keeps
+// what the worker's previous block left there, as on a GPU. Dynamic shared memory is a per-host-thread array whose bytes past
 // the launch's dynamic size are poisoned for AddressSanitizer. Fibers switch only at barriers and
 // warp shuffles, which check that the whole block / warp arrives at the same call site.
 #pragma once
@@ -13,6 +13,7 @@
 // Every standard header the kernel file or the emulator uses, before the macros below (libstdc++
 // uses __builtin_assume_aligned itself).
 #include <algorithm>
+#include <condition_variable>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>

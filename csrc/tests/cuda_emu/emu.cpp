@@ -1,6 +1,5 @@
-// cuda-emu runtime: launches run every block on a host thread of its own (a few at a time, so
-// that blocks overlap as on a GPU), and every CUDA thread of a block as a fiber on that host
-// thread. A fiber runs until it reaches a barrier or a warp shuffle, which wait for the whole
+// cuda-emu runtime: a launch runs its blocks on a few persistent host threads (workers), so that
+// blocks overlap as on a GPU, and every CUDA thread of a block as a fiber on its worker. A fiber runs until it reaches a barrier or a warp shuffle, which wait for the whole
 // block / warp; that a block or warp arrives whole, at one call site and with a full mask is
 // checked, as are the launch rules of the emulated GPU (block and grid limits, registers, the
 // 48 KiB default and the opt-in maximum of dynamic + static shared memory).
@@ -8,8 +7,8 @@
 // Sanitizers: built with ASan, fiber stacks are announced on every switch and the unused tail of
 // dynamic shared memory is poisoned; built with TSan (AK_EMU_TSAN), every fiber is a TSan fiber,
 // switches do not synchronise, and only barriers, shuffles and launch boundaries do, so a missing
-// barrier is reported as a data race. This file itself is built without TSan: its bookkeeping
-// is not the kernel's memory.
+// barrier is reported as a data race (between blocks: for blocks that overlap in time here).
+// This file itself is built without TSan: its bookkeeping is not the kernel's memory.
 #include "cuda_runtime.h"
 
 #include <pthread.h>
@@ -123,8 +122,10 @@ struct Block {
   int current = 0, live = 0;
   int arrived = 0, line = 0, or_accum = 0, or_result = 0;
   unsigned generation = 0;
-  char token[2];  // TSan sync objects for the block barrier, one per generation parity
-  char setup_token;
+  // TSan sync objects (the Block lives on the heap, so they die with it): the block barrier, one
+  // per generation parity; setup (scheduler -> fibers) and exit (fibers -> scheduler).
+  char token[2];
+  char setup_token, exit_token;
   void* sched_sp = nullptr;
   void* sched_fake_stack = nullptr;
   void* sched_tsan = nullptr;
@@ -133,6 +134,8 @@ struct Block {
 };
 
 thread_local Block* tl_block = nullptr;
+// The running fiber's threadIdx, copied on every switch: the kernel reads this, not the Block.
+thread_local uint3 tl_thread_index;
 // Launch boundaries: the host releases `launch_begin` before the blocks start, every fiber
 // releases `launch_end` when it finishes and the host acquires it after the last block.
 char launch_begin, launch_end;
@@ -178,6 +181,7 @@ void switch_fiber(Block& b, int from, int to, bool exiting) {
   void** save = from < 0 ? &b.sched_sp : &b.fibers[from].sp;
   void* target = to < 0 ? b.sched_sp : b.fibers[to].sp;
   b.current = to < 0 ? 0 : to;
+  if (to >= 0) tl_thread_index = b.fibers[to].tid;
 #if defined(AK_EMU_TSAN)
   __tsan_switch_to_fiber(to < 0 ? b.sched_tsan : b.fibers[to].tsan, __tsan_switch_to_fiber_no_sync);
 #endif
@@ -195,6 +199,7 @@ void switch_fiber(Block& b, int from, int to, bool exiting) {
   __sanitizer_finish_switch_fiber(from < 0 ? b.sched_fake_stack : b.fibers[from].asan_fake_stack, nullptr, nullptr);
 #endif
   b.current = from < 0 ? 0 : from;
+  if (from >= 0) tl_thread_index = b.fibers[from].tid;
 }
 
 std::string waiting_report(const Block& b) {
@@ -241,6 +246,7 @@ void fiber_main() {
   acquire(&b.setup_token);
   (*b.body)();
   release(&launch_end);
+  release(&b.exit_token);
   Fiber& f = current_fiber();
   f.wait = Wait::kDone;
   --b.live;
@@ -250,37 +256,34 @@ void fiber_main() {
 
 extern "C" void ak_emu_fiber_entry() { fiber_main(); }
 
-// Fiber stacks are mapped once and reused by later blocks: mapping and unmapping them per block
-// (and their sanitizer shadow) cost more than running the block. The pool's lock orders a
-// block's use of a region before the next block's.
-std::mutex stack_mutex;
-std::multimap<size_t, char*> stack_pool;
+// Per worker, kept across blocks: fiber stacks (mapping them and their sanitizer shadow per block
+// cost more than running the block) and, under TSan, fiber contexts; stack i is always used by
+// fiber context i, so reuse orders nothing between workers.
+struct WorkerState {
+  char* stacks = nullptr;
+  size_t stacks_bytes = 0;
+  std::vector<void*> tsan_fibers;
+};
+thread_local WorkerState worker_state;
 
-char* take_stacks(size_t bytes) {
-  {
-    std::lock_guard<std::mutex> lock(stack_mutex);
-    auto it = stack_pool.find(bytes);
-    if (it != stack_pool.end()) {
-      char* region = it->second;
-      stack_pool.erase(it);
-      return region;
-    }
+char* worker_stacks(size_t bytes) {
+  WorkerState& w = worker_state;
+  if (w.stacks_bytes < bytes) {
+    if (w.stacks) munmap(w.stacks, w.stacks_bytes);
+    void* region = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (region == MAP_FAILED) fatal("cannot map fiber stacks");
+    w.stacks = static_cast<char*>(region);
+    w.stacks_bytes = bytes;
   }
-  void* region = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (region == MAP_FAILED) fatal("cannot map fiber stacks");
-  return static_cast<char*>(region);
-}
-
-void give_stacks(char* region, size_t bytes) {
-  std::lock_guard<std::mutex> lock(stack_mutex);
-  stack_pool.emplace(bytes, region);
+  return w.stacks;
 }
 
 void run_block(const void* kernel, const dim3& grid, const dim3& dim, uint3 index,
                unsigned char* dynamic_smem, size_t dynamic_bytes, const char* name,
                const std::function<void()>& body) {
   (void)kernel;
-  Block b;
+  const std::unique_ptr<Block> block = std::make_unique<Block>();
+  Block& b = *block;
   b.index = index;
   b.dim = dim;
   b.grid = grid;
@@ -293,7 +296,7 @@ void run_block(const void* kernel, const dim3& grid, const dim3& dim, uint3 inde
   b.stack_size = 64 * 1024;
 #endif
   b.stacks_bytes = b.stack_size * n;
-  b.stacks = take_stacks(b.stacks_bytes);
+  b.stacks = worker_stacks(b.stacks_bytes);
   b.fibers.resize(n);
   b.warps.resize((n + 31) / 32);
   for (int w = 0; w < static_cast<int>(b.warps.size()); ++w) b.warps[w].lanes = std::min(32, n - 32 * w);
@@ -310,7 +313,8 @@ void run_block(const void* kernel, const dim3& grid, const dim3& dim, uint3 inde
     for (int r = 0; r < 6; ++r) *--top = nullptr;              // rbp rbx r12-r15
     f.sp = top;
 #if defined(AK_EMU_TSAN)
-    f.tsan = __tsan_create_fiber(0);
+    while (worker_state.tsan_fibers.size() <= size_t(i)) worker_state.tsan_fibers.push_back(__tsan_create_fiber(0));
+    f.tsan = worker_state.tsan_fibers[i];
 #endif
   }
   b.live = n;
@@ -333,22 +337,56 @@ void run_block(const void* kernel, const dim3& grid, const dim3& dim, uint3 inde
   release(&b.setup_token);
   tl_block = &b;
   switch_fiber(b, -1, 0, false);
-  acquire(&launch_end);  // the fibers read the block's bookkeeping (threadIdx) that goes now
+  acquire(&b.exit_token);  // before dynamic shared memory is poisoned again for the next block
   tl_block = nullptr;
 #if defined(AK_EMU_ASAN)
   ASAN_UNPOISON_MEMORY_REGION(dynamic_smem, kMaxSmem);
   ASAN_UNPOISON_MEMORY_REGION(b.stacks, b.stacks_bytes);
 #endif
-#if defined(AK_EMU_TSAN)
-  for (Fiber& f : b.fibers) __tsan_destroy_fiber(f.tsan);
-#endif
-  give_stacks(b.stacks, b.stacks_bytes);
 }
 
-unsigned workers() {
-  const char* env = std::getenv("AK_EMU_WORKERS");
-  const int n = env ? std::atoi(env) : 2;
-  return n >= 1 ? unsigned(n) : 1u;
+// Persistent host threads that run the blocks of a launch, AK_EMU_WORKERS of them (default 2).
+class Workers {
+ public:
+  Workers() {
+    const char* env = std::getenv("AK_EMU_WORKERS");
+    const int n = std::max(1, env ? std::atoi(env) : 2);
+    for (int i = 0; i < n; ++i) std::thread([this] { loop(); }).detach();
+  }
+  // Runs job(i) for every i in [0, count) and returns when all have run.
+  void run(size_t count, const std::function<void(size_t)>& job) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    job_ = &job;
+    next_ = 0;
+    count_ = count;
+    done_ = 0;
+    work_.notify_all();
+    finished_.wait(lock, [&] { return done_ == count_; });
+    job_ = nullptr;
+  }
+
+ private:
+  void loop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      work_.wait(lock, [&] { return job_ && next_ < count_; });
+      const size_t i = next_++;
+      const std::function<void(size_t)>* job = job_;
+      lock.unlock();
+      (*job)(i);
+      lock.lock();
+      if (++done_ == count_) finished_.notify_all();
+    }
+  }
+  std::mutex mutex_;
+  std::condition_variable work_, finished_;
+  const std::function<void(size_t)>* job_ = nullptr;
+  size_t next_ = 0, count_ = 0, done_ = 0;
+};
+
+Workers& workers() {
+  static Workers* pool = new Workers();  // never destroyed: its threads live as long as the process
+  return *pool;
 }
 
 std::mutex allocation_mutex;
@@ -418,22 +456,16 @@ cudaError_t launch(const void* kernel, const cudaLaunchConfig_t& config,
   ::blockDim = t;
   ::gridDim = g;
   release(&launch_begin);
-  const unsigned n_workers = workers();
-  for (size_t first = 0; first < blocks.size(); first += n_workers) {
-    std::vector<std::thread> running;
-    for (size_t i = first; i < std::min(blocks.size(), first + n_workers); ++i)
-      running.emplace_back([&, i] {
-        run_block(kernel, g, t, blocks[i], dynamic_smem(), config.dynamicSmemBytes, info.name, body);
-      });
-    for (std::thread& th : running) th.join();
-  }
+  workers().run(blocks.size(), [&](size_t i) {
+    run_block(kernel, g, t, blocks[i], dynamic_smem(), config.dynamicSmemBytes, info.name, body);
+  });
   acquire(&launch_end);
   return cudaSuccess;
 }
 
 const uint3& thread_index() {
   if (!tl_block) fatal("threadIdx read outside a kernel");
-  return current_fiber().tid;
+  return tl_thread_index;
 }
 const uint3& block_index() {
   if (!tl_block) fatal("blockIdx read outside a kernel");
