@@ -210,6 +210,15 @@ if IMPORT_ERROR is None:
         return k, k_ok, set_off, ids, w, live, mine
 
     @triton.jit
+    def _finite_set(gram_ptr, set_off, set_size, k, k_ok, live, mine, BLOCK_B: tl.constexpr):
+        """``mine`` cleared if set s has a non-finite anchor row of W (a non-finite ||W_a||^2 on
+        its Gram's diagonal): such a set cannot steer, and its rows are left untouched, as in the
+        C++ kernels. Checked before the z0 loop, so nothing more is live across it."""
+        diag = tl.load(gram_ptr + set_off * set_size + k * set_size + k, mask=k_ok & live, other=0.0)
+        bad = tl.sum(((diag != diag) | (tl.abs(diag) == float("inf"))).to(tl.int32), axis=0)
+        return mine & (tl.zeros((BLOCK_B,), dtype=tl.int32) + bad == 0)
+
+    @triton.jit
     def _anchor_logits(h_rows, w_rows, mine, live, begin, end, NATIVE_DOT16: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         """W_A h0 and ||h0||^2 of the rows ``mine`` over columns [begin, end). 16-bit inputs are
@@ -231,17 +240,20 @@ if IMPORT_ERROR is None:
         return z0, h_sq
 
     @triton.jit
-    def _usable_step(eta, h_norm, TRUST: tl.constexpr, RELATIVE: tl.constexpr):
+    def _usable_rows(eta, mine):
         """Per-row values are not host-checked on every path (direct op calls, device tensors):
-        a step that is not finite and > 0, or (where ||h0|| is used) a norm that is not finite
-        and >= 0, becomes 0, which leaves the row untouched (as the C++ kernels do)."""
-        ok = (eta > 0.0) & (eta < float("inf"))
-        norm_ok = (h_norm >= 0.0) & (h_norm < float("inf"))
-        if TRUST:
-            ok = ok & norm_ok
-        if RELATIVE:
-            ok = ok & norm_ok
-        return tl.where(ok, eta, 0.0)
+        a row whose step is not finite and > 0 is not steered (left untouched, as in the C++
+        kernels). Applied to ``mine`` right after eta is loaded, outside the register-bound
+        K-space loop."""
+        return mine & (eta > 0.0) & (eta < float("inf"))
+
+    @triton.jit
+    def _usable_norms(h_norm, mine):
+        """A caller's ||h0|| (the logit form's hidden_norm) that is not finite and >= 0 leaves its
+        row untouched where the trust region or the relative step uses it. The hidden kernels
+        compute ||h0|| themselves and do not check it: only an fp32 overflow of ||h0||^2 could
+        make it infinite (issue 20, item 9), where the C++ kernel leaves the row untouched."""
+        return mine & (h_norm >= 0.0) & (h_norm < float("inf"))
 
     @triton.jit
     def _kspace_loop(z0, w, live, eta, h_norm, mine, gram_base, row_scratch, k, k_ok, set_size,
@@ -251,12 +263,6 @@ if IMPORT_ERROR is None:
         """c_T from the anchor logits z0 of the rows ``mine`` (METHOD.md, K-space): each step
         z = z0 + Gm c, c += eta m (s(z) - reg c), trust region on c^T Gm c. Gm c is carried
         across steps so a step is one K x K dot. Shared by the hidden and the logit kernels."""
-        eta = _usable_step(eta, h_norm, TRUST, RELATIVE)
-        # A set with a non-finite anchor row of W (a non-finite ||W_a||^2 on the Gram's diagonal)
-        # cannot steer: its rows are left untouched, as in the C++ kernels.
-        diag = tl.load(gram_base + k * set_size + k, mask=k_ok & live, other=0.0)
-        bad = tl.sum(((diag != diag) | (tl.abs(diag) == float("inf"))).to(tl.int32), axis=0)
-        eta = tl.where(bad == 0, eta, 0.0)
         limit = max_norm * h_norm
         if CHUNKED:
             gram_t = 0.0
@@ -329,7 +335,9 @@ if IMPORT_ERROR is None:
             store = mine | copy_only
             k, k_ok, set_off, ids, w, live, mine = _load_set(ids_ptr, aw_ptr, s, set_size, vocab, mine,
                                                              BLOCK_B, BLOCK_K)
+            mine = _finite_set(gram_ptr, set_off, set_size, k, k_ok, live, mine, BLOCK_B)
             eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
+            mine = _usable_rows(eta, mine)
             w_rows = weight_ptr + ids[:, None] * weight_row_stride
 
             z0, h_sq = _anchor_logits(h_rows, w_rows, mine, live, 0, dim, NATIVE_DOT16, BLOCK_B, BLOCK_K, BLOCK_D)
@@ -397,6 +405,7 @@ if IMPORT_ERROR is None:
         if tl.sum(store.to(tl.int32), axis=0) > 0:
             k, k_ok, set_off, ids, w, live, mine = _load_set(ids_ptr, aw_ptr, s, set_size, vocab, mine,
                                                              BLOCK_B, BLOCK_K)
+            mine = _finite_set(gram_ptr, set_off, set_size, k, k_ok, live, mine, BLOCK_B)
             c = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
             if tl.sum(mine.to(tl.int32), axis=0) > 0:
                 z0 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
@@ -408,6 +417,7 @@ if IMPORT_ERROR is None:
                 if HAS_BIAS:
                     z0 += tl.load(bias_ptr + ids, mask=live, other=0.0).to(tl.float32)[None, :]
                 eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
+                mine = _usable_rows(eta, mine)
                 c = _kspace_loop(z0, w, live, eta, tl.sqrt(h_sq), mine, gram_ptr + set_off * set_size,
                                  scratch_ptr + (j.to(tl.int64) * rows + r)[:, None] * BLOCK_K, k, k_ok, set_size,
                                  steps, reg, tau, margin, max_norm, LSE, TRUST, RELATIVE, BLOCK_B, BLOCK_K,
@@ -483,7 +493,11 @@ if IMPORT_ERROR is None:
                     gamma += tl.sum(u * u, axis=0)
             gap0 = z + tl.load(wb_ptr + s)
             h_norm = tl.sqrt(h_sq)
-            eta = _usable_step(tl.load(eta_ptr + r, mask=mine, other=0.0), h_norm, TRUST, RELATIVE)
+            eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
+            usable = _usable_rows(eta, mine)
+            if TRUST or RELATIVE:
+                usable = _usable_norms(h_norm, usable)
+            eta = tl.where(usable, eta, 0.0)
             if RELATIVE:
                 ok = (gamma > 0.0) & (gamma < float("inf"))
                 eta = tl.where(ok, eta * h_norm / tl.sqrt(tl.where(ok, gamma, 1.0)), 0.0)
@@ -520,13 +534,17 @@ if IMPORT_ERROR is None:
         if tl.sum(mine.to(tl.int32), axis=0) > 0:
             k, k_ok, set_off, ids, w, live, mine = _load_set(ids_ptr, aw_ptr, s, set_size, vocab, mine,
                                                              BLOCK_B, BLOCK_K)
+            mine = _finite_set(gram_ptr, set_off, set_size, k, k_ok, live, mine, BLOCK_B)
             eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
+            mine = _usable_rows(eta, mine)
             z0 = tl.load(logits_ptr + r[:, None] * logits_row_stride + ids[None, :],
                          mask=mine[:, None] & live[None, :], other=0.0).to(tl.float32)
             if HAS_NORM:
                 h_norm = tl.load(norm_ptr + r, mask=mine, other=0.0)
             else:
                 h_norm = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            if TRUST or RELATIVE:
+                mine = _usable_norms(h_norm, mine)
             c = _kspace_loop(z0, w, live, eta, h_norm, mine, gram_ptr + set_off * set_size,
                              scratch_ptr + r[:, None] * BLOCK_K, k, k_ok, set_size, steps, reg, tau,
                              margin, max_norm, LSE, TRUST, RELATIVE, BLOCK_B, BLOCK_K, CHUNKED, CHUNK)
