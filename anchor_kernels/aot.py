@@ -223,7 +223,6 @@ def capture_launches(job):
     from . import prepare_anchors, AnchorSet, triton_steer
 
     form, dtype, K, objective, plan = job
-    os.environ[triton_steer.PLAN_ENV] = plan
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     B, d, V, T = (LAUNCHED_SHAPE[k] for k in ("rows", "dim", "vocab", "steps"))
     gen = torch.Generator().manual_seed(0)
@@ -239,8 +238,10 @@ def capture_launches(job):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: captured.append((self.kernel, args, kwargs))
 
-    real = torch.library.wrap_triton
+    real, saved = torch.library.wrap_triton, dict(os.environ)
     torch.library.wrap_triton = Capture
+    os.environ.pop("TRITON_INTERPRET", None)  # the arguments a GPU launch gets
+    os.environ[triton_steer.PLAN_ENV] = plan
     try:
         scalars = (T, objective, 0.0, 1.0, float("inf"), 0.5, True)
         if form == "hidden":
@@ -252,6 +253,8 @@ def capture_launches(job):
             triton_steer.steer_logits_triton_(logits, mixing, *prepared.tensors, rows, eta, torch.ones(B), *scalars)
     finally:
         torch.library.wrap_triton = real
+        os.environ.clear()
+        os.environ.update(saved)
     return captured
 
 

@@ -293,3 +293,25 @@ def test_launch_config_is_what_the_aot_check_compiles():
             for dim in (1, 7, 16, 33, 64, 100, 576, 4096, 8192):
                 cfg = triton_steer.launch_config(K, dim, dtype == "fp32")
                 assert (dtype, cfg["BLOCK_K"], cfg["BLOCK_D"]) in compiled, (dtype, K, dim)
+
+
+@pytest.mark.skipif(ak.steer.unavailable_reason("triton", torch.device("cpu")) is not None, reason="needs triton")
+@pytest.mark.parametrize("job", [("hidden", "bf16", 16, "lse", "split_d"), ("hidden", "fp32", 64, "mean", "tiled"),
+                                 ("logits", "bf16", 64, "lse", "tiled")])
+def test_the_aot_check_captures_what_the_launchers_launch(job, monkeypatch):
+    """Issue 19 item 7: the launches are recorded from the launchers themselves (nothing runs), so
+    the AOT check compiles them with the arguments (and Triton's specialisation of them) of a real call."""
+    from anchor_kernels import aot, triton_steer
+
+    monkeypatch.delenv(triton_steer.PLAN_ENV, raising=False)
+    launches = aot.capture_launches(job)
+    names = [kernel.fn.__name__ for kernel, _, _ in launches]
+    expected = {("hidden", "split_d"): ["_split_partial_kernel", "_split_finish_kernel"],
+                ("hidden", "tiled"): ["_mean_direction_kernel", "_steer_mean_kernel"],
+                ("logits", "tiled"): ["_solve_logits_kernel", "_apply_logits_kernel"]}[(job[0], job[4])]
+    assert names == expected
+    for kernel, args, kwargs in launches:
+        bound = dict(zip(kernel.arg_names, args), **kwargs)
+        assert bound.get("NATIVE_DOT16", True) is True  # compiled, not interpreted, dots
+        if "num_sets" in bound:
+            assert bound["num_sets"] == 1  # Triton makes it a constant when it launches

@@ -195,6 +195,12 @@ __device__ bool kspace_loop(const ak_steer_params& p, const float* z0, const flo
   const bool lse = p.objective == AK_OBJECTIVE_LSE;
   const bool trust = isfinite(p.max_norm);
   const float limit = p.max_norm * h_norm, tau = p.temperature;
+  // As the CPU kernel: a row whose ||h0|| is unusable where it is needed, or whose set has a
+  // non-finite anchor row of W (a non-finite Gram diagonal), is left untouched.
+  int bad_set = 0;
+  for (int64_t i = tid; i < K; i += blockDim.x) bad_set |= w[i] != 0.f && !isfinite(gram[i * K + i]);
+  const bool needs_norm = trust || p.relative_step;
+  if (__syncthreads_or(bad_set) || (needs_norm && !(h_norm >= 0.f && isfinite(h_norm)))) return false;
   if (p.relative_step) {
     // The first step moves h by eta ||h0||: divide by ||grad G(h0)|| = sqrt(s0^T Gm s0).
     gap_and_grad(z0, gc, w, log_w, s, K, lse, tau, scratch);
@@ -224,10 +230,14 @@ __device__ bool kspace_loop(const ak_steer_params& p, const float* z0, const flo
   return __syncthreads_or(moved_part);
 }
 
-// Whether a row can move at all: a set in range, steps and a step size (else it is copied).
+// A step that is not finite and > 0 would write NaN rows or steer backwards: such a row is left
+// untouched (values on the device are not checked on the host).
+__device__ __forceinline__ bool usable_step(float eta) { return eta > 0.f && isfinite(eta); }
+
+// Whether a row can move at all: a set in range, steps and a usable step size (else it is copied).
 __device__ __forceinline__ bool row_moves(const ak_steer_params& p, int64_t row) {
   const int64_t set = p.row_sets[row];
-  return set >= 0 && set < p.num_sets && p.steps > 0 && p.step_size[row] != 0.f;
+  return set >= 0 && set < p.num_sets && p.steps > 0 && usable_step(p.step_size[row]);
 }
 
 struct VecFlags {
@@ -410,6 +420,15 @@ __global__ void __launch_bounds__(kThreads) steer_mean_kernel(ak_steer_params p,
   const float2 zh = block_reduce2<false>(z_part, h_part, scratch);
   const float gamma = block_reduce2<false>(u_part, 0.f, scratch).x;
   const float gap0 = zh.x + u[d], h_norm = sqrtf(zh.y);
+  // As kspace_loop: a set with a non-finite anchor row, or an unusable ||h0|| where it is needed.
+  const float* gram = p.gram + set * p.set_size * p.set_size;
+  const float* w = p.anchor_weights + set * p.set_size;
+  bool bad_set = false;
+  for (int64_t i = 0; i < p.set_size; ++i) bad_set |= w[i] != 0.f && !isfinite(gram[i * p.set_size + i]);
+  if (bad_set || ((isfinite(p.max_norm) || p.relative_step) && !isfinite(h_norm))) {
+    copy_row(h_in, h_out, d, copy_vec);
+    return;
+  }
   float eta = eta_in;
   if (p.relative_step) {
     eta = gamma > 0.f && isfinite(gamma) ? eta * h_norm / sqrtf(gamma) : 0.f;
@@ -551,7 +570,7 @@ __global__ void __launch_bounds__(kThreads, 2) logits_solve_kernel(ak_logits_par
   float* c_out = coef + row * K;
   const int64_t set = q.row_sets[row];
   const float eta = q.step_size[row];
-  if (set < 0 || set >= q.num_sets || q.steps == 0 || eta == 0.f) {
+  if (set < 0 || set >= q.num_sets || q.steps == 0 || !usable_step(eta)) {
     for (int64_t i = tid; i < K; i += blockDim.x) c_out[i] = 0.f;
     return;
   }
