@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -312,6 +313,9 @@ def post(url, body):
         return e.code, json.loads(e.read() or b"{}")
 
 
+SERVER_START_S = 600
+
+
 def test_openai_server_steers_with_vllm_xargs(tmp_path, hf_model):
     """The README's server command, on 127.0.0.1, stopped by the test."""
     port = free_port()
@@ -322,12 +326,15 @@ def test_openai_server_steers_with_vllm_xargs(tmp_path, hf_model):
            "--max-model-len", "256", "--host", "127.0.0.1", "--port", str(port),
            "--logits-processors", "anchor_kernels.integrations.vllm:AnchorSteering"]
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # Its own process group: vLLM starts engine and worker processes, which must go with it.
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
+        # Readiness, not a guess: /health answers once the engine is up. Generous, since CI runs
+        # this on 2 busy cores (240 s was once missed by 0.3 s).
+        deadline = time.monotonic() + SERVER_START_S
         while True:
             assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not come up in 240 s"
+            assert time.monotonic() < deadline, f"the server did not come up in {SERVER_START_S} s"
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                     break
@@ -349,9 +356,22 @@ def test_openai_server_steers_with_vllm_xargs(tmp_path, hf_model):
         status, _ = post(url, body)      # the server still serves
         assert status == 200
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_group(server)
         log.close()
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group, SIGKILL to what is left after 30 s: also when start-up failed."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; its children may not be
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
