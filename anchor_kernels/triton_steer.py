@@ -253,9 +253,7 @@ if IMPORT_ERROR is None:
     @triton.jit
     def _usable_norms(h_norm, mine):
         """A caller's ||h0|| (the logit form's hidden_norm) that is not finite and >= 0 leaves its
-        row untouched where the trust region or the relative step uses it. The hidden kernels
-        compute ||h0|| themselves and do not check it: only an fp32 overflow of ||h0||^2 could
-        make it infinite (issue 20, item 9), where the C++ kernel leaves the row untouched."""
+        row untouched where the trust region or the relative step uses it."""
         return mine & (h_norm >= 0.0) & (h_norm < float("inf"))
 
     @triton.jit
@@ -338,9 +336,7 @@ if IMPORT_ERROR is None:
             store = mine | copy_only
             k, k_ok, set_off, ids, w, live, mine = _load_set(ids_ptr, aw_ptr, s, set_size, vocab, mine,
                                                              BLOCK_B, BLOCK_K)
-            mine = _finite_set(gram_ptr, set_off, set_size, k, k_ok, live, mine, BLOCK_B)
             eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
-            mine = _usable_rows(eta, mine)
             w_rows = weight_ptr + ids[:, None] * weight_row_stride
 
             z0, h_sq = _anchor_logits(h_rows, w_rows, mine, live, 0, dim, NATIVE_DOT16, BLOCK_B, BLOCK_K, BLOCK_D)
@@ -408,7 +404,6 @@ if IMPORT_ERROR is None:
         if tl.sum(store.to(tl.int32), axis=0) > 0:
             k, k_ok, set_off, ids, w, live, mine = _load_set(ids_ptr, aw_ptr, s, set_size, vocab, mine,
                                                              BLOCK_B, BLOCK_K)
-            mine = _finite_set(gram_ptr, set_off, set_size, k, k_ok, live, mine, BLOCK_B)
             c = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
             if tl.sum(mine.to(tl.int32), axis=0) > 0:
                 z0 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
@@ -420,7 +415,6 @@ if IMPORT_ERROR is None:
                 if HAS_BIAS:
                     z0 += tl.load(bias_ptr + ids, mask=live, other=0.0).to(tl.float32)[None, :]
                 eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
-                mine = _usable_rows(eta, mine)
                 c = _kspace_loop(z0, w, live, eta, tl.sqrt_rn(h_sq), mine, gram_ptr + set_off * set_size,
                                  scratch_ptr + (j.to(tl.int64) * rows + r)[:, None] * BLOCK_K, k, k_ok, set_size,
                                  steps, reg, tau, margin, max_norm, LSE, TRUST, RELATIVE, BLOCK_B, BLOCK_K,
@@ -497,10 +491,6 @@ if IMPORT_ERROR is None:
             gap0 = z + tl.load(wb_ptr + s)
             h_norm = tl.sqrt_rn(h_sq)
             eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
-            usable = _usable_rows(eta, mine)
-            if TRUST or RELATIVE:
-                usable = _usable_norms(h_norm, usable)
-            eta = tl.where(usable, eta, 0.0)
             if RELATIVE:
                 ok = (gamma > 0.0) & (gamma < float("inf"))
                 eta = tl.where(ok, tl.div_rn(eta * h_norm, tl.sqrt_rn(tl.where(ok, gamma, 1.0))), 0.0)
@@ -600,6 +590,19 @@ if IMPORT_ERROR is None:
                          lambda: f"steer_hidden: bias must be [V] = [{weight.shape[0]}] {hidden.dtype} on hidden's "
                                  f"device {dev}, got {list(bias.shape)} {bias.dtype} on {bias.device}")
 
+    def _usable_steps(anchor_weights, gram, row_sets, step_size):
+        """Per-row values are not host-checked on every path (direct op calls, device tensors): a
+        step that is not finite and > 0, or a set with a non-finite anchor row of W (a non-finite
+        ||W_a||^2 on its Gram's diagonal), becomes a step of 0, which the hidden kernels leave
+        untouched, as the C++ kernels do. A few elementwise ops on the device, no sync; here, not
+        in the kernels, whose K-space loop is at its register limit on sm_90a. The hidden kernels
+        compute ||h0|| themselves and do not check it: only an fp32 overflow of ||h0||^2 could make
+        it infinite (issue 20, item 9), where the C++ kernel leaves the row untouched."""
+        diag = gram.diagonal(dim1=1, dim2=2)
+        finite_set = (torch.isfinite(diag) | (anchor_weights == 0)).all(-1)              # [S]
+        usable = (step_size > 0) & torch.isfinite(step_size) & finite_set[row_sets.clamp(0, gram.shape[0] - 1)]
+        return torch.where(usable, step_size, 0.0)
+
     # The schema is inferred from these annotations (triton_op ignores schema=); a test holds
     # it equal to the C++ declaration in csrc/ops.cpp.
     @torch.library.triton_op("anchor_kernels::steer_hidden_triton", mutates_args=())
@@ -612,6 +615,7 @@ if IMPORT_ERROR is None:
         with device_guard(hidden.device):
             _check(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size)
             check_scalars(steps, objective, reg, temperature, margin, max_norm)
+            step_size = _usable_steps(anchor_weights, gram, row_sets, step_size)
             if hidden.stride(-1) != 1:
                 hidden = hidden.contiguous()
             if weight.stride(-1) != 1:
