@@ -205,14 +205,17 @@ def compile_extra_one(job):
 # Decode calls whose launches are captured from the launchers themselves and compiled exactly as
 # launched (Triton's own binder: integers equal to 1 become constants, integers and pointers
 # divisible by 16 get that attribute, default stages): (form, dtype, K, objective, plan).
-LAUNCHED_SHAPE = dict(rows=8, dim=4096, vocab=2048, steps=10)
+LAUNCHED_SHAPE = dict(dim=4096, vocab=2048, steps=10)
 
 
 def launched_jobs():
+    """B = 8 for every K and dtype; B = 1 (the commonest decode batch: Triton makes rows a
+    constant there) for bf16 at K = 64."""
     for dtype, K in itertools.product(("bf16", "fp32"), (16, 64, 256)):
-        for objective, plan in (("lse", "tiled"), ("lse", "split_d"), ("mean", "tiled")):
-            yield ("hidden", dtype, K, objective, plan)
-        yield ("logits", dtype, K, "lse", "tiled")
+        for rows in (8, 1) if (dtype, K) == ("bf16", 64) else (8,):
+            for objective, plan in (("lse", "tiled"), ("lse", "split_d"), ("mean", "tiled")):
+                yield ("hidden", dtype, K, objective, plan, rows)
+            yield ("logits", dtype, K, "lse", "tiled", rows)
 
 
 def capture_launches(job):
@@ -222,9 +225,9 @@ def capture_launches(job):
 
     from . import prepare_anchors, AnchorSet, triton_steer
 
-    form, dtype, K, objective, plan = job
+    form, dtype, K, objective, plan, B = job
     tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    B, d, V, T = (LAUNCHED_SHAPE[k] for k in ("rows", "dim", "vocab", "steps"))
+    d, V, T = (LAUNCHED_SHAPE[k] for k in ("dim", "vocab", "steps"))
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(V, d, generator=gen).to(tdtype)
     prepared = prepare_anchors(weight, AnchorSet(list(range(K // 2)), list(range(K // 2, K))))
@@ -279,8 +282,8 @@ def compile_launched(job, capability=90, arch="sm_90a"):
         shared, regs, spills, seconds = _resources(compiled, arch, time.perf_counter() - start)
         block_k = kwargs.get("BLOCK_K", 0)
         reports.append(dict(kernel=kernel.fn.__name__, arch=arch, dtype=job[1], K=job[2], objective=job[3],
-                            plan=job[4], as_launched=True, LSE=job[3] == "lse", TRUST=True, HAS_BIAS=False,
-                            RELATIVE=True, BLOCK_K=block_k, BLOCK_D=kwargs.get("BLOCK_D", kwargs.get("BLOCK_V", 0)),
+                            plan=job[4], rows=job[5], as_launched=True,
+                            **{f: bool(kwargs.get(f, False)) for f in FLAGS}, BLOCK_K=block_k, BLOCK_D=kwargs.get("BLOCK_D", kwargs.get("BLOCK_V", 0)),
                             num_warps=options.num_warps, num_stages=options.num_stages, shared=shared,
                             registers=regs, spill_bytes=spills, compile_s=seconds))
     return reports
@@ -362,7 +365,7 @@ def main(argv=None) -> int:
         launched = [r for rs in pool.map(compile_launched, list(launched_jobs())) for r in rs]
     print(f"as launched (decode shape {LAUNCHED_SHAPE}, sm_90a):")
     for r in launched:
-        print(f"  {r['kernel']:>22} {r['dtype']:>5} K={r['K']:<3} {r['objective']:>4} {r['plan']:>7} "
+        print(f"  {r['kernel']:>22} {r['dtype']:>5} B={r['rows']} K={r['K']:<3} {r['objective']:>4} {r['plan']:>7} "
               f"warps {r['num_warps']} stages {r['num_stages']} shared {r['shared']:>6} B regs {r['registers']:>3} "
               f"spill {r['spill_bytes']} B")
     reports += launched

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from . import native, selftest
 from .anchors import PreparedAnchors, prepare_anchors
 from .config import SteerConfig
 from .kspace import require_hidden_norm, solve_coefficients
@@ -51,7 +51,7 @@ class LogitSteerer:
             raise ValueError(f"bias must be a [V] = [{weight.shape[0]}] tensor")
         # The bias cancels in W h' + b - (W h0 + b); it is accepted for symmetry with steer_hidden.
         self.prepared: PreparedAnchors = prepare_anchors(weight, anchors)
-        self.backend = _resolve(backend, weight.device)
+        self.backend = _resolve(backend, weight.device, weight.dtype)
         self.vocab = weight.shape[0]
         # M^T per set: [S, K, V] fp32 (the op adds K rows of it to a logit row), built a chunk of
         # W at a time (no fp32 copy of the head).
@@ -137,14 +137,20 @@ def needs_hidden_norm(config: SteerConfig) -> str | None:
     return " and ".join(f"SteerConfig.{f}" for f in fields) or None
 
 
-def _resolve(backend: str, device: torch.device) -> str:
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """As steer.resolve_backend: a GPU backend must pass its self-test in the logit form (with the
+    head's dtype) first; auto skips one that failed, an explicit choice raises."""
     if backend == "auto":
         for name in LOGIT_AUTO_ORDER.get(device.type, ("eager",)):
-            if name == "eager" or _unavailable(name, device) is None:
+            if name == "eager" or (_unavailable(name, device) is None
+                                   and selftest.failure(name, device, dtype, "logits") is None):
                 return name
     if backend not in LOGIT_BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {LOGIT_BACKENDS}, got {backend!r}")
     why = _unavailable(backend, device)
+    if why is None and selftest.failure(backend, device, dtype, "logits") is not None:
+        why = (f"it failed its known-answer self-test on {device} for {dtype}: "
+               f"{selftest.failure(backend, device, dtype, 'logits')}")
     if why is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
     return backend

@@ -296,8 +296,8 @@ def test_launch_config_is_what_the_aot_check_compiles():
 
 
 @pytest.mark.skipif(ak.steer.unavailable_reason("triton", torch.device("cpu")) is not None, reason="needs triton")
-@pytest.mark.parametrize("job", [("hidden", "bf16", 16, "lse", "split_d"), ("hidden", "fp32", 64, "mean", "tiled"),
-                                 ("logits", "bf16", 64, "lse", "tiled")])
+@pytest.mark.parametrize("job", [("hidden", "bf16", 16, "lse", "split_d", 8), ("hidden", "fp32", 64, "mean", "tiled", 1),
+                                 ("logits", "bf16", 64, "lse", "tiled", 8)])
 def test_the_aot_check_captures_what_the_launchers_launch(job, monkeypatch):
     """Issue 19 item 7: the launches are recorded from the launchers themselves (nothing runs), so
     the AOT check compiles them with the arguments (and Triton's specialisation of them) of a real call."""

@@ -30,7 +30,7 @@ def test_a_correct_backend_passes_its_self_test(dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert selftest.failure("triton", CPU, dtype) is None
-    assert selftest._results[("triton", str(CPU), dtype)] is None
+    assert selftest._results[("triton", str(CPU), dtype, "hidden")] is None
 
 
 def _wrong_triton(monkeypatch):
@@ -61,6 +61,48 @@ def test_a_wrong_backend_is_marked_broken_warned_once_skipped_by_auto_and_refuse
     # per dtype: bf16 is tested on its own (and fails on its own)
     with pytest.warns(RuntimeWarning, match="bfloat16"):
         assert steer.resolve_backend("auto", CPU, 4, 8, torch.bfloat16) == "cpu"
+
+
+@needs_triton
+def test_nan_rows_fail_the_test(monkeypatch):
+    """NaN is not "within tolerance" (max(0.0, nan) is 0.0: the comparison must not skip it)."""
+    real = triton_steer.steer_hidden_triton
+
+    def nan_rows(hidden, *args):
+        out = real(hidden, *args)
+        return torch.where(out != hidden, float("nan"), out)
+
+    monkeypatch.setattr(triton_steer, "steer_hidden_triton", nan_rows)
+    with pytest.warns(RuntimeWarning, match="times the tolerance"):
+        assert selftest.failure("triton", CPU, torch.float32) is not None
+
+
+@needs_triton
+def test_the_logit_form_is_tested_when_a_steerer_is_built(monkeypatch):
+    import anchor_kernels as ak
+
+    weight = torch.randn(64, 32)
+    anchors = ak.AnchorSet([1, 2], [3, 4])
+    config = ak.SteerConfig(relative_step=False, step_size=0.1)
+    assert ak.LogitSteerer(weight, anchors, config, backend="triton").backend == "triton"
+    assert selftest._results[("triton", str(CPU), torch.float32, "logits")] is None
+    selftest.forget()
+    real = triton_steer.steer_logits_triton_
+
+    def wrong(logits, *args):
+        real(logits, *args)
+        logits.mul_(1.01)
+
+    monkeypatch.setattr(triton_steer, "steer_logits_triton_", wrong)
+    with pytest.warns(RuntimeWarning, match="logits form"):
+        with pytest.raises(RuntimeError, match="failed its known-answer self-test"):
+            ak.LogitSteerer(weight, anchors, config, backend="triton")
+
+
+@needs_triton
+def test_check_runs_every_test_for_a_device():
+    results = selftest.check(CPU, dtypes=(torch.float32,))
+    assert results == {("triton", torch.float32, "hidden"): None, ("triton", torch.float32, "logits"): None}
 
 
 @needs_triton
