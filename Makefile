@@ -63,6 +63,7 @@ bench: $(VENV)/.built
 	$(BIN)/python -m pytest bench/ --benchmark-only --benchmark-columns=median,iqr,rounds --benchmark-json=bench/results/bench-$(DEVICE).json
 	$(BIN)/python bench/sweep.py $(BENCH_MODE)
 	$(BIN)/python bench/e2e_decode.py $(BENCH_MODE)
+	$(BIN)/python bench/cpu_floor.py
 	$(BIN)/python bench/report.py
 
 # llama.cpp for real: llama-cpp-python built from its sdist (no wheel on PyPI; -O1 builds in ~6 min

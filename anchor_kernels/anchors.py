@@ -251,17 +251,21 @@ def _pack(bank: AnchorBank, weight: torch.Tensor) -> PreparedAnchors:
     return PreparedAnchors(ids, weights.float(), gram, int(weight.shape[0]), source)
 
 
-def check_finite_anchors(weight: torch.Tensor, ids: torch.Tensor, live: torch.Tensor | None = None,
+def check_finite_anchors(weight: torch.Tensor | None, ids: torch.Tensor, live: torch.Tensor | None = None,
                          bias: torch.Tensor | None = None) -> None:
     """Every backend leaves the rows of a set with a non-finite anchor row of W untouched (its
     Gram is not finite), and those with a NaN or +inf anchor bias entry too (their gap is not
     finite): steering would silently do nothing. Where checking costs no device sync (CPU
-    tensors, not tracing) that is an error naming the token ids. ``live``: which ``ids`` count."""
-    if weight.device.type != "cpu" or torch.compiler.is_compiling():
+    tensors, not tracing) that is an error naming the token ids. ``live``: which ``ids`` count.
+    ``weight=None`` checks the bias only (the rows of W were checked when the bank was packed)."""
+    device = (weight if weight is not None else bias if bias is not None else ids).device
+    if device.type != "cpu" or torch.compiler.is_compiling() or (weight is None and bias is None):
         return
     ids = (ids if live is None else ids[live]).flatten().unique()
     with torch.no_grad():
-        bad = ~torch.isfinite(weight[ids]).all(-1)
+        bad = torch.zeros(ids.shape, dtype=torch.bool)
+        if weight is not None:
+            bad |= ~torch.isfinite(weight[ids]).all(-1)
         if bias is not None:
             bad |= ~torch.isfinite(bias[ids])
     if bool(bad.any()):

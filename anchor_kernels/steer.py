@@ -200,7 +200,9 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
         return out.reshape(hidden.shape)
     if prepared is None:
         prepared = prepare_anchors(weight, bank)
-    check_finite_anchors(weight, prepared.anchor_ids, prepared.anchor_weights != 0, bias)
+    # The anchor rows of W were checked when the bank was packed (check_weight holds W to that
+    # snapshot); per call only the bias, which the handle does not hold: a decode step stays cheap.
+    check_finite_anchors(None, prepared.anchor_ids, prepared.anchor_weights != 0, bias)
     if name == "triton":
         from .triton_steer import steer_hidden_triton as op
     else:

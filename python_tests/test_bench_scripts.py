@@ -26,3 +26,12 @@ def test_e2e_decode_quick(tmp_path):
     rows = e2e_decode.main(["--quick", "--new-tokens", "3", "--out", str(tmp_path / "e2e.json")])
     assert len(rows) == 4
     assert all(r["steered_tok_s"] > 0 and r["unsteered_tok_s"] > 0 and r["literal_tok_s"] > 0 for r in rows)
+
+
+def test_cpu_floor_quick(tmp_path):
+    import cpu_floor
+
+    rows = cpu_floor.main(["--quick", "--out", str(tmp_path / "floor.json")])
+    assert {(r["form"], r["B"]) for r in rows} == {(f, b) for f in ("hidden", "logits") for b in cpu_floor.BATCHES}
+    assert all(r["ms"] > 0 and r["floor_ms"] > 0 and r["x_floor"] == r["ms"] / r["floor_ms"] for r in rows)
+    assert (tmp_path / "floor.md").read_text().count("\n|") >= 5
