@@ -4,8 +4,9 @@ CPU kernels. Stages, each a separate binary:
 
   asan   AddressSanitizer + UBSan, every case of steer_test (every plan, dtype, odd d, ...)
   tsan   ThreadSanitizer, a smaller set (AK_TEST_QUICK): a missing barrier is a data race
-  negative controls: mutants of the kernel file that the emulator must reject (a removed
-         barrier -> race; a 16-byte access assumed aligned on a misaligned row -> reported)
+  negative controls: mutants of the kernel file that must be caught (a removed barrier -> a
+         race; NaN written for h' -> a failed comparison; a 16-byte access assumed aligned on a
+         misaligned row -> reported)
 
 The resources the launch rules need (static shared memory and registers per kernel) come from
 ptxas for sm_90a, as the real build compiles it. Exit status 0 only if every stage behaves.
@@ -126,6 +127,10 @@ NEGATIVE_CONTROLS = [
      ("    for (int64_t i = tid; i < K; i += blockDim.x) c[i] += eta * (s[i] - p.reg * c[i]);\n    __syncthreads();\n",
       "    for (int64_t i = tid; i < K; i += blockDim.x) c[i] += eta * (s[i] - p.reg * c[i]);\n"),
      {"AK_TEST_QUICK": "1"}, ("ThreadSanitizer: data race", "gram_apply")),
+    # The tiled kernel writes NaN instead of h' (scalar tail): the comparisons must fail on NaN.
+    ("nan-output", "asan",
+     ("    store_float(h_out + j, h[j] + acc);\n", "    store_float(h_out + j, NAN + acc);\n"),
+     {"AK_TEST_QUICK": "1"}, ("FAIL cuda tiled", "cases: FAILED")),
     # Vector paths taken without the alignment test: the misaligned-rows case must be caught.
     ("misaligned", "asan",
      ("bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }",

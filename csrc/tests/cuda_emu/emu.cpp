@@ -6,7 +6,7 @@
 //
 // Sanitizers: built with ASan, fiber stacks are announced on every switch and the unused tail of
 // dynamic shared memory is poisoned; built with TSan (AK_EMU_TSAN), every fiber is a TSan fiber,
-// switches do not synchronise, and only barriers, shuffles and launch boundaries do, so a missing
+// switches do not synchronise, and only barriers and launch boundaries do, so a missing
 // barrier is reported as a data race (between blocks: for blocks that overlap in time here).
 // This file itself is built without TSan: its bookkeeping is not the kernel's memory.
 #include "cuda_runtime.h"
@@ -107,7 +107,6 @@ struct Warp {
   unsigned generation = 0;
   float value[32], result[32];
   int source[32];
-  char token[2];  // TSan sync objects, one per generation parity
 };
 
 struct Block {
@@ -517,8 +516,8 @@ float shuffle_xor(int line, unsigned mask, float value, int lane_mask) {
     fatal("divergent warp shuffle: this lane is at line " + std::to_string(line) +
           ", others of its warp wait at line " + std::to_string(w.line));
   }
-  void* token = &w.token[w.generation & 1];
-  release(token);
+  // No TSan synchronisation here: a shuffle exchanges registers, it orders no memory (that is
+  // __syncwarp's job), so shared memory passed between lanes without a barrier stays a race.
   w.value[lane] = value;
   w.source[lane] = lane ^ lane_mask;
   f.line = line;
@@ -535,7 +534,6 @@ float shuffle_xor(int line, unsigned mask, float value, int lane_mask) {
     f.wait = Wait::kWarp;
     run_next(false);
   }
-  acquire(token);
   return w.result[lane];
 }
 
