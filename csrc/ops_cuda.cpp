@@ -78,6 +78,7 @@ void steer_logits_cuda(const at::Tensor& logits, const at::Tensor& mixing,
   LogitsCall call = make_logits_call(logits, mixing, anchor_ids, anchor_weights, gram, row_sets,
                                      step_size, hidden_norm, steps, std::string(objective), reg,
                                      temperature, margin, max_norm, relative_step);
+  if (call.params.rows == 0) return;  // nothing to edit (and no coefficient buffer to point at)
   const at::Tensor coef =
       at::empty({call.params.rows, call.params.set_size}, logits.options().dtype(at::kFloat));
   const ak_status st = ak_steer_logits_cuda(&call.params, coef.data_ptr<float>(),

@@ -6,7 +6,7 @@ CPU kernels. Stages, each a separate binary:
   tsan   ThreadSanitizer, a smaller set (AK_TEST_QUICK): a missing barrier is a data race
   negative controls: mutants of the kernel file that must be caught (a removed barrier -> a
          race; NaN written for h' -> a failed comparison; a 16-byte access assumed aligned on a
-         misaligned row -> reported)
+         misaligned row -> reported; two of issue 19's fixes undone -> their tests fail)
 
 The resources the launch rules need (static shared memory and registers per kernel) come from
 ptxas for sm_90a, as the real build compiles it. Exit status 0 only if every stage behaves.
@@ -131,6 +131,17 @@ NEGATIVE_CONTROLS = [
     ("nan-output", "asan",
      ("    store_float(h_out + j, h[j] + acc);\n", "    store_float(h_out + j, NAN + acc);\n"),
      {"AK_TEST_QUICK": "1"}, ("FAIL cuda tiled", "cases: FAILED")),
+    # Two fixes of issue 19 undone, each caught by the steer_test case written for it:
+    # the rank-one plan chosen before the split-d one (a MEAN call overran a split workspace),
+    ("rank-one-first", "asan",
+     ("  const bool split = p.split_slices > 1, rank_one = !split && p.objective == AK_OBJECTIVE_MEAN && p.workspace;",
+      "  const bool rank_one = p.objective == AK_OBJECTIVE_MEAN && p.workspace, split = !rank_one && p.split_slices > 1;"),
+     {"AK_TEST_QUICK": "1"}, ("heap-buffer-overflow", "mean_direction_kernel")),
+    # and the 48 KiB default limit taken as the dynamic size's alone.
+    ("48k-edge", "asan",
+     ("  if (smem + st.static_smem[dtype_index] > 48 * 1024 && !st.raised[dtype_index]) {",
+      "  if (smem > 48 * 1024 && !st.raised[dtype_index]) {"),
+     {"AK_TEST_QUICK": "1"}, ("FAIL cuda launch", "cases: FAILED")),
     # Vector paths taken without the alignment test: the misaligned-rows case must be caught.
     ("misaligned", "asan",
      ("bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }",
