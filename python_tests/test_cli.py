@@ -204,3 +204,30 @@ def test_a_corrupt_cache_entry_is_rebuilt(tmp_path, monkeypatch, capsys):
         f.seek(8)
         f.write(b"x" * 12)
     assert main(args) == 0 and len(calls) == 2
+
+
+def test_multi_line_answers_stay_side_by_side():
+    from anchor_kernels.cli import _side_by_side
+
+    out = _side_by_side("unsteered", "First line.\nSecond line.\n\nFourth.")
+    lines = out.split("\n")
+    assert lines[0] == "  unsteered: First line."
+    assert all(line.startswith(" " * 13) or not line.strip() for line in lines[1:])
+    assert _side_by_side("steered  ", "") == "  steered  : "
+
+
+def test_charts_name_model_lexicon_and_step(tmp_path):
+    pytest.importorskip("matplotlib")
+    from types import SimpleNamespace
+
+    import anchor_kernels as ak
+    from anchor_kernels.cli import _chart_title, _plot_eval
+
+    args = SimpleNamespace(model=None, positive=None, lexicon="harmless")
+    title = _chart_title(args, ak.SteerConfig())
+    assert title == "SmolLM2-135M-Instruct, lexicon harmless, lse, 10 steps, relative step 0.003"
+    rows = [dict(method=m, family=f, perplexity=p, sentiment_negative=v, gap=g)
+            for m, f, p, v, g in (("unsteered", "unsteered", 2.3, -0.2, 1.0), ("steer eta=0.003", "steer", 2.5, 0.2, 2.0),
+                                  ("logit_bias b=8", "logit_bias", 9.0, 0.5, 12.0))]
+    _plot_eval(rows, tmp_path / "eval.png", title)
+    assert (tmp_path / "eval.png").stat().st_size > 10_000
