@@ -6,7 +6,7 @@ Compiles ``_steer_hidden_kernel`` (and the split-d plan's two kernels, the logit
 ``_solve_logits_kernel`` and ``_apply_logits_kernel``, and the rank-one mean kernels, every
 BLOCK_K, all flags on) for sm_80 and sm_90a (Triton's own ptxas, no device needed)
 for every configuration ``triton_steer.launch_config`` can pick, with the launcher's
-specialisation (16-byte aligned pointers, i32 integers, Triton's default stages), and, for
+specialisation (16-byte aligned pointers, i32 integers, the launchers' NUM_STAGES), and, for
 decode calls, each launch captured from the launchers and compiled exactly as Triton would
 specialise it (``launched_jobs``); fails when a kernel's shared
 memory exceeds SHARED_LIMIT (the 99 KiB opt-in limit of sm_86/sm_89, the smallest of the GPUs
@@ -116,8 +116,10 @@ def _compile(kernel, pointers, cfg, flags, num_warps, capability, arch):
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     target = GPUTarget("cuda", capability, 32)
     start = time.perf_counter()
-    # num_stages: Triton's default, as the launchers leave it
-    compiled = triton.compile(src, target=target, options={"num_warps": num_warps})
+    from . import triton_steer
+
+    compiled = triton.compile(src, target=target, options={"num_warps": num_warps,
+                                                           "num_stages": triton_steer.NUM_STAGES})
     seconds = time.perf_counter() - start
     return _resources(compiled, arch, seconds)
 
@@ -204,7 +206,7 @@ def compile_extra_one(job):
 
 # Decode calls whose launches are captured from the launchers themselves and compiled exactly as
 # launched (Triton's own binder: integers equal to 1 become constants, integers and pointers
-# divisible by 16 get that attribute, default stages): (form, dtype, K, objective, plan).
+# divisible by 16 get that attribute; the launch's options): (form, dtype, K, objective, plan, B).
 LAUNCHED_SHAPE = dict(dim=4096, vocab=2048, steps=10)
 
 

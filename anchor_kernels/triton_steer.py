@@ -24,6 +24,11 @@ MAX_SET_SIZE = 256
 IN_REGISTER_SET_SIZE = 128
 GRAM_CHUNK = 32
 BLOCK_ROWS = 16  # tl.dot needs M >= 16
+# Software-pipelining stages of every launch: Triton's default (3) doubles the tiles' shared
+# memory and spilled 8-16 B per thread in 5 of 263 configurations of the AOT check (e.g. bf16,
+# K = 16, as launched at B = 8, d = 4096 on sm_90a: 16,384 B shared and 8 B of spills; 2 stages:
+# 8,192 B, none). The AOT check compiles with the same value.
+NUM_STAGES = 2
 
 try:
     import triton
@@ -55,7 +60,7 @@ def launch_config(set_size: int, dim: int, fp32: bool) -> dict:
     # Narrower tiles for small d, except from K = 64 on, where they spilled (masking covers d < BLOCK_D).
     block_d = block_d_cap if block_k >= 64 else min(block_d_cap, max(16, 1 << (dim - 1).bit_length()))
     return dict(BLOCK_B=BLOCK_ROWS, BLOCK_K=block_k, BLOCK_D=block_d,
-                CHUNKED=block_k > IN_REGISTER_SET_SIZE, CHUNK=GRAM_CHUNK, num_warps=warps)
+                CHUNKED=block_k > IN_REGISTER_SET_SIZE, CHUNK=GRAM_CHUNK, num_warps=warps, num_stages=NUM_STAGES)
 
 
 def split_launch_config(set_size: int, dim: int, fp32: bool) -> dict:
@@ -669,14 +674,14 @@ if IMPORT_ERROR is None:
         torch.library.wrap_triton(_split_partial_kernel)[grid](
             hidden, weight, ids, aw, rs, zp, hsq, rows, dim, weight.shape[0], S, K, hidden.stride(0),
             weight.stride(0), slice_len, NATIVE_DOT16=not _interpreting(), BLOCK_B=cfg["BLOCK_B"], BLOCK_K=block_k,
-            BLOCK_D=block_d, num_warps=cfg["num_warps"])
+            BLOCK_D=block_d, num_warps=cfg["num_warps"], num_stages=NUM_STAGES)
         torch.library.wrap_triton(_split_finish_kernel)[grid](
             hidden, weight, weight if bias is None else bias, ids, aw, gram.contiguous(), rs,
             step_size.contiguous(), out, scratch, zp, hsq, rows, dim, weight.shape[0], S, K, slices,
             hidden.stride(0), weight.stride(0), out.stride(0), slice_len, steps, reg, temperature, margin, max_norm,
             LSE=objective == "lse", TRUST=max_norm != float("inf"), HAS_BIAS=bias is not None,
             RELATIVE=relative_step, BLOCK_B=cfg["BLOCK_B"], BLOCK_K=block_k, BLOCK_D=block_d,
-            CHUNKED=cfg["CHUNKED"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"])
+            CHUNKED=cfg["CHUNKED"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"], num_stages=NUM_STAGES)
 
     # The rank-one (mean) kernels: mat-vecs, no tile of W_A in registers.
     MEAN_BLOCK_D = 128
@@ -685,8 +690,8 @@ if IMPORT_ERROR is None:
         """Tiles of the two mean kernels (also what the AOT check compiles)."""
         block_k = max(16, 1 << (set_size - 1).bit_length())
         # 2048-element [BLOCK_K, BLOCK_D] tiles: 4096 spilled 12 B at K = 16 (fp16, sm_80).
-        return dict(direction=dict(BLOCK_K=block_k, BLOCK_D=max(16, 2048 // block_k), num_warps=4),
-                    rows=dict(BLOCK_B=BLOCK_ROWS, BLOCK_D=MEAN_BLOCK_D, num_warps=4))
+        return dict(direction=dict(BLOCK_K=block_k, BLOCK_D=max(16, 2048 // block_k), num_warps=4, num_stages=NUM_STAGES),
+                    rows=dict(BLOCK_B=BLOCK_ROWS, BLOCK_D=MEAN_BLOCK_D, num_warps=4, num_stages=NUM_STAGES))
 
     def _steer_mean(hidden, weight, bias, anchor_ids, anchor_weights, row_sets, step_size, out, steps, reg,
                     margin, max_norm, relative_step):
@@ -758,10 +763,10 @@ if IMPORT_ERROR is None:
                 rows, vocab, S, K, logits.stride(0), steps, reg, temperature, margin, max_norm,
                 LSE=objective == "lse", TRUST=max_norm != float("inf"), RELATIVE=relative_step,
                 HAS_NORM=hidden_norm is not None, BLOCK_B=cfg["BLOCK_B"], BLOCK_K=block_k,
-                CHUNKED=cfg["CHUNKED"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"],
+                CHUNKED=cfg["CHUNKED"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"], num_stages=NUM_STAGES,
             )
             block_v = max(32, APPLY_TILE // block_k)
             torch.library.wrap_triton(_apply_logits_kernel)[(rows, triton.cdiv(vocab, block_v))](
                 logits, mixing.contiguous(), c, row_sets.contiguous(), vocab, S, K, logits.stride(0),
-                BLOCK_K=block_k, BLOCK_V=block_v, num_warps=4,
+                BLOCK_K=block_k, BLOCK_V=block_v, num_warps=4, num_stages=NUM_STAGES,
             )
