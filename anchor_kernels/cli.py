@@ -181,10 +181,11 @@ def _chart_title(args, config) -> str:
     return f"{model}, {source}, {config.objective}, {config.steps} steps, {step}"
 
 
-def _side_by_side(label: str, text: str) -> str:
-    """One answer under its label, continuation lines indented under the first."""
-    pad = "\n" + " " * (len(label) + 4)
-    return f"  {label}: " + pad.join(text.strip().splitlines() or [""])
+def _side_by_side(label: str, text: str, width: int = len("unsteered")) -> str:
+    """One answer after its label (labels aligned to ``width``), continuation lines indented
+    under the first."""
+    head = f"  {label}:" + " " * (width - len(label) + 1)
+    return head + ("\n" + " " * len(head)).join(text.strip().splitlines() or [""])
 
 
 def _describe(args, anchors, config):
@@ -210,7 +211,7 @@ def cmd_generate(args) -> int:
     steered = _generate("steered", model, tokenizer, prompts, anchors=anchors, config=config, backend=args.backend,
                         **common)
     for prompt, a, b in zip(prompts, plain.texts, steered.texts):
-        print(f"> {prompt}\n{_side_by_side('unsteered', a)}\n{_side_by_side('steered  ', b)}\n")
+        print(f"> {prompt}\n{_side_by_side('unsteered', a)}\n{_side_by_side('steered', b)}\n")
     return 0
 
 

@@ -213,7 +213,7 @@ def test_multi_line_answers_stay_side_by_side():
     lines = out.split("\n")
     assert lines[0] == "  unsteered: First line."
     assert all(line.startswith(" " * 13) or not line.strip() for line in lines[1:])
-    assert _side_by_side("steered  ", "") == "  steered  : "
+    assert _side_by_side("steered", "One.\nTwo.") == "  steered:   One.\n             Two."
 
 
 def test_charts_name_model_lexicon_and_step(tmp_path):
