@@ -148,9 +148,9 @@ def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in LOGIT_BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {LOGIT_BACKENDS}, got {backend!r}")
     why = _unavailable(backend, device)
-    if why is None and selftest.failure(backend, device, dtype, "logits") is not None:
-        why = (f"it failed its known-answer self-test on {device} for {dtype}: "
-               f"{selftest.failure(backend, device, dtype, 'logits')}")
+    failed = selftest.failure(backend, device, dtype, "logits") if why is None else None
+    if failed is not None:
+        why = f"it failed its known-answer self-test on {device} for {dtype}: {failed}"
     if why is not None:
         raise RuntimeError(f"backend {backend!r} is unavailable: {why}")
     return backend

@@ -42,13 +42,17 @@ __device__ __forceinline__ void store_float(__nv_bfloat16* p, float v) { *p = __
 #if defined(__NVCC__)
 typedef uint4 uint4_alias;  // nvcc has no may_alias, and no type-based alias analysis to need it
 #else
-typedef uint4 __attribute__((may_alias)) uint4_alias;
+// A type of its own: g++ ignores may_alias added to the already-defined uint4 by a typedef.
+struct __attribute__((may_alias, aligned(16))) uint4_alias {
+  unsigned x, y, z, w;
+};
 #endif
 __device__ __forceinline__ uint4 load16(const void* p) {
-  return *static_cast<const uint4_alias*>(__builtin_assume_aligned(p, 16));
+  const uint4_alias v = *static_cast<const uint4_alias*>(__builtin_assume_aligned(p, 16));
+  return make_uint4(v.x, v.y, v.z, v.w);
 }
 __device__ __forceinline__ void store16(void* p, const uint4& raw) {
-  *static_cast<uint4_alias*>(__builtin_assume_aligned(p, 16)) = raw;
+  *static_cast<uint4_alias*>(__builtin_assume_aligned(p, 16)) = uint4_alias{raw.x, raw.y, raw.z, raw.w};
 }
 
 // 16 bytes of T as fp32 values.

@@ -40,8 +40,8 @@
 #define __align__(n) __attribute__((aligned(n)))
 #define __restrict__ __restrict
 #define __shared__ thread_local
-#define __syncthreads() ::ak_emu::sync_block(__LINE__, 0, false)
-#define __syncthreads_or(pred) ::ak_emu::sync_block(__LINE__, (pred), true)
+#define __syncthreads() ::ak_emu::sync_block(__LINE__, 0)
+#define __syncthreads_or(pred) ::ak_emu::sync_block(__LINE__, (pred))
 #define __shfl_xor_sync(mask, value, lane_mask, ...) \
   ::ak_emu::shuffle_xor(__LINE__, (mask), (value), (lane_mask))
 // A 16-byte access that the kernel asserts is aligned must be: on a GPU it faults.
@@ -62,6 +62,7 @@ struct alignas(16) uint4 { unsigned x, y, z, w; };
 extern dim3 blockDim, gridDim;
 
 inline float2 make_float2(float x, float y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 template <typename T>
 inline T min(T a, T b) { return b < a ? b : a; }
@@ -138,7 +139,7 @@ cudaError_t launch(const void* kernel, const cudaLaunchConfig_t& config,
 
 const uint3& thread_index();
 const uint3& block_index();
-int sync_block(int line, int pred, bool reduce_or);
+int sync_block(int line, int pred);
 float shuffle_xor(int line, unsigned mask, float value, int lane_mask);
 const void* check_aligned(const void* ptr, size_t align, int line);
 void* check_aligned(void* ptr, size_t align, int line);

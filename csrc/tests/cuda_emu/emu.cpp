@@ -471,7 +471,7 @@ const uint3& block_index() {
   return tl_block->index;
 }
 
-int sync_block(int line, int pred, bool reduce_or) {
+int sync_block(int line, int pred) {
   if (!tl_block) fatal("__syncthreads outside a kernel");
   Block& b = *tl_block;
   Fiber& f = current_fiber();
@@ -498,7 +498,6 @@ int sync_block(int line, int pred, bool reduce_or) {
     run_next(false);
   }
   acquire(token);
-  (void)reduce_or;
   return b.or_result;
 }
 
