@@ -23,11 +23,11 @@ def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, anchor_ids, anchor_weights, _gram, row_sets, step_size, steps,
      objective, reg, temperature, margin, max_norm, relative_step) = inputs
     ctx.save_for_backward(hidden, weight, bias, anchor_ids, anchor_weights, row_sets, step_size)
-    ctx.config = SteerConfig(steps=steps, step_size=0.0, objective=objective, reg=reg,
-                             temperature=temperature,
+    # The step itself is the saved per-row tensor; the config only says its form (0.0 is a placeholder).
+    step = dict(strength=0.0) if relative_step else dict(eta=0.0)
+    ctx.config = SteerConfig(steps=steps, objective=objective, reg=reg, temperature=temperature,
                              margin=None if math.isinf(margin) and margin > 0 else margin,
-                             max_norm=None if math.isinf(max_norm) else max_norm,
-                             relative_step=relative_step)
+                             max_norm=None if math.isinf(max_norm) else max_norm, **step)
 
 
 def _backward(ctx, grad_out):

@@ -33,8 +33,9 @@ def _gap_and_grad(z: torch.Tensor, w: torch.Tensor, config: SteerConfig):
 def require_hidden_norm(config: SteerConfig, hidden_norm) -> None:
     """The trust region and the relative step need ||h0||, which logits alone do not carry."""
     if hidden_norm is None and (config.max_norm is not None or config.relative_step):
-        raise ValueError("max_norm (the trust region) and relative_step need ||h0||, which logits do not "
-                         "carry: pass hidden_norm, or steer the hidden state instead")
+        raise ValueError("max_norm (the trust region) and the relative step (SteerConfig strength=) need "
+                         "||h0||, which logits do not carry: pass hidden_norm, use SteerConfig(eta=...) "
+                         "(METHOD.md's literal step) without max_norm, or steer the hidden state instead")
 
 
 def kspace_loop(z0: torch.Tensor, w: torch.Tensor, gram_times: Callable[[torch.Tensor], torch.Tensor],
@@ -42,7 +43,7 @@ def kspace_loop(z0: torch.Tensor, w: torch.Tensor, gram_times: Callable[[torch.T
                 hidden_norm: torch.Tensor | None) -> torch.Tensor:
     """c_T for rows with anchor logits ``z0 [B, K]``, signed weights ``w [B, K]``, per-row
     ``eta [B]`` and ``gram_times(c) = Gm c`` per row. Rows where ``valid`` is False get c = 0.
-    ``hidden_norm`` (= ||h0||) is needed by the trust region and by ``relative_step``."""
+    ``hidden_norm`` (= ||h0||) is needed by the trust region and by the relative step (``strength``)."""
     require_hidden_norm(config, hidden_norm)
     # As the kernels: a step that is not finite and > 0, or (where ||h0|| is used) a norm that is
     # not finite and >= 0, leaves its row untouched (per-row values are not always host-checked).
@@ -78,7 +79,7 @@ def solve_coefficients(z0: torch.Tensor, prepared: PreparedAnchors, row_sets: to
     """c_T such that h' = h0 + W_A^T c_T, from ``z0 [B, K]`` (the anchor logits of each row's set).
 
     row_sets [B] (-1 or out of range: c = 0), step_size [B], hidden_norm [B] (= ||h0||) for the
-    trust region and ``relative_step``.
+    trust region and the relative step (``strength``).
     """
     num_sets = prepared.anchor_ids.shape[0]
     # As the kernels: a set with a non-finite anchor row (non-finite Gram diagonal) cannot steer.

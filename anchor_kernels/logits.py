@@ -26,9 +26,10 @@ class LogitSteerer:
 
     The logits must be raw: before soft-capping (Gemma 2's ``final_logit_softcapping``),
     temperature, repetition penalties or any other processor, or the edit is not the one
-    METHOD.md defines. The trust region (``max_norm``) and ``relative_step`` need ``||h0||``,
-    which logits do not carry: such a config is refused unless ``with_hidden_norm=True`` promises
-    ``hidden_norm`` on every call.
+    METHOD.md defines. The trust region (``max_norm``) and the relative step (``strength=``, the
+    default) need ``||h0||``, which logits do not carry: such a config is refused unless
+    ``with_hidden_norm=True`` promises ``hidden_norm`` on every call; otherwise give the literal
+    step, ``SteerConfig(eta=...)``.
     """
 
     def __init__(self, weight: torch.Tensor, anchors, config: SteerConfig | None = None,
@@ -42,7 +43,7 @@ class LogitSteerer:
         if needs and not with_hidden_norm:  # refused here, not at the first generated token
             raise ValueError(
                 f"the logit form cannot run {needs}: it needs ||h0||, which logits do not carry. Use "
-                "SteerConfig(relative_step=False, max_norm=None), or pass with_hidden_norm=True and "
+                "SteerConfig(eta=..., max_norm=None) (METHOD.md's literal step), or pass with_hidden_norm=True and "
                 "hidden_norm= on every call, or steer the hidden state instead")
         self.with_hidden_norm = bool(with_hidden_norm)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
@@ -81,7 +82,8 @@ class LogitSteerer:
         """Steers raw ``logits [..., V]`` in place and returns them. The fused ops
         (``anchor_kernels::steer_logits_``, C++ on CPU and CUDA; ``steer_logits_triton_``) read the
         anchors' logits of each steered row, run the K-space loop and add M c to the row;
-        unsteered rows are not touched."""
+        unsteered rows are not touched. ``step_size``: optional per-row steps in the config's
+        form (literal eta for ``SteerConfig(eta=...)``, relative for ``strength=``)."""
         if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.shape[-1] != self.vocab:
             raise ValueError(f"logits must be [..., V] with V = {self.vocab}, got "
                              f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
@@ -132,7 +134,7 @@ class LogitSteerer:
 
 def needs_hidden_norm(config: SteerConfig) -> str | None:
     """The fields of ``config`` that need ||h0|| (None if none does), as a message names them."""
-    fields = [f for f, on in (("relative_step=True", config.relative_step),
+    fields = [f for f, on in ((f"strength={config.strength} (the relative step)", config.relative_step),
                               (f"max_norm={config.max_norm}", config.max_norm is not None)) if on]
     return " and ".join(f"SteerConfig.{f}" for f in fields) or None
 

@@ -104,8 +104,8 @@ def _problems(dtype: torch.dtype):
 def _configs():
     from .config import SteerConfig
 
-    return (SteerConfig(objective="lse", steps=4, relative_step=True, step_size=0.05, max_norm=0.2),
-            SteerConfig(objective="mean", steps=3, relative_step=False, step_size=0.3, reg=0.1))
+    return (SteerConfig(objective="lse", steps=4, strength=0.05, max_norm=0.2),
+            SteerConfig(objective="mean", steps=3, eta=0.3, reg=0.1))
 
 
 def _scalars(config):

@@ -168,7 +168,7 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
     anchors:   an AnchorSet, or an AnchorBank with ``row_sets`` (one set index per row of
                hidden, shape hidden.shape[:-1] or flat; -1 leaves the row untouched), or
                ``prepare_anchors(weight, anchors)`` (what to pass inside torch.compile).
-    step_size: optional per-row eta (same shapes as row_sets); overrides config.step_size.
+    step_size: optional per-row step in config's form (strength, or eta if set; as row_sets).
     backend:   "auto" (best for the device; env ANCHOR_KERNELS_BACKEND overrides),
                "reference" (fp64 oracle), "cpu", "cuda" or "triton".
     Returns a new tensor shaped and typed like hidden. Rows with a non-finite value in hidden

@@ -22,16 +22,23 @@ def eager_kspace(hidden, weight, prepared: ak.PreparedAnchors, config: ak.SteerC
 
 def literal_autograd(hidden, weight, anchors: ak.AnchorSet, config: ak.SteerConfig, bias=None):
     """Prior work's approach, in the model's dtype: at every step a full-vocabulary LM-head
-    forward and an autograd backward (T passes over the [V, d] head)."""
+    forward and an autograd backward (T passes over the [V, d] head). The step is the config's:
+    ``eta`` as is, or ``strength`` turned into eta_row = strength ||h0|| / ||grad G(h0)|| from
+    the first step's gradient (no extra pass)."""
     pos = torch.tensor(anchors.positive, device=hidden.device)
     neg = torch.tensor(anchors.negative, device=hidden.device)
     h0 = hidden.detach()
     h = h0.clone()
+    eta = config.step_size
     with torch.enable_grad():
-        for _ in range(config.steps):
+        for k in range(config.steps):
             x = h.detach().requires_grad_(True)
             logits = torch.nn.functional.linear(x, weight, bias).float()   # [B, V]
             gap = anchor_gap(logits[:, pos], logits[:, neg], anchors, config)
             (grad,) = torch.autograd.grad(gap.sum(), x)
-            h = (h + config.step_size * (grad - config.reg * (h - h0))).detach()
+            if k == 0 and config.relative_step:
+                norm = grad.float().norm(dim=-1, keepdim=True)
+                eta = torch.where(norm > 0, config.strength * h0.float().norm(dim=-1, keepdim=True) / norm, 0.0)
+                eta = eta.to(h.dtype)
+            h = (h + eta * (grad - config.reg * (h - h0))).detach()
     return h

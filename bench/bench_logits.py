@@ -24,7 +24,7 @@ def steerer(V, d, K):
         weight = torch.randn(V, d, generator=g) / d**0.5
         perm = torch.randperm(V, generator=g).tolist()
         anchors = ak.AnchorSet(perm[: K // 2], perm[K // 2: K])
-        _steerers[key] = (weight, ak.LogitSteerer(weight, anchors, ak.SteerConfig(relative_step=False, step_size=0.5)))
+        _steerers[key] = (weight, ak.LogitSteerer(weight, anchors, ak.SteerConfig(eta=0.5)))
     return _steerers[key]
 
 

@@ -40,7 +40,7 @@ def problem(B, d, V, K, T):
         _problems[key] = (weight, anchors, ak.prepare_anchors(weight, anchors))
     weight, anchors, prepared = _problems[key]
     hidden = (torch.randn(B, d, generator=torch.Generator().manual_seed(1)) * 4).to(DTYPE).to(DEVICE)
-    return hidden, weight, anchors, prepared, ak.SteerConfig(steps=T, step_size=0.5, relative_step=False)
+    return hidden, weight, anchors, prepared, ak.SteerConfig(steps=T, eta=0.5)
 
 
 def _call(provider, hidden, weight, anchors, prepared, config):

@@ -56,7 +56,7 @@ def main(argv=None):
     weight = torch.randn(V, d, generator=gen) / d ** 0.5
     anchors = ak.AnchorSet(list(range(0, K // 2)), list(range(K // 2, K)))
     prepared = ak.prepare_anchors(weight, anchors)
-    literal = ak.SteerConfig(relative_step=False, step_size=0.06)
+    literal = ak.SteerConfig(eta=0.06)
     steerer = ak.LogitSteerer(weight, anchors, literal, backend="cpu")
     bw = copy_gbps(repeats)
     rows = []

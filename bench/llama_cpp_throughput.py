@@ -35,7 +35,7 @@ def main(argv=None):
     llm = llama_cpp.Llama(model_path=str(gguf), n_threads=1, n_ctx=512, embedding=True, verbose=False)
     variants = {"unsteered": None,
                 "hidden route": LlamaCppSteerer.from_gguf(gguf, "harmless", ak.SteerConfig(), llama=llm),
-                "logit form": LlamaCppSteerer.from_gguf(gguf, "harmless", ak.SteerConfig(relative_step=False, step_size=0.06))}
+                "logit form": LlamaCppSteerer.from_gguf(gguf, "harmless", ak.SteerConfig(eta=0.06))}
     speeds = {k: [] for k in variants}
     for rep in range(args.reps + 1):
         for name, steerer in variants.items():

@@ -174,7 +174,7 @@ def test_default_moves_h_by_a_similar_relative_amount_at_every_scale():
     for seed, d in enumerate((64, 256, 1024, 4096, 64, 1024)):
         hidden, weight = _random_llama_head(d, seed)
         moves.append(_relative_move(hidden, weight, anchors, ak.SteerConfig()))
-        literal.append(_relative_move(hidden, weight, anchors, ak.SteerConfig(step_size=0.5, relative_step=False)))
+        literal.append(_relative_move(hidden, weight, anchors, ak.SteerConfig(eta=0.5)))
     # relative: T=10 steps of 0.3% each; the lse gradient changes along the path, not the scale
     assert max(moves) / min(moves) < 2 and 0.01 < min(moves) and max(moves) < 0.06, moves
     assert max(literal) / min(literal) > 100, literal  # the literal eta is not scale-free

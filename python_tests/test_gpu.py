@@ -121,7 +121,7 @@ def test_hf_generation_on_gpu_bf16(backend):
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         plain = model.generate(ids, **kw)
-        with ak.hf.steer(model, anchors, ak.SteerConfig(steps=10, step_size=1.0, relative_step=False), backend=backend):
+        with ak.hf.steer(model, anchors, ak.SteerConfig(steps=10, eta=1.0), backend=backend):
             steered = model.generate(ids, **kw)
     assert steered.shape == plain.shape and not torch.equal(steered, plain)
 

@@ -47,7 +47,7 @@ LOGIT_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(why is not None, reas
 @given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 9), d=st.sampled_from([8, 16, 40]),
        vocab=st.integers(30, 200), bias=st.booleans(), dtype=st.sampled_from(DTYPES),
        config=st.builds(ak.SteerConfig, steps=st.sampled_from([0, 1, 4]), objective=st.sampled_from(["mean", "lse"]),
-                        step_size=st.floats(0.01, 0.05), relative_step=st.just(True),
+                        strength=st.floats(0.01, 0.05),
                         reg=st.sampled_from([0.0, 0.3]), margin=st.one_of(st.none(), st.floats(-1, 2)),
                         max_norm=st.one_of(st.none(), st.floats(0.01, 0.2))))
 def test_matches_the_reference(backend, seed, rows, d, vocab, bias, dtype, config):
@@ -68,7 +68,7 @@ def test_apply_is_in_place_and_unsteered_rows_are_not_read(backend):
     weight, _, hidden, bank, _ = _problem(0, 3, 16, 60, [(2, 2)], torch.float32, False)
     raw = hidden @ weight.T
     raw[1] = float("nan")                       # an unsteered row: never read, never written
-    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(relative_step=False, step_size=0.5), backend=backend)
+    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(eta=0.5), backend=backend)
     logits = raw.clone()
     before = logits.data_ptr()
     out = steerer.apply_(logits, row_sets=[0, -1, 0])
@@ -135,30 +135,30 @@ def test_building_m_makes_no_fp32_copy_of_the_head():
     weight = torch.randn(V, d, dtype=torch.bfloat16)
     anchors = ak.AnchorSet(list(range(32)), list(range(32, 64)))
     with LargestOutput() as mode:
-        steerer = ak.LogitSteerer(weight, anchors, ak.SteerConfig(relative_step=False))
+        steerer = ak.LogitSteerer(weight, anchors, ak.SteerConfig(eta=0.003))
     assert steerer.mixing.shape == (1, 64, V)
     assert mode.largest < V * d, mode.largest  # chunks of W only; M itself is V x K
 
 
 def test_refuses_at_construction_a_config_it_cannot_run():
-    """relative_step and max_norm need ||h0||: refused when the steerer is built, naming the field,
+    """The relative step and max_norm need ||h0||: refused when the steerer is built, naming the field,
     not at the first generated token."""
     weight, _, _, bank, _ = _problem(0, 2, 8, 30, [(2, 2)], torch.float32, False)
-    for config, field in ((ak.SteerConfig(), r"SteerConfig\.relative_step=True"),
-                          (ak.SteerConfig(relative_step=False, max_norm=0.1), r"SteerConfig\.max_norm=0\.1"),
-                          (ak.SteerConfig(max_norm=0.2), r"relative_step=True and SteerConfig\.max_norm=0\.2")):
+    for config, field in ((ak.SteerConfig(), r"SteerConfig\.strength=0\.003 \(the relative step\)"),
+                          (ak.SteerConfig(eta=0.003, max_norm=0.1), r"SteerConfig\.max_norm=0\.1"),
+                          (ak.SteerConfig(max_norm=0.2), r"relative step\) and SteerConfig\.max_norm=0\.2")):
         with pytest.raises(ValueError, match=field):
             ak.LogitSteerer(weight, bank, config)
         ak.LogitSteerer(weight, bank, config, with_hidden_norm=True)
-    ak.LogitSteerer(weight, bank, ak.SteerConfig(relative_step=False))
+    ak.LogitSteerer(weight, bank, ak.SteerConfig(eta=0.003))
 
 
 def test_hf_processor_refuses_a_steerer_that_needs_hidden_norm():
     weight, _, _, bank, _ = _problem(0, 2, 8, 30, [(2, 2)], torch.float32, False)
     steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(), with_hidden_norm=True)
-    with pytest.raises(ValueError, match=r"AnchorLogitsProcessor cannot give .* SteerConfig\.relative_step=True"):
+    with pytest.raises(ValueError, match=r"AnchorLogitsProcessor cannot give .* SteerConfig\.strength=0\.003"):
         ak.hf.AnchorLogitsProcessor(steerer)
-    ak.hf.AnchorLogitsProcessor(ak.LogitSteerer(weight, bank, ak.SteerConfig(relative_step=False)))
+    ak.hf.AnchorLogitsProcessor(ak.LogitSteerer(weight, bank, ak.SteerConfig(eta=0.003)))
 
 
 @pytest.mark.parametrize("backend, compiler", [pytest.param("cpu", "inductor", marks=needs_op), ("eager", "aot_eager")])

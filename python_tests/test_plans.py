@@ -39,14 +39,13 @@ def test_plan_choice_by_shape(monkeypatch):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 20), d=st.integers(257, 700), K=st.sampled_from([2, 9, 40, 100, 130]),
        dtype=st.sampled_from(DTYPES), bias=st.booleans(),
-       config=st.builds(ak.SteerConfig, steps=st.sampled_from([0, 1, 5]), objective=st.just("lse"),
-                        step_size=st.floats(0.01, 0.05), reg=st.sampled_from([0.0, 0.3]),
+       config=st.builds(lambda step, relative, **kw: ak.SteerConfig(**({"strength": step} if relative else {"eta": 0.5}), **kw),
+                        steps=st.sampled_from([0, 1, 5]), objective=st.just("lse"),
+                        step=st.floats(0.01, 0.05), reg=st.sampled_from([0.0, 0.3]),
                         margin=st.one_of(st.none(), st.floats(-1, 2)), max_norm=st.one_of(st.none(), st.floats(0.01, 0.2)),
-                        relative_step=st.booleans()))
+                        relative=st.booleans()))
 def test_split_d_matches_the_reference(monkeypatch, seed, rows, d, K, dtype, bias, config):
     monkeypatch.setenv(triton_steer.PLAN_ENV, "split_d")
-    if not config.relative_step:
-        config = ak.SteerConfig(**{**config.__dict__, "step_size": 0.5})
     g = torch.Generator().manual_seed(seed)
     V = K + 50
     weight = (torch.randn(V, d, generator=g) / math.sqrt(d)).to(dtype)

@@ -136,7 +136,7 @@ def test_fp32_accuracy_with_many_anchors(backend, K):
     hidden = (torch.randn(B, d, generator=g) * 4).to(DEVICE)
     perm = torch.randperm(V, generator=g).tolist()
     anchors = ak.AnchorSet(perm[: K // 2], perm[K // 2: K])
-    for config in (ak.SteerConfig(steps=3, step_size=2.0, relative_step=False), ak.SteerConfig(steps=3, objective="mean", step_size=0.01)):
+    for config in (ak.SteerConfig(steps=3, eta=2.0), ak.SteerConfig(steps=3, strength=0.01, objective="mean")):
         out = ak.steer_hidden(hidden, weight, anchors, config, backend=backend)
         assert_steer_close(out, hidden, reference_fp64(hidden, weight, anchors, config), torch.float32, backend)
 
@@ -144,10 +144,10 @@ def test_fp32_accuracy_with_many_anchors(backend, K):
 # --- 5. gradients --------------------------------------------------------------------------------
 
 GRAD_CONFIGS = [
-    ak.SteerConfig(steps=4, step_size=0.7, relative_step=False),
-    ak.SteerConfig(steps=3, step_size=0.4, objective="mean", reg=0.3, relative_step=False),
-    ak.SteerConfig(steps=5, step_size=0.8, max_norm=0.05, temperature=0.7, relative_step=False),
-    ak.SteerConfig(steps=4, step_size=0.05, relative_step=True, margin=1.5),
+    ak.SteerConfig(steps=4, eta=0.7),
+    ak.SteerConfig(steps=3, eta=0.4, objective="mean", reg=0.3),
+    ak.SteerConfig(steps=5, eta=0.8, max_norm=0.05, temperature=0.7),
+    ak.SteerConfig(steps=4, strength=0.05, margin=1.5),
 ]
 
 
@@ -216,7 +216,7 @@ def test_prompt_lookup_decoding_equals_steered_greedy():
         num_key_value_heads=2, initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=None)).eval()
     ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
-    config = ak.SteerConfig(steps=5, step_size=1.0, relative_step=False)
+    config = ak.SteerConfig(steps=5, eta=1.0)
     with torch.no_grad(), ak.hf.steer(model, A, config):
         greedy = model.generate(ids, **kw)
         lookup = model.generate(ids, prompt_lookup_num_tokens=3, **kw)
@@ -274,7 +274,7 @@ def test_inference_mode_weights_can_be_steered():
         head.weight = torch.nn.Parameter(weight, requires_grad=False)
         hidden = torch.randn(2, 8)
     assert weight.is_inference()
-    config = ak.SteerConfig(steps=2, relative_step=False)
+    config = ak.SteerConfig(steps=2, eta=0.003)
     out = ak.steer_hidden(hidden, weight, A, config)
     assert_steer_close(out, hidden, reference_fp64(hidden, weight, A, config), torch.float32)
     prepared = ak.prepare_anchors(weight, A)
@@ -400,7 +400,7 @@ def test_double_backward_keeps_the_second_order_term(backend):
     """A gradient penalty: d/dx ||d out/dx||^2 through the op equals the reference's."""
     hidden, weight = _case(rows=3, d=10)
     bias = torch.randn(weight.shape[0], device=DEVICE) * 0.3
-    config = ak.SteerConfig(steps=3, step_size=0.3, relative_step=False, max_norm=0.5)
+    config = ak.SteerConfig(steps=3, eta=0.3, max_norm=0.5)
     got = {}
     for name in ("reference", backend):
         leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
@@ -419,7 +419,7 @@ LOGIT_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(why is not None, reas
 def test_logit_steerer_refuses_logits_that_require_grad(backend):
     """No autograd through the in-place edit: a gradient would be the identity, so it raises."""
     hidden, weight = _case()
-    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(relative_step=False), backend=backend)
+    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(eta=0.003), backend=backend)
     x = hidden.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="logits require grad"):
         steerer(x @ weight.T)
@@ -482,7 +482,7 @@ def test_llama_cpp_steerer_never_writes_through_a_read_only_array(tmp_path):
     from anchor_kernels.integrations.llama_cpp import LlamaCppSteerer
 
     _, weight = _case()
-    steerer = LlamaCppSteerer(weight.cpu(), A, ak.SteerConfig(relative_step=False, step_size=0.5))
+    steerer = LlamaCppSteerer(weight.cpu(), A, ak.SteerConfig(eta=0.5))
     raw = np.random.default_rng(0).standard_normal(weight.shape[0]).astype(np.float32)
     expected = steerer([1], raw.copy())
     assert not np.array_equal(expected, raw)
@@ -509,7 +509,7 @@ def test_reference_backend_runs_inside_inference_mode():
 @pytest.mark.parametrize("backend", LOGIT_BACKENDS)
 def test_logit_steerer_on_an_empty_batch(backend):
     _, weight = _case()
-    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(relative_step=False), backend=backend)
+    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(eta=0.003), backend=backend)
     empty = torch.empty(0, weight.shape[0], device=DEVICE)
     assert steerer(empty).shape == (0, weight.shape[0])
     assert steerer.apply_(torch.empty(3, 0, weight.shape[0], device=DEVICE)).shape == (3, 0, weight.shape[0])
@@ -577,7 +577,7 @@ def test_from_words_without_a_tokenizer_says_so():
 def test_steer_logits_errors_name_steer_logits_and_logits():
     _, weight = _case()
     weight = weight.cpu()
-    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(relative_step=False), backend="cpu")
+    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(eta=0.003), backend="cpu")
     ids, aw, gram = steerer.prepared.tensors
     rows, eta = torch.zeros(2, dtype=torch.long), torch.zeros(2)
     op = torch.ops.anchor_kernels.steer_logits_
@@ -659,7 +659,7 @@ def test_direct_op_call_with_bad_steps_leaves_those_rows_untouched(backend, obje
     out = _hidden_op(backend)(hidden, weight, None, *prepared.tensors, rows, eta, 3, objective, 0.0, 1.0,
                               math.inf, max_norm, relative)
     assert torch.equal(out[:-1], hidden[:-1])
-    config = ak.SteerConfig(steps=3, step_size=0.05, objective=objective, relative_step=relative,
+    config = ak.SteerConfig(steps=3, **({"strength": 0.05} if relative else {"eta": 0.05}), objective=objective,
                             max_norm=None if math.isinf(max_norm) else max_norm)
     assert_steer_close(out[-1:], hidden[-1:], reference_fp64(hidden[-1:], weight, A, config), torch.float32, backend)
 
@@ -667,7 +667,7 @@ def test_direct_op_call_with_bad_steps_leaves_those_rows_untouched(backend, obje
 @pytest.mark.parametrize("backend", [b for b in LOGIT_BACKENDS if b.values[0] != "eager"])
 def test_direct_logits_op_call_with_bad_steps_or_norms_leaves_those_rows_untouched(backend):
     hidden, weight = _case(rows=len(BAD_STEPS) + 4)
-    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(relative_step=False), backend=backend)
+    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(eta=0.003), backend=backend)
     if backend == "triton":
         from anchor_kernels.triton_steer import steer_logits_triton_ as op
     else:
@@ -718,7 +718,7 @@ def test_kernels_and_reference_leave_a_nonfinite_sets_rows_untouched(backend, ob
         broken[3, 0] = value
         bank = ak.AnchorBank([A, ak.AnchorSet([7], [9])])
         row_sets = torch.tensor([0, 1, 0, 1, 0, 1], device=DEVICE)
-        config = ak.SteerConfig(steps=3, step_size=0.05 if relative else 0.5, objective=objective, relative_step=relative)
+        config = ak.SteerConfig(steps=3, **({"strength": 0.05} if relative else {"eta": 0.5}), objective=objective)
         with torch.no_grad():  # the packing a device caller gets (no host check there)
             ids = torch.tensor([[1, 2, 5, 3, 4], [7, 9, 0, 0, 0]], device=DEVICE)
             signed = torch.tensor([[1 / 3] * 3 + [-0.5] * 2, [1.0, -1.0, 0, 0, 0]], device=DEVICE)

@@ -23,7 +23,7 @@ def test_default_is_every_shipped_lexicon_in_the_logit_form(monkeypatch):
     monkeypatch.delenv(serving.CONFIG_ENV, raising=False)
     cfg = ServingConfig.from_env()
     assert cfg.names == tuple(ak.lexicons.names()) and cfg.form == "logits"
-    assert not cfg.config.relative_step and cfg.config.step_size == serving.DEFAULT_LOGIT_STEP
+    assert cfg.config == ak.SteerConfig(eta=serving.DEFAULT_LOGIT_STEP)
 
 
 def test_from_env_reads_the_file_and_rereads_it_when_it_changes(tmp_path, monkeypatch):
@@ -35,7 +35,7 @@ def test_from_env_reads_the_file_and_rereads_it_when_it_changes(tmp_path, monkey
     import os
     os.utime(path, (1, 1))
     cfg = ServingConfig.from_env()
-    assert cfg.names == ("ids",) and cfg.form == "hidden" and cfg.config.relative_step
+    assert cfg.names == ("ids",) and cfg.form == "hidden" and cfg.config == ak.SteerConfig()
     monkeypatch.setenv(serving.CONFIG_ENV, str(tmp_path / "missing.json"))
     with pytest.raises(ValueError, match="cannot be read"):
         ServingConfig.from_env()
@@ -56,8 +56,16 @@ def test_from_env_reads_the_file_and_rereads_it_when_it_changes(tmp_path, monkey
     ({"sets": {"a": ["x"]}}, "must be an object"),
     ({"sets": SETS, "config": {"stepz": 1}}, "unknown fields"),
     ({"sets": SETS, "config": {"steps": -1}}, "steps"),
-    ({"sets": SETS, "config": {"relative_step": True}}, "logit form cannot"),
+    ({"sets": SETS, "config": {"strength": 0.003}}, "logit form cannot use .strength. \\(the relative step"),
+    ({"sets": SETS, "config": {"strength": 0.003, "eta": 0.1}}, "logit form cannot use .strength."),
+    ({"sets": SETS, "form": "hidden", "config": {"strength": 0.003, "eta": 0.1}}, "not both"),
     ({"sets": SETS, "config": {"max_norm": 0.1}}, "logit form cannot"),
+    ({"sets": SETS, "config": {"eta": -1}}, "eta must be >= 0"),
+    ({"sets": SETS, "config": {"step_size": 0.05, "relative_step": False}},
+     "step_size was ambiguous and is removed.*Here: eta=0.05"),
+    ({"sets": SETS, "form": "hidden", "config": {"step_size": 0.01}},
+     "step_size was ambiguous and is removed.*Here: strength=0.01"),
+    ({"sets": SETS, "config": {"relative_step": True}}, "step_size was ambiguous and is removed"),
     ({"sets": {"a": {"positive": "love", "negative": ["hate"]}}}, "set 'a': 'positive' must be a non-empty list of words"),
     ({"sets": {"a": {"positive": ["love"], "negative": []}}}, "set 'a': 'negative' must be a non-empty list"),
     ({"sets": {"a": {"positive_ids": [1, "2"], "negative_ids": [3]}}}, "'positive_ids' must be a non-empty list of token ids"),
@@ -83,6 +91,22 @@ def test_request_arguments():
                         ("harmless", "must be an object")]:
         with pytest.raises(ValueError, match=match):
             cfg.request(args)
+
+
+def test_the_step_is_named_by_its_form_and_requests_say_which():
+    """A config names its step "eta" (literal) or "strength" (relative); a request's
+    anchor_step_size replaces it in that form, and a refused one says which form it is."""
+    logit = ServingConfig.from_dict({"sets": SETS, "config": {"eta": 0.2}})
+    assert logit.config == ak.SteerConfig(eta=0.2) and logit.request({"anchor_set": "ids"}) == (1, 0.2)
+    hidden = ServingConfig.from_dict({"sets": SETS, "form": "hidden", "config": {"strength": 0.01}})
+    assert hidden.config == ak.SteerConfig(strength=0.01) and hidden.request({"anchor_set": "ids"}) == (1, 0.01)
+    hidden_literal = ServingConfig.from_dict({"sets": SETS, "form": "hidden", "config": {"eta": 0.4}})
+    assert not hidden_literal.config.relative_step
+    assert ServingConfig.from_dict({"sets": SETS, "form": "hidden"}).config == ak.SteerConfig()
+    for cfg, form in ((logit, "literal .SteerConfig eta"), (hidden_literal, "literal .SteerConfig eta"),
+                      (hidden, "relative .SteerConfig strength")):
+        with pytest.raises(ValueError, match=f"anchor_step_size.*this server's step is {form}"):
+            cfg.request({"anchor_set": "ids", "anchor_step_size": -1})
 
 
 def test_bank_resolves_words_with_the_tokenizer():
@@ -133,8 +157,10 @@ def test_request_steps_are_bounded_to_what_keeps_logits_finite(objective):
     cfg = ServingConfig.from_dict({"sets": SETS, "config": {"objective": objective, "steps": 50}})
     with pytest.raises(ValueError, match="'anchor_step_size' must be a number in \\[0, 10000\\]"):
         cfg.request({"anchor_set": "ids", "anchor_step_size": 3.4e38})
-    with pytest.raises(ValueError, match="'config' step_size must be a number in"):
-        ServingConfig.from_dict({"sets": SETS, "config": {"step_size": 1e5}})
+    with pytest.raises(ValueError, match="'config' eta must be a number in"):
+        ServingConfig.from_dict({"sets": SETS, "config": {"eta": 1e5}})
+    with pytest.raises(ValueError, match="'config' strength must be a number in"):
+        ServingConfig.from_dict({"sets": SETS, "form": "hidden", "config": {"strength": 1e5}})
     reg = ServingConfig.from_dict({"sets": SETS, "config": {"reg": 0.5}})
     with pytest.raises(ValueError, match="'anchor_step_size' = 5 times reg = 0.5 exceeds 2.*<= 4"):
         reg.request({"anchor_set": "ids", "anchor_step_size": 5})

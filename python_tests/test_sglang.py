@@ -26,7 +26,7 @@ def server(tmp_path, monkeypatch):
     head = torch.randn(V, D) / D ** 0.5
     (tmp_path / "ckpt").mkdir()
     save_file({"lm_head.weight": head}, tmp_path / "ckpt" / "model.safetensors")
-    cfg = {"model": str(tmp_path / "ckpt"), "config": {"steps": 8, "step_size": 0.7}, "sets": SETS}
+    cfg = {"model": str(tmp_path / "ckpt"), "config": {"steps": 8, "eta": 0.7}, "sets": SETS}
     (tmp_path / "s.json").write_text(json.dumps(cfg))
     monkeypatch.setenv(serving.CONFIG_ENV, str(tmp_path / "s.json"))
     return head, serving.ServingConfig.from_dict(cfg)

@@ -33,8 +33,7 @@ def steering_cases(draw):
         custom_weights=draw(st.booleans()),
         config=ak.SteerConfig(
             steps=draw(st.sampled_from([0, 1, 2, 5, 8])),
-            step_size=draw(st.floats(0.05, 1.0)) * (0.05 if relative else 1.0),
-            relative_step=relative,
+            **{"strength" if relative else "eta": draw(st.floats(0.05, 1.0)) * (0.05 if relative else 1.0)},
             objective=draw(st.sampled_from(["mean", "lse"])),
             reg=draw(st.sampled_from([0.0, 0.1, 0.7])),
             temperature=draw(st.sampled_from([0.5, 1.0, 2.5])),
@@ -126,12 +125,13 @@ def _special_hidden(dtype, rows=4, d=9):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", kernel_backends())
-@pytest.mark.parametrize("how", ["steps=0", "step_size=0", "row_sets=-1", "margin=-inf-like"])
+@pytest.mark.parametrize("how", ["steps=0", "strength=0", "eta=0", "row_sets=-1", "margin=-inf-like"])
 def test_untouched_rows_are_bit_exact(backend, dtype, how):
     hidden = _special_hidden(dtype)
     weight = torch.randn(20, hidden.shape[1]).to(dtype).to(DEVICE)
     anchors = ak.AnchorSet([1, 2], [3])
-    config = {"steps=0": ak.SteerConfig(steps=0), "step_size=0": ak.SteerConfig(step_size=0.0),
+    config = {"steps=0": ak.SteerConfig(steps=0), "strength=0": ak.SteerConfig(strength=0.0),
+              "eta=0": ak.SteerConfig(eta=0.0),
               "row_sets=-1": ak.SteerConfig(), "margin=-inf-like": ak.SteerConfig(margin=-1e30)}[how]
     row_sets = [-1] * hidden.shape[0] if how == "row_sets=-1" else None
     out = ak.steer_hidden(hidden, weight, anchors, config, backend=backend, row_sets=row_sets)
@@ -179,7 +179,7 @@ def test_steering_raises_the_gap(backend):
     weight = torch.randn(100, 32, device=DEVICE) / 4
     hidden = torch.randn(6, 32, device=DEVICE) * 2
     anchors = ak.AnchorSet([3, 5, 7], [11, 13])
-    config = ak.SteerConfig(steps=10, step_size=0.5, relative_step=False)
+    config = ak.SteerConfig(steps=10, eta=0.5)
     out = ak.steer_hidden(hidden, weight, anchors, config, backend=backend)
     from anchor_kernels.reference import anchor_gap
 
@@ -203,7 +203,7 @@ def test_large_anchor_sets(backend, dtype, K):
     bank = ak.AnchorBank([ak.AnchorSet(perm[: K // 2], perm[K // 2: K]), ak.AnchorSet(perm[K: K + 2], perm[K + 2: K + 9])])
     row_sets = torch.randint(-1, 2, (B,), generator=g).to(DEVICE)
     for objective, max_norm in (("lse", None), ("mean", 0.1)):
-        config = ak.SteerConfig(steps=5, step_size=0.4, objective=objective, reg=0.1, max_norm=max_norm, relative_step=False)
+        config = ak.SteerConfig(steps=5, eta=0.4, objective=objective, reg=0.1, max_norm=max_norm)
         out = ak.steer_hidden(hidden, weight, bank, config, backend=backend, row_sets=row_sets)
         assert_steer_close(out, hidden, reference_fp64(hidden, weight, bank, config, row_sets=row_sets), dtype, backend)
 

@@ -20,12 +20,12 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
             for plan in ("tiled", "split_d"):
                 os.environ["ANCHOR_KERNELS_CUDA_PLAN"] = os.environ["ANCHOR_KERNELS_TRITON_PLAN"] = plan
                 for config in (ak.SteerConfig(steps=5, max_norm=0.3),
-                               ak.SteerConfig(steps=3, objective="mean", relative_step=True, step_size=0.01)):
+                               ak.SteerConfig(steps=3, strength=0.01, objective="mean")):
                     out = ak.steer_hidden(hidden, weight, bank, config, backend=backend, row_sets=row_sets)
                     assert torch.isfinite(out.float()).all()
         logits = (hidden.float() @ weight.float().T).to(dtype)
         for backend in ("cuda", "triton"):
-            steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(steps=4, relative_step=False, step_size=0.3), backend=backend)
+            steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(steps=4, eta=0.3), backend=backend)
             assert torch.isfinite(steerer(logits, row_sets=row_sets).float()).all()
 h = torch.randn(4, 64, device=dev, requires_grad=True)
 w = torch.randn(80, 64, device=dev)

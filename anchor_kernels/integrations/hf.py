@@ -9,7 +9,9 @@ block is a steered one: at prefill generate hands the head only the last positio
 every candidate position being verified, so those match steered greedy decoding. A model
 called directly on a whole sequence gets all its positions steered.
 
-``row_sets`` / ``step_size`` are given per request (the head input's first dimension). When
+``row_sets`` / ``step_size`` are given per request (the head input's first dimension); a
+``step_size`` is in the config's form: relative for ``SteerConfig(strength=...)`` (the default),
+METHOD.md's literal eta for ``SteerConfig(eta=...)``. When
 generate expands the batch (``num_beams``, ``num_return_sequences``), it repeats each request
 consecutively (``repeat_interleave``), so a batch of N = k * len(row_sets) rows gives row r the
 entry of request r // k. The same rule applies to ``AnchorLogitsProcessor``.
@@ -136,7 +138,8 @@ class AnchorLogitsProcessor(LogitsProcessor):
         if steerer.with_hidden_norm:  # generate() hands a processor scores only: it would fail at the first token
             raise ValueError(f"AnchorLogitsProcessor cannot give the steerer hidden_norm, which its "
                              f"{needs_hidden_norm(steerer.config) or 'with_hidden_norm=True'} needs: use "
-                             "SteerConfig(relative_step=False, max_norm=None), or ak.hf.steer (the hidden state)")
+                             "SteerConfig(eta=..., max_norm=None) (METHOD.md's literal step), or ak.hf.steer "
+                             "(the hidden state)")
         self.steerer, self.row_sets, self.step_size = steerer, row_sets, step_size
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:

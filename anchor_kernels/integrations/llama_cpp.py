@@ -12,9 +12,10 @@ llama-cpp-python calls the processor first, with ``llama_get_logits_ith(-1)`` (r
 float32 view, which the steerer edits in place (the logit form: + M c); a read-only array is
 steered in a copy, which is returned. The LM head is the GGUF's
 ``output.weight``, or ``token_embd.weight`` for tied models, dequantised once with ``gguf``.
-The relative step and the trust region need ``||h0||``: with ``Llama(..., embedding=True)``
-llama.cpp also returns the final-norm hidden state, and passing that ``llama`` gives the exact
-hidden-state edit (W h' = W h0 + M c). Without it, use ``SteerConfig(relative_step=False)``.
+The relative step (``SteerConfig(strength=...)``, the default) and the trust region need
+``||h0||``: with ``Llama(..., embedding=True)`` llama.cpp also returns the final-norm hidden
+state, and passing that ``llama`` gives the exact hidden-state edit (W h' = W h0 + M c). Without
+it, use METHOD.md's literal step, ``SteerConfig(eta=...)``.
 Quantised heads steer the quantised model's logits; a greedy match with the HF model needs an
 f32 GGUF (quantisation alone changes the unsteered tokens).
 """
@@ -73,8 +74,9 @@ class LlamaCppSteerer:
             raise ValueError("llama must be built with Llama(..., embedding=True): its hidden state gives "
                              "||h0|| for the relative step and the trust region")
         if (config.relative_step or config.max_norm is not None) and llama is None:
-            raise ValueError("relative_step and max_norm need ||h0||: pass llama=Llama(..., embedding=True), "
-                             "or use SteerConfig(relative_step=False) without max_norm")
+            raise ValueError("the relative step (SteerConfig strength=, the default) and max_norm need ||h0||: "
+                             "pass llama=Llama(..., embedding=True), or use SteerConfig(eta=...) (METHOD.md's "
+                             "literal step) without max_norm")
         if llama is not None and llama.n_vocab() != head.shape[0]:
             raise ValueError(f"llama has a vocabulary of {llama.n_vocab()} but the head has {head.shape[0]} rows")
 

@@ -6,7 +6,7 @@ A server's steering is a JSON file named by ``$ANCHOR_KERNELS_SERVING_CONFIG``::
     {
       "model": "/path/to/checkpoint",          # only for engines that do not say (SGLang)
       "form": "logits",                       # or "hidden" (vLLM: the exact hidden-state edit)
-      "config": {"steps": 10, "step_size": 0.05, "relative_step": false},   # SteerConfig fields
+      "config": {"steps": 10, "eta": 0.05},   # SteerConfig fields: "eta" or "strength", see below
       "sets": {
         "harmless": {"lexicon": "harmless"},                               # a shipped lexicon
         "polite":   {"positive": ["kind", "polite"], "negative": ["rude"]},  # words
@@ -15,13 +15,20 @@ A server's steering is a JSON file named by ``$ANCHOR_KERNELS_SERVING_CONFIG``::
     }
 
 Without the variable every shipped lexicon is a set (``anchor_kernels.lexicons.names()``) with
-``DEFAULT_CONFIG``. A request names a set and, optionally, its own step size; a request that names
-nothing is not touched::
+the form's default step. A request names a set and, optionally, its own step size; a request that
+names nothing is not touched::
 
     {"anchor_set": "harmless", "anchor_step_size": 0.08}
 
-The logit form sees logits only, so it cannot use ``relative_step`` or ``max_norm`` (both need
-``||h0||``); such a config is refused when it is loaded.
+The step is named by its form, as in ``SteerConfig``: ``"eta"`` is METHOD.md's literal eta,
+``"strength"`` the relative step (the fraction of ``||h0||`` the first step moves h). The logit
+form sees logits only, so it cannot use ``"strength"`` or ``"max_norm"`` (both need ``||h0||``;
+such a config is refused when it is loaded): it takes ``"eta"``, ``DEFAULT_LOGIT_STEP`` if none
+is given. The hidden form takes either (``"strength": 0.003`` if neither is given). A request's
+``anchor_step_size`` replaces the config's step in the config's form: a literal eta for the logit
+form (and for a hidden-form config with ``"eta"``), a relative strength for a hidden-form config
+with ``"strength"``. The old ``"step_size"`` / ``"relative_step"`` keys are refused with the
+migration.
 """
 from __future__ import annotations
 
@@ -36,7 +43,7 @@ from typing import Mapping, NamedTuple
 CONFIG_ENV = "ANCHOR_KERNELS_SERVING_CONFIG"
 FORMS = ("logits", "hidden")
 SET_KEY, STEP_KEY = "anchor_set", "anchor_step_size"
-# The literal step (relative_step=False) of the logit form. On SmolLM2-135M-Instruct the library's
+# The literal step (SteerConfig eta) of the logit form. On SmolLM2-135M-Instruct the library's
 # relative default (0.003 ||h0|| per step) is a literal eta of 0.003 ||h0|| / ||grad G(h0)||:
 # median 0.064 (harmless), 0.097 (honest), 0.074 (positive_sentiment) over 20 chat prompts; 0.06
 # is that strength, slightly on the mild side. Other models need their own value.
@@ -50,35 +57,50 @@ MAX_STEP_SIZE = 1e4
 
 class RequestSteering(NamedTuple):
     set_index: int
-    step_size: float
+    step_size: float  # in the config's form: literal eta, or relative strength (step_meaning)
+
+
+def step_meaning(config) -> str:
+    """What a step is under ``config``, as messages and docs say it."""
+    if config.relative_step:
+        return "relative (SteerConfig strength: the fraction of ||h0|| the first step moves h)"
+    return "literal (SteerConfig eta: METHOD.md's eta)"
 
 
 def _config_from_dict(values: Mapping, form: str):
-    from ..config import SteerConfig
+    from ..config import REMOVED_KEYWORDS, SteerConfig, migration_message
 
     if not isinstance(values, Mapping):
         raise TypeError(f"'config' must be an object of SteerConfig fields, got {type(values).__name__}")
+    removed = {k: values[k] for k in REMOVED_KEYWORDS if k in values}
+    if removed:
+        raise ValueError(migration_message(removed, owner="'config'"))
     fields = set(SteerConfig.__dataclass_fields__)
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"'config' has unknown fields {unknown}; SteerConfig has {sorted(fields)}")
-    defaults = {} if form == "hidden" else {"relative_step": False, "step_size": DEFAULT_LOGIT_STEP}
-    config = SteerConfig(**{**defaults, **values})
-    _check_step("'config' step_size", config.step_size, config)
-    if form == "logits" and (config.relative_step or config.max_norm is not None):
-        raise ValueError("the logit form cannot use relative_step or max_norm (they need ||h0||, which "
-                         "logits do not carry): set them off, or use \"form\": \"hidden\"")
+    if form == "logits" and values.get("strength") is not None:
+        raise ValueError("the logit form cannot use \"strength\" (the relative step: it needs ||h0||, which "
+                         "logits do not carry): give \"eta\" (METHOD.md's literal step, default "
+                         f"{DEFAULT_LOGIT_STEP}), or use \"form\": \"hidden\"")
+    given = any(values.get(k) is not None for k in ("strength", "eta"))
+    defaults = {} if form == "hidden" or given else {"eta": DEFAULT_LOGIT_STEP}
+    config = SteerConfig(**{**values, **defaults})
+    _check_step(f"'config' {'strength' if config.relative_step else 'eta'}", config.step_size, config)
+    if form == "logits" and config.max_norm is not None:
+        raise ValueError("the logit form cannot use max_norm (it needs ||h0||, which logits do not carry): "
+                         "leave it out, or use \"form\": \"hidden\"")
     return config
 
 
-def _check_step(name: str, step, config) -> None:
+def _check_step(name: str, step, config, meaning: str = "") -> None:
     if isinstance(step, bool) or not isinstance(step, numbers.Real) or not math.isfinite(step) \
             or not 0 <= step <= MAX_STEP_SIZE:
         raise ValueError(f"{name} must be a number in [0, {MAX_STEP_SIZE:g}] (larger steps can make logits "
-                         f"non-finite), got {step!r}")
+                         f"non-finite), got {step!r}{meaning}")
     if not config.relative_step and step * config.reg > 2:
         raise ValueError(f"{name} = {step!r} times reg = {config.reg} exceeds 2: the K-space loop would "
-                         f"diverge; use a step <= {2 / config.reg:g}")
+                         f"diverge; use a step <= {2 / config.reg:g}{meaning}")
 
 
 def _check_set_spec(name: str, spec) -> dict:
@@ -193,7 +215,7 @@ class ServingConfig:
             raise ValueError(f"{SET_KEY!r} = {name!r} is not a configured anchor set; "
                              f"configured: {list(self.names)}")
         step = args.get(STEP_KEY, self.config.step_size)
-        _check_step(repr(STEP_KEY), step, self.config)
+        _check_step(repr(STEP_KEY), step, self.config, f"; this server's step is {step_meaning(self.config)}")
         return RequestSteering(self.names.index(name), float(step))
 
     def bank(self, tokenizer, vocab: int | None = None):

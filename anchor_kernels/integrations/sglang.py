@@ -51,7 +51,9 @@ class AnchorSteeringSGLang(_Base):
 
     @staticmethod
     def params(anchor_set: str, step_size: float | None = None) -> dict:
-        """The request's ``custom_params``, checked against the server's config."""
+        """The request's ``custom_params``, checked against the server's config. ``step_size``
+        (sent as ``anchor_step_size``) is METHOD.md's literal eta: SGLang runs the logit form,
+        whose config names its step ``"eta"``; None keeps the config's."""
         args = {"anchor_set": anchor_set, **({} if step_size is None else {"anchor_step_size": step_size})}
         ServingConfig.from_env().request(args)
         return args

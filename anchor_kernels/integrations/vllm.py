@@ -6,6 +6,9 @@
 
 (Installed with pip, the class is also registered in vLLM's ``vllm.logits_processors``
 entry-point group, which vLLM loads by itself.) The sets are the server's, see serving.py.
+``anchor_step_size`` replaces the server config's step in that config's form: METHOD.md's literal
+eta in the logit form (the config's ``"eta"``), and in the hidden form whichever the config names
+(``"strength"``, the relative step, by default; or ``"eta"``).
 
 ``AnchorSteering`` implements both of vLLM's processor interfaces: V1
 (``vllm.v1.sample.logits_processor``: ``update_state``/``apply(logits)``, the V1 model runner,
@@ -110,7 +113,8 @@ _LIVE: weakref.WeakSet = weakref.WeakSet()
 
 class AnchorSteering(_V1, _V2):
     """vLLM logits processor: steers each request with the anchor set named in its
-    ``extra_args`` (``anchor_set``, optional ``anchor_step_size``); others are untouched."""
+    ``extra_args`` (``anchor_set``, optional ``anchor_step_size`` in the server config's step form:
+    literal eta or relative strength, see the module docstring); others are untouched."""
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
