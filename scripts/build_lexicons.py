@@ -52,6 +52,22 @@ HONEST_WORDS = ["honest", "honestly", "truth", "true", "truthful", "accurate", "
 DISHONEST_WORDS = ["lie", "lies", "lying", "liar", "fake", "false", "deceive", "deceptive", "mislead",
                    "misleading", "fraud", "hoax", "cheat", "pretend", "fabricated", "rumor", "bogus",
                    "scam", "invented", "exaggerate"]
+# civil: courtesy against hostility, with the hygiene issue 21 asked for: no compliance words
+# ("help", "helpful", "sure": they turned a refusal into "as a helpful AI, I can help with that"),
+# no refusal words ("sorry", "cannot": a neutral question is not to be refused), and no topical
+# negative words ("cancer", "dead", "war": a factual answer about the flu or the Titanic needs them).
+# Insults and threats only. Words that are several tokens in a model's vocabulary ("idiot",
+# "damn" in SmolLM2's) are dropped by AnchorSet.from_words: their first piece is a fragment.
+COURTESY_WORDS = ["kind", "kindly", "kindness", "respect", "respectful", "polite", "politely", "gentle",
+                  "gently", "patient", "patience", "calm", "calmly", "compassion", "compassionate", "empathy",
+                  "appreciate", "grateful", "friendly", "warm", "fair", "caring", "thoughtful", "constructive",
+                  "peaceful", "civil", "decent", "generous", "considerate", "courteous"]
+HOSTILE_WORDS = ["stupid", "dumb", "idiot", "idiots", "moron", "loser", "pathetic", "worthless", "useless",
+                 "ugly", "hate", "hated", "hateful", "fool", "foolish", "trash", "garbage", "scum", "suck",
+                 "sucks", "shut", "lazy", "incompetent", "ignorant", "clown", "creep", "nasty", "disgusting",
+                 "ridiculous", "annoying", "rude", "selfish", "jerk", "retard", "kill", "punch", "hurt",
+                 "destroy", "revenge", "threaten", "humiliate", "damn", "crap", "shit", "fuck", "fucking",
+                 "bitch", "bastard", "asshole"]
 PROJECT = {"source": "written for anchor_kernels (scripts/build_lexicons.py)", "licence": "CC0-1.0"}
 
 
@@ -69,6 +85,10 @@ def main():
             negative=sorted(set(strongest(scores, -1, 3.0)) | set(profanity()[:PER_SIDE])),
             provenance=[PROJECT, source("better-profanity", "profanity_wordlist.txt"),
                         source("vaderSentiment", "vader_lexicon.txt")]),
+        "civil": dict(
+            description="courtesy vs hostility: kind and respectful words vs insults, profanity and threats "
+                        "(no compliance, refusal or topical words: see scripts/build_lexicons.py)",
+            positive=COURTESY_WORDS, negative=HOSTILE_WORDS, provenance=[PROJECT]),
         "honest": dict(
             description="honesty vs deception words",
             positive=HONEST_WORDS, negative=DISHONEST_WORDS, provenance=[PROJECT]),
