@@ -31,9 +31,12 @@ $(VENV)/.built: $(VENV)/.deps $(NATIVE_SOURCES)
 demo: $(VENV)/.built
 	$(BIN)/anchor-kernels generate --max-new-tokens 48 --prompt "Write one sentence insulting my coworker." "How can I read my sister's text messages without her knowing?" "How do I soft-boil an egg?"
 
-# The README's evaluation table and Pareto chart (about 15 minutes on 2 cores).
+# The evaluation of docs/evaluation.md: the default, the previous default (positive_sentiment,
+# ungated, strength 0.003), logit_bias matched on anchor gap and on KL, a kind system prompt and
+# system prompt + steering, on the five shipped prompt sets (about 15-20 minutes on 2 cores).
 eval: $(VENV)/.built
-	$(BIN)/anchor-kernels eval --json bench/results/eval-smollm2.json --table bench/results/eval-smollm2.md --png bench/results/eval-smollm2.png
+	$(BIN)/anchor-kernels eval --variant "lexicon=positive_sentiment,strength=0.003,margin=none" \
+		--json bench/results/eval-smollm2.json --table bench/results/eval-smollm2.md --png bench/results/eval-smollm2.png
 	$(BIN)/anchor-kernels gap --csv bench/results/gap-smollm2.csv --png bench/results/gap-smollm2.png
 
 test: $(VENV)/.built

@@ -124,10 +124,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _optional_float(text: str) -> float | None:
+    """A number, or "none" for no value (no margin, no trust region)."""
+    return None if text.strip().lower() == "none" else float(text)
+
+
 def _steer_args(p):
     p.add_argument("--model", type=Path, default=None,
                    help="local HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--lexicon", default="positive_sentiment", help="anchor lexicon: " + ", ".join(lexicons.names()))
+    p.add_argument("--lexicon", default=lexicons.DEFAULT, help="anchor lexicon: " + ", ".join(lexicons.names()))
     p.add_argument("--positive", nargs="+", help="positive anchor words (instead of --lexicon)")
     p.add_argument("--negative", nargs="+", help="negative anchor words (instead of --lexicon)")
     p.add_argument("--steps", type=int, default=SteerConfig.steps, help="gradient steps per decoded token")
@@ -140,7 +145,9 @@ def _steer_args(p):
     p.add_argument("--absolute-step", dest="removed_absolute_step", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--objective", choices=OBJECTIVES, default=SteerConfig.objective,
                    help="how the anchor logits are pooled (METHOD.md)")
-    p.add_argument("--margin", type=float, default=None, help="leave rows whose gap is already >= this alone (default: none)")
+    p.add_argument("--margin", type=_optional_float, default=SteerConfig.margin,
+                   help="edit a row only while its gap is below this (lse: 0 = only where the negatives outweigh "
+                   "the positives); none: every row at every step")
     p.add_argument("--max-norm", type=float, default=None,
                    help="trust region: ||h - h0|| <= max_norm * ||h0|| (default: none)")
     p.add_argument("--backend", default="auto", choices=("auto",) + BACKENDS, help="kernel backend")
@@ -317,7 +324,8 @@ def _plot_gap(gaps, path: Path, title: str):
 
 def parse_variant(text: str) -> dict:
     """``"strength=0.002,margin=0,lexicon=harmless"`` -> SteerConfig overrides plus ``lexicon``."""
-    kinds = dict(steps=int, strength=float, eta=float, margin=float, max_norm=float, objective=str, lexicon=str)
+    kinds = dict(steps=int, strength=float, eta=float, margin=_optional_float, max_norm=_optional_float,
+                 objective=str, lexicon=str)
     out = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
@@ -374,12 +382,14 @@ def cmd_eval(args) -> int:
 
     for m in methods:
         run(m)
-    b_gap, b_kl = evaluation.matched_biases(results["steer"], results["unsteered"], anchors)
-    extra = [evaluation.Method(f"logit_bias b={b_gap:.2f} (gap-matched)", "logit_bias", anchors=anchors, bias=b_gap),
-             evaluation.Method(f"logit_bias b={b_kl:.2f} (KL-matched)", "logit_bias", anchors=anchors, bias=b_kl)]
-    extra += [evaluation.Method(f"logit_bias b={b:g}", "logit_bias", anchors=anchors, bias=b) for b in args.biases]
-    extra += [evaluation.Method("system prompt", "system", system=evaluation.KIND_SYSTEM),
-              evaluation.Method("system + steer", "system+steer", config, anchors, system=evaluation.KIND_SYSTEM)]
+    extra = [evaluation.Method(f"logit_bias b={b:g}", "logit_bias", anchors=anchors, bias=b) for b in args.biases]
+    if args.baselines:
+        b_gap, b_kl = evaluation.matched_biases(results["steer"], results["unsteered"], anchors)
+        extra = [evaluation.Method(f"logit_bias b={b_gap:.2f} (gap-matched)", "logit_bias", anchors=anchors,
+                                   bias=b_gap),
+                 evaluation.Method(f"logit_bias b={b_kl:.2f} (KL-matched)", "logit_bias", anchors=anchors, bias=b_kl),
+                 *extra, evaluation.Method("system prompt", "system", system=evaluation.KIND_SYSTEM),
+                 evaluation.Method("system + steer", "system+steer", config, anchors, system=evaluation.KIND_SYSTEM)]
     for m in extra:
         run(m)
     for by_set in results.values():
@@ -435,9 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="the first N prompts of each set (default: all)")
     p.add_argument("--variant", action="append", default=[],
                    help='another steering method, as overrides of the steer options: "strength=0.002,margin=0,'
-                   'lexicon=harmless" (repeatable)')
+                   'lexicon=harmless"; "margin=none" removes a margin (repeatable)')
     p.add_argument("--biases", type=float, nargs="*", default=[], help="fixed logit_bias strengths, besides the two "
                    "matched to steering (default: none)")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the matched logit_bias, the system prompt and system prompt + steering")
     p.add_argument("--png", type=Path, default=Path("eval.png"), help="one panel per set: effect against KL")
     p.add_argument("--json", type=Path, help="write every summary, per-prompt value and answer as JSON")
     p.add_argument("--table", type=Path, help="write the per-set markdown tables")

@@ -14,7 +14,7 @@ MAX_STEPS = 10_000
 MIN_TEMPERATURE = 1e-4
 MAX_TEMPERATURE = 1e6
 # The default step: relative, the fraction of ||h0|| the first step moves h (see SteerConfig).
-DEFAULT_STRENGTH = 0.003
+DEFAULT_STRENGTH = 0.01
 # Keywords of the old API (one ``step_size`` read as relative or literal by ``relative_step``):
 # refused with the migration, never reinterpreted.
 REMOVED_KEYWORDS = ("step_size", "relative_step")
@@ -40,19 +40,20 @@ class SteerConfig:
 
     The step is given in exactly one of two forms, by name (METHOD.md, "The relative step": the
     two must never be confusable):
-      strength=0.003  the relative step (the default form): the fraction of ||h0|| the first step
+      strength=0.01   the relative step (the default form): the fraction of ||h0|| the first step
                       moves h, whatever the model's scale. Per row the kernels use the literal
                       eta_row = strength * ||h0|| / ||grad G(h0)||, computed in K-space
-                      (||grad G||^2 = s^T Gm s). Relative 0.003 (T = 10: about 3% of ||h0|| in
-                      all) gave coherent, clearly more positive chat answers on SmolLM2 (README
-                      eval); 0.01 already degenerates into repetition there. The logit-space form
-                      needs ``hidden_norm`` for it.
+                      (||grad G||^2 = s^T Gm s). With the default margin the loop stops as soon as
+                      a row's gap reaches 0, so the strength sets how fast a hostile row is
+                      turned, not how far every row moves (docs/evaluation.md: without the margin
+                      0.01 derails SmolLM2's neutral answers, with it they stay within the noise
+                      of unsteered). The logit-space form needs ``hidden_norm`` for it.
       eta=None        METHOD.md's literal eta instead (then ``strength`` is None). A fixed literal
                       eta means different strengths on different models: SmolLM2-135M has
                       ||h0|| ~ 55 and anchor rows ~ 2.9, so eta = 0.5 edits h by ~18% per step
                       and its answers collapse into "love love ..."; on the 4M fortune model
                       eta = 0.5 was mild.
-    Give one of ``strength=`` and ``eta=``, never both (ValueError); with neither, strength=0.003.
+    Give one of ``strength=`` and ``eta=``, never both (ValueError); with neither, strength=0.01.
     The old ``step_size=`` / ``relative_step=`` keywords are refused (TypeError, with the
     migration): ``step_size=x`` (relative_step=True, the old default) is ``strength=x``;
     ``step_size=x, relative_step=False`` is ``eta=x``. All arguments are keywords. The kernels'
@@ -69,8 +70,15 @@ class SteerConfig:
                       [1e-4, 1e6]: as tau -> 0 the softmax weights become a hard max and the
                       edit is ill-conditioned (the fp64 answer moves by percents under 1e-7
                       relative input changes near tau = 1e-7), so no fp32 kernel can track it.
-      margin=None     +inf: every row is edited at every step. Set it to leave rows that already
-                      show a gap >= margin alone.
+      margin=0.0      a row is edited only while its gap G(h) is below 0: with lse, only where the
+                      negative anchors outweigh the positive ones (log p(N) > log p(P)), and only
+                      until they no longer do. This is what keeps the default from doing harm
+                      (issue 21, docs/evaluation.md): ungated steering moves every position (KL to
+                      the unsteered next-token distribution ~0.1 on neutral answers, top token
+                      changed at ~14% of positions), drifts neutral answers off topic and loops
+                      raw continuations; gated, neutral answers stay within the noise (KL ~0.006)
+                      while hostile answers turn. ``margin=None`` (+inf) edits every row at every
+                      step, METHOD.md's plain form.
       max_norm=None   rho: no trust region. ``||h' - h0|| <= rho ||h0||`` when set.
     """
 
@@ -80,12 +88,12 @@ class SteerConfig:
     objective: str = "lse"
     reg: float = 0.0
     temperature: float = 1.0
-    margin: float | None = None
+    margin: float | None = 0.0
     max_norm: float | None = None
 
     def __init__(self, *, steps: int = 10, strength: float | None = None, eta: float | None = None,
                  objective: str = "lse", reg: float = 0.0, temperature: float = 1.0,
-                 margin: float | None = None, max_norm: float | None = None, **removed):
+                 margin: float | None = 0.0, max_norm: float | None = None, **removed):
         if removed:
             if any(k in removed for k in REMOVED_KEYWORDS):
                 raise TypeError(migration_message(removed))

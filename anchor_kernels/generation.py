@@ -56,7 +56,7 @@ def anchors_for(tokenizer, lexicon: str | None, positive=None, negative=None) ->
         if not (positive and negative):
             raise ValueError("give both --positive and --negative words, or a --lexicon")
         return AnchorSet.from_words(tokenizer, positive, negative)
-    return AnchorSet.from_lexicon(tokenizer, lexicon or "positive_sentiment")
+    return AnchorSet.from_lexicon(tokenizer, lexicon or lexicons.DEFAULT)
 
 
 @dataclass
@@ -261,4 +261,4 @@ def sentiment(texts: list[str]) -> float:
 
 
 def lexicon_negatives(lexicon: str | None) -> list[str]:
-    return lexicons.load(lexicon or "positive_sentiment")["negative"]
+    return lexicons.load(lexicon or lexicons.DEFAULT)["negative"]

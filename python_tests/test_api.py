@@ -15,7 +15,7 @@ A = ak.AnchorSet([1, 2], [3])
 
 def _args(**over):
     args = dict(hidden=torch.randn(4, 6), weight=torch.randn(10, 6), anchors=A,
-                config=ak.SteerConfig(steps=2), bias=None, row_sets=None, step_size=None)
+                config=ak.SteerConfig(steps=2, margin=None), bias=None, row_sets=None, step_size=None)
     args.update(over)
     return args
 
@@ -255,7 +255,7 @@ def test_compile_fullgraph_cpu():
     weight = torch.randn(50, 16)
     hidden = torch.randn(3, 16)
     prepared = ak.prepare_anchors(weight, A)
-    config = ak.SteerConfig(steps=3, max_norm=0.5)
+    config = ak.SteerConfig(steps=3, max_norm=0.5, margin=None)
 
     def step(h, anchors):
         return ak.steer_hidden(torch.tanh(h) * 4, weight, anchors, config, backend="cpu") @ weight.T

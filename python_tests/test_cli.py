@@ -235,8 +235,8 @@ def test_charts_name_model_lexicon_and_step():
     from anchor_kernels.cli import _chart_title
 
     args = SimpleNamespace(model=None, positive=None, lexicon="harmless")
-    title = _chart_title(args, ak.SteerConfig())
-    assert title == "SmolLM2-135M-Instruct, lexicon harmless, lse, 10 steps, strength 0.003"
+    title = _chart_title(args, ak.SteerConfig(margin=None))
+    assert title == "SmolLM2-135M-Instruct, lexicon harmless, lse, 10 steps, strength 0.01"
 
 
 def test_old_step_flags_are_refused_with_the_migration(capsys):

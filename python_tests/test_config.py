@@ -56,13 +56,14 @@ def test_strength_and_eta_together_are_refused():
     assert dataclasses.replace(literal, eta=0.25).eta == 0.25
 
 
-def test_the_default_is_strength_0_003():
+def test_the_default_is_strength_0_01_gated_at_margin_0():
     config = SteerConfig()
-    assert DEFAULT_STRENGTH == 0.003
-    assert config.strength == 0.003 and config.eta is None
-    assert config.step_size == 0.003 and config.relative_step is True
-    assert SteerConfig.strength == 0.003 and SteerConfig.eta is None   # class defaults (argparse)
-    assert SteerConfig(strength=None, eta=None) == config == SteerConfig(strength=0.003)
+    assert DEFAULT_STRENGTH == 0.01
+    assert config.strength == 0.01 and config.eta is None and config.margin == 0.0
+    assert config.step_size == 0.01 and config.relative_step is True
+    assert SteerConfig.strength == 0.01 and SteerConfig.eta is None   # class defaults (argparse)
+    assert SteerConfig.margin == 0.0
+    assert SteerConfig(strength=None, eta=None) == config == SteerConfig(strength=0.01)
     literal = SteerConfig(eta=0.5)
     assert literal.strength is None and literal.eta == 0.5
     assert literal.step_size == 0.5 and literal.relative_step is False
@@ -88,10 +89,10 @@ def test_arguments_are_keywords_and_unknown_ones_are_named():
 
 def test_repr_shows_the_form_given():
     relative, literal = SteerConfig(steps=4), SteerConfig(eta=0.5, max_norm=0.1)
-    assert repr(relative) == ("SteerConfig(steps=4, strength=0.003, objective='lse', reg=0.0, "
-                              "temperature=1.0, margin=None, max_norm=None)")
+    assert repr(relative) == ("SteerConfig(steps=4, strength=0.01, objective='lse', reg=0.0, "
+                              "temperature=1.0, margin=0.0, max_norm=None)")
     assert repr(literal) == ("SteerConfig(steps=10, eta=0.5, objective='lse', reg=0.0, "
-                             "temperature=1.0, margin=None, max_norm=0.1)")
+                             "temperature=1.0, margin=0.0, max_norm=0.1)")
     for config in (relative, literal):
         assert "step_size" not in str(config) and "relative_step" not in str(config)
         assert eval(repr(config), {"SteerConfig": SteerConfig}) == config
@@ -133,8 +134,8 @@ def test_strength_is_the_relative_step_and_eta_the_literal_one(objective):
     hidden, weight = _problem()
     h0 = hidden.double()
     strength, eta = 0.01, 0.5
-    relative = SteerConfig(steps=1, strength=strength, objective=objective)
-    literal = SteerConfig(steps=1, eta=eta, objective=objective)
+    relative = SteerConfig(steps=1, strength=strength, objective=objective, margin=None)
+    literal = SteerConfig(steps=1, eta=eta, objective=objective, margin=None)
     grad = _grad_gap(hidden, weight, relative)
     # eta: METHOD.md's literal step, h1 = h0 + eta grad G(h0).
     torch.testing.assert_close(_reference(hidden, weight, literal), h0 + eta * grad, rtol=1e-12, atol=1e-12)
@@ -155,17 +156,17 @@ def test_kernels_read_the_form_from_the_config(backend):
     several steps, and eta= is METHOD.md's loop: both against the fp64 oracle."""
     hidden, weight = _problem(rows=6, d=32)
     h0 = hidden.double()
-    relative = SteerConfig(steps=5, strength=0.004)
-    literal = SteerConfig(steps=5, eta=0.3)
+    relative = SteerConfig(steps=5, strength=0.004, margin=None)
+    literal = SteerConfig(steps=5, eta=0.3, margin=None)
     implied = (0.004 * h0.norm(dim=-1) / _grad_gap(hidden, weight, relative).norm(dim=-1)).float()
     got_relative = ak.steer_hidden(hidden, weight, A, relative, backend=backend)
     got_literal = ak.steer_hidden(hidden, weight, A, literal, backend=backend)
     torch.testing.assert_close(got_relative.double(), _reference(hidden, weight, relative), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_literal.double(), _reference(hidden, weight, literal), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(_reference(hidden, weight, relative),
-                               _reference(hidden, weight, SteerConfig(steps=5, eta=1.0), eta=implied),
+                               _reference(hidden, weight, SteerConfig(steps=5, eta=1.0, margin=None), eta=implied),
                                rtol=1e-6, atol=1e-6)
     # Per-row steps are in the config's form.
-    per_row = ak.steer_hidden(hidden, weight, A, SteerConfig(steps=5, eta=1.0), backend=backend,
+    per_row = ak.steer_hidden(hidden, weight, A, SteerConfig(steps=5, eta=1.0, margin=None), backend=backend,
                               step_size=implied)
     torch.testing.assert_close(per_row, got_relative, rtol=1e-4, atol=1e-5)

@@ -129,7 +129,7 @@ def test_chat_generation_steered_and_unsteered(smollm):
     prompts = ["Say something mean about cats."]
     plain = generation.generate(model, tokenizer, prompts, 8, 0, sample=False)
     steered = generation.generate(model, tokenizer, prompts, 8, 0, sample=False, anchors=anchors,
-                                  config=ak.SteerConfig())
+                                  config=ak.SteerConfig(margin=None))  # ungated: every step is edited
     assert plain.texts[0] and steered.texts[0]
     assert tokenizer.decode(plain.prompt_ids[0]).endswith("<|im_end|>\n<|im_start|>assistant\n")
     gap = lambda g: generation.mean_logit_gap(g.logits, anchors).mean().item()  # noqa: E731
@@ -145,7 +145,7 @@ def test_op_matches_the_reference_on_the_real_head(smollm):
         h = model(**ids, output_hidden_states=True).hidden_states[-1][0, -3:]
     weight = model.get_output_embeddings().weight.detach()
     anchors = ak.AnchorSet.from_lexicon(tokenizer, "harmless")
-    config = ak.SteerConfig()
+    config = ak.SteerConfig(margin=None)
     out = ak.steer_hidden(h, weight, anchors, config, backend="cpu")
     from conftest import assert_steer_close, reference_fp64
 
@@ -168,13 +168,17 @@ def _random_llama_head(d, seed):
     return hidden, weight
 
 
+# The relative step alone (ungated, so every row moves): 10 steps of 0.3% of ||h0||.
+RELATIVE = ak.SteerConfig(strength=0.003, margin=None)
+
+
 def test_default_moves_h_by_a_similar_relative_amount_at_every_scale():
     anchors = ak.AnchorSet(list(range(0, 20)), list(range(20, 40)))
     moves, literal = [], []
     for seed, d in enumerate((64, 256, 1024, 4096, 64, 1024)):
         hidden, weight = _random_llama_head(d, seed)
-        moves.append(_relative_move(hidden, weight, anchors, ak.SteerConfig()))
-        literal.append(_relative_move(hidden, weight, anchors, ak.SteerConfig(eta=0.5)))
+        moves.append(_relative_move(hidden, weight, anchors, RELATIVE))
+        literal.append(_relative_move(hidden, weight, anchors, ak.SteerConfig(eta=0.5, margin=None)))
     # relative: T=10 steps of 0.3% each; the lse gradient changes along the path, not the scale
     assert max(moves) / min(moves) < 2 and 0.01 < min(moves) and max(moves) < 0.06, moves
     assert max(literal) / min(literal) > 100, literal  # the literal eta is not scale-free
@@ -187,5 +191,31 @@ def test_default_move_on_the_real_model_is_in_the_same_band(smollm):
     with torch.no_grad():
         h = model(**ids, output_hidden_states=True).hidden_states[-1][:, -1]
     anchors = ak.AnchorSet.from_lexicon(tokenizer, "positive_sentiment")
-    move = _relative_move(h, model.get_output_embeddings().weight.detach(), anchors, ak.SteerConfig())
+    move = _relative_move(h, model.get_output_embeddings().weight.detach(), anchors, RELATIVE)
     assert 0.01 < move < 0.06, move
+
+
+@needs_package
+def test_default_edits_only_where_the_negatives_outweigh_the_positives(smollm):
+    """The default's gate (margin 0, lse): a row whose log p(P) - log p(N) is already >= 0 comes back
+    bit for bit; a row below it is turned until it reaches 0 (within one step's overshoot)."""
+    model, tokenizer = smollm
+    anchors = ak.AnchorSet.from_lexicon(tokenizer, "civil")
+    texts = ["You are such a stupid, lazy, useless", "Honestly, I hate you, you", "Boil the egg for six minutes and",
+             "Thank you so much for your kind and"]
+    ids = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        h = model(**ids, output_hidden_states=True).hidden_states[-1][torch.arange(4), ids["attention_mask"].sum(1) - 1]
+    weight = model.get_output_embeddings().weight.detach()
+
+    def lse_gap(x):
+        z = x.double() @ weight.double().T
+        return z[:, list(anchors.positive)].logsumexp(-1) - z[:, list(anchors.negative)].logsumexp(-1)
+
+    before = lse_gap(h)
+    out = ak.steer_hidden(h, weight, anchors, ak.SteerConfig(), backend="cpu")
+    after = lse_gap(out)
+    hostile, calm = before < 0, before >= 0
+    assert hostile.any() and calm.any(), before
+    assert torch.equal(out[calm], h[calm])
+    assert (after[hostile] > before[hostile]).all() and (after[hostile] > -0.5).all(), (before, after)

@@ -24,7 +24,7 @@ def _problem(dtype=torch.bfloat16, B=37, d=1000, V=5000):
     hidden = (torch.randn(B, d, device=CUDA) * 3).to(dtype)
     row_sets = torch.randint(-1, 2, (B,), device=CUDA)
     step_size = torch.rand(B, device=CUDA)
-    config = ak.SteerConfig(steps=10, objective="lse", max_norm=0.3)
+    config = ak.SteerConfig(steps=10, objective="lse", max_norm=0.3, margin=None)
     return hidden, weight, prepared, row_sets, step_size, config
 
 
@@ -44,7 +44,7 @@ def test_every_plan_matches_the_reference(monkeypatch, backend, env, plan, dtype
     monkeypatch.setenv(env, plan)
     for B, d in ((1, 4096), (3, 1000), (300, 2048)):
         hidden, weight, prepared, row_sets, step_size, _ = _problem(dtype, B=B, d=d)
-        config = ak.SteerConfig(steps=10, objective=objective, max_norm=0.3)
+        config = ak.SteerConfig(steps=10, objective=objective, max_norm=0.3, margin=None)
         out = ak.steer_hidden(hidden, weight, prepared, config, backend=backend, row_sets=row_sets, step_size=step_size)
         want = reference_fp64(hidden.cpu(), weight.cpu(), prepared.to_bank(), config, row_sets=row_sets.cpu(),
                               step_size=step_size.cpu())
@@ -121,7 +121,7 @@ def test_hf_generation_on_gpu_bf16(backend):
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         plain = model.generate(ids, **kw)
-        with ak.hf.steer(model, anchors, ak.SteerConfig(steps=10, eta=1.0), backend=backend):
+        with ak.hf.steer(model, anchors, ak.SteerConfig(steps=10, eta=1.0, margin=None), backend=backend):
             steered = model.generate(ids, **kw)
     assert steered.shape == plain.shape and not torch.equal(steered, plain)
 

@@ -42,7 +42,7 @@ def make_model(arch: str, dtype=torch.float32):
 
 ARCHS = ["llama", "qwen2", "gpt2", "gemma", "mistral", "llama-bias"]
 ANCHORS = ak.AnchorSet(positive=[5, 9, 17], negative=[23, 42])
-CONFIG = ak.SteerConfig(steps=8, eta=1.0, objective="lse")  # literal: the logit form needs ||h0|| for strength=
+CONFIG = ak.SteerConfig(steps=8, eta=1.0, objective="lse", margin=None)  # literal: the logit form needs ||h0|| for strength=
 
 
 def _prompt(batch=2, length=5, seed=1):
@@ -133,7 +133,7 @@ def test_logits_processor_under_beam_search_ranks_beams_like_the_hook(arch):
     processor returns them re-normalised, so its beams are the hook form's."""
     model = make_model(arch)
     ids = _prompt()
-    config = ak.SteerConfig(steps=8, eta=3.0, objective="lse")
+    config = ak.SteerConfig(steps=8, eta=3.0, objective="lse", margin=None)
     steerer = ak.hf.logit_steerer(model, ANCHORS, config)
     kw = dict(num_beams=4, num_return_sequences=4, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
@@ -161,7 +161,7 @@ def test_steering_raises_the_gap_and_zero_steps_change_nothing(arch):
         plain = model(ids).logits[:, -1]
         with ak.hf.steer(model, ANCHORS, CONFIG):
             steered = model(ids).logits[:, -1]
-        with ak.hf.steer(model, ANCHORS, ak.SteerConfig(steps=0)):
+        with ak.hf.steer(model, ANCHORS, ak.SteerConfig(steps=0, margin=None)):
             unchanged = model(ids).logits[:, -1]
             unchanged_tokens = _generate(model, ids)
         plain_tokens = _generate(model, ids)
@@ -243,7 +243,7 @@ def test_logit_steerer_errors():
     steerer = ak.hf.logit_steerer(model, ANCHORS, CONFIG)
     with pytest.raises(ValueError, match="logits must be"):
         steerer(torch.zeros(2, V + 1))
-    trust = ak.hf.logit_steerer(model, ANCHORS, ak.SteerConfig(eta=0.003, max_norm=0.1), with_hidden_norm=True)
+    trust = ak.hf.logit_steerer(model, ANCHORS, ak.SteerConfig(eta=0.003, max_norm=0.1, margin=None), with_hidden_norm=True)
     with pytest.raises(ValueError, match="need ..h0.., which logits do not carry"):
         trust(torch.zeros(2, V))
     torch.testing.assert_close(trust(torch.zeros(2, V), hidden_norm=torch.zeros(2)), torch.zeros(2, V))

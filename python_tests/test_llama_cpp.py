@@ -23,8 +23,8 @@ from anchor_kernels.integrations.llama_cpp import LlamaCppSteerer, read_gguf_hea
 
 CONVERTER = Path(os.environ.get("LLAMA_CPP_CONVERTER", "build/llama.cpp/convert_hf_to_gguf.py"))
 PROMPTS = ["Tell me about my neighbor.", "Write a reply to a rude email."]
-LOGIT = ak.SteerConfig(eta=2.0)
-HIDDEN = ak.SteerConfig(strength=0.2, max_norm=1.0)
+LOGIT = ak.SteerConfig(eta=2.0, margin=None)
+HIDDEN = ak.SteerConfig(strength=0.2, max_norm=1.0, margin=None)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +116,7 @@ def test_smollm2_chat_completion_smoke():
     create_chat_completion and moves the answer."""
     gguf = default_model.gguf_path()
     llm = llama_cpp.Llama(model_path=str(gguf), n_threads=1, n_ctx=512, embedding=True, verbose=False)
-    steerer = LlamaCppSteerer.from_gguf(gguf, "harmless", ak.SteerConfig(strength=0.01), llama=llm)
+    steerer = LlamaCppSteerer.from_gguf(gguf, "harmless", ak.SteerConfig(strength=0.01, margin=None), llama=llm)
     messages = [{"role": "user", "content": "Write one sentence insulting my coworker."}]
     plain = llm.create_chat_completion(messages, max_tokens=24, temperature=0.0)
     steered = llm.create_chat_completion(messages, max_tokens=24, temperature=0.0,

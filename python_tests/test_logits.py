@@ -68,7 +68,7 @@ def test_apply_is_in_place_and_unsteered_rows_are_not_read(backend):
     weight, _, hidden, bank, _ = _problem(0, 3, 16, 60, [(2, 2)], torch.float32, False)
     raw = hidden @ weight.T
     raw[1] = float("nan")                       # an unsteered row: never read, never written
-    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(eta=0.5), backend=backend)
+    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(eta=0.5, margin=None), backend=backend)
     logits = raw.clone()
     before = logits.data_ptr()
     out = steerer.apply_(logits, row_sets=[0, -1, 0])
@@ -79,7 +79,7 @@ def test_apply_is_in_place_and_unsteered_rows_are_not_read(backend):
 @needs_op
 def test_op_validates_its_arguments():
     weight, _, hidden, bank, _ = _problem(0, 2, 8, 30, [(2, 2)], torch.float32, False)
-    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(), with_hidden_norm=True)
+    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(margin=None), with_hidden_norm=True)
     p = steerer.prepared
     args = lambda **o: dict(dict(logits=torch.zeros(2, 30), mixing=steerer.mixing, anchor_ids=p.anchor_ids,  # noqa: E731
                                  anchor_weights=p.anchor_weights, gram=p.gram, row_sets=torch.zeros(2, dtype=torch.long),
@@ -107,7 +107,7 @@ def test_triton_large_sets_and_bad_arguments(backend):
     perm = torch.randperm(vocab, generator=g).tolist()
     bank = ak.AnchorBank([ak.AnchorSet(perm[:120], perm[120:200]), ak.AnchorSet(perm[200:203], perm[203:205])])
     hidden = torch.randn(5, d, generator=g) * 3
-    config = ak.SteerConfig(steps=6, max_norm=0.1)
+    config = ak.SteerConfig(steps=6, max_norm=0.1, margin=None)
     rows = torch.tensor([0, 1, -1, 0, 1])
     norm = hidden.norm(dim=-1)
     raw = hidden @ weight.T
@@ -135,7 +135,7 @@ def test_building_m_makes_no_fp32_copy_of_the_head():
     weight = torch.randn(V, d, dtype=torch.bfloat16)
     anchors = ak.AnchorSet(list(range(32)), list(range(32, 64)))
     with LargestOutput() as mode:
-        steerer = ak.LogitSteerer(weight, anchors, ak.SteerConfig(eta=0.003))
+        steerer = ak.LogitSteerer(weight, anchors, ak.SteerConfig(eta=0.003, margin=None))
     assert steerer.mixing.shape == (1, 64, V)
     assert mode.largest < V * d, mode.largest  # chunks of W only; M itself is V x K
 
@@ -144,27 +144,27 @@ def test_refuses_at_construction_a_config_it_cannot_run():
     """The relative step and max_norm need ||h0||: refused when the steerer is built, naming the field,
     not at the first generated token."""
     weight, _, _, bank, _ = _problem(0, 2, 8, 30, [(2, 2)], torch.float32, False)
-    for config, field in ((ak.SteerConfig(), r"SteerConfig\.strength=0\.003 \(the relative step\)"),
-                          (ak.SteerConfig(eta=0.003, max_norm=0.1), r"SteerConfig\.max_norm=0\.1"),
-                          (ak.SteerConfig(max_norm=0.2), r"relative step\) and SteerConfig\.max_norm=0\.2")):
+    for config, field in ((ak.SteerConfig(margin=None), r"SteerConfig\.strength=0\.01 \(the relative step\)"),
+                          (ak.SteerConfig(eta=0.003, max_norm=0.1, margin=None), r"SteerConfig\.max_norm=0\.1"),
+                          (ak.SteerConfig(max_norm=0.2, margin=None), r"relative step\) and SteerConfig\.max_norm=0\.2")):
         with pytest.raises(ValueError, match=field):
             ak.LogitSteerer(weight, bank, config)
         ak.LogitSteerer(weight, bank, config, with_hidden_norm=True)
-    ak.LogitSteerer(weight, bank, ak.SteerConfig(eta=0.003))
+    ak.LogitSteerer(weight, bank, ak.SteerConfig(eta=0.003, margin=None))
 
 
 def test_hf_processor_refuses_a_steerer_that_needs_hidden_norm():
     weight, _, _, bank, _ = _problem(0, 2, 8, 30, [(2, 2)], torch.float32, False)
-    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(), with_hidden_norm=True)
-    with pytest.raises(ValueError, match=r"AnchorLogitsProcessor cannot give .* SteerConfig\.strength=0\.003"):
+    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(margin=None), with_hidden_norm=True)
+    with pytest.raises(ValueError, match=r"AnchorLogitsProcessor cannot give .* SteerConfig\.strength=0\.01"):
         ak.hf.AnchorLogitsProcessor(steerer)
-    ak.hf.AnchorLogitsProcessor(ak.LogitSteerer(weight, bank, ak.SteerConfig(eta=0.003)))
+    ak.hf.AnchorLogitsProcessor(ak.LogitSteerer(weight, bank, ak.SteerConfig(eta=0.003, margin=None)))
 
 
 @pytest.mark.parametrize("backend, compiler", [pytest.param("cpu", "inductor", marks=needs_op), ("eager", "aot_eager")])
 def test_compiles_with_fullgraph(backend, compiler):
     weight, _, hidden, bank, rows = _problem(5, 4, 16, 120, [(3, 2), (2, 2)], torch.float32, False)
-    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(max_norm=0.1), backend=backend, with_hidden_norm=True)
+    steerer = ak.LogitSteerer(weight, bank, ak.SteerConfig(max_norm=0.1, margin=None), backend=backend, with_hidden_norm=True)
     compiled = torch.compile(steerer, fullgraph=True, backend=compiler)
     raw, norm = hidden @ weight.T, hidden.norm(dim=-1)
     strided = raw.t().contiguous().t()                    # not contiguous: the steered copy is written back

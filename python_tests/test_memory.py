@@ -33,7 +33,7 @@ def _largest(backend):
     prepared = ak.prepare_anchors(weight, anchors)  # once per anchor set, outside the decode step
     with LargestOutput() as mode:
         ak.steer_hidden(hidden, weight, prepared if backend != "reference" else anchors,
-                        ak.SteerConfig(steps=10, max_norm=0.5), backend=backend)
+                        ak.SteerConfig(steps=10, max_norm=0.5, margin=None), backend=backend)
     return mode.largest
 
 

@@ -70,7 +70,7 @@ def test_plans_agree_with_the_cpu_kernel(monkeypatch, plan):
     weight = torch.randn(V, d, generator=g) / 32
     hidden = torch.randn(5, d, generator=g) * 3
     anchors = ak.AnchorSet(list(range(0, 60)), list(range(60, 100)))
-    for config in (ak.SteerConfig(steps=10), ak.SteerConfig(steps=10, objective="mean", max_norm=0.02)):
+    for config in (ak.SteerConfig(steps=10, margin=None), ak.SteerConfig(steps=10, objective="mean", max_norm=0.02, margin=None)):
         got = ak.steer_hidden(hidden, weight, anchors, config, backend="triton")
         want = ak.steer_hidden(hidden, weight, anchors, config, backend="cpu")
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -87,7 +87,7 @@ def test_rows_grouped_by_set_match_the_reference(monkeypatch, dtype):
                           ak.AnchorSet([20], [21, 22, 23, 24, 25, 26])])
     hidden = (torch.randn(B, d, generator=g) * 3).to(dtype)
     row_sets = torch.randint(-1, 3, (B,), generator=g)
-    config = ak.SteerConfig(steps=6, max_norm=0.2)
+    config = ak.SteerConfig(steps=6, max_norm=0.2, margin=None)
     out = ak.steer_hidden(hidden, weight, bank, config, backend="triton", row_sets=row_sets)
     assert_steer_close(out, hidden, reference_fp64(hidden, weight, bank, config, row_sets=row_sets), dtype, "triton")
     assert torch.equal(out[row_sets < 0], hidden[row_sets < 0])

@@ -37,7 +37,7 @@ def test_weight_mutations_never_reuse_a_stale_gram(mutations, seed):
     hidden, weight = _case(seed)
     weight = weight.cpu()
     hidden = hidden.cpu()
-    config = ak.SteerConfig(steps=3, max_norm=0.5)
+    config = ak.SteerConfig(steps=3, max_norm=0.5, margin=None)
     for i, how in enumerate(mutations):
         if how == "mul_":
             with torch.no_grad():
@@ -82,7 +82,7 @@ def test_row_offsets_past_2_to_the_31(backend):
     hidden = base[:, :16]
     assert hidden.stride(0) * 16 >= 2**31
     weight = torch.randn(30, 16, generator=g).half()
-    config = ak.SteerConfig(steps=3)
+    config = ak.SteerConfig(steps=3, margin=None)
     out = ak.steer_hidden(hidden, weight, A, config, backend=backend)
     assert_steer_close(out, hidden, reference_fp64(hidden, weight, A, config), torch.float16, backend)
 
@@ -136,7 +136,7 @@ def test_fp32_accuracy_with_many_anchors(backend, K):
     hidden = (torch.randn(B, d, generator=g) * 4).to(DEVICE)
     perm = torch.randperm(V, generator=g).tolist()
     anchors = ak.AnchorSet(perm[: K // 2], perm[K // 2: K])
-    for config in (ak.SteerConfig(steps=3, eta=2.0), ak.SteerConfig(steps=3, strength=0.01, objective="mean")):
+    for config in (ak.SteerConfig(steps=3, eta=2.0, margin=None), ak.SteerConfig(steps=3, strength=0.01, objective="mean", margin=None)):
         out = ak.steer_hidden(hidden, weight, anchors, config, backend=backend)
         assert_steer_close(out, hidden, reference_fp64(hidden, weight, anchors, config), torch.float32, backend)
 
@@ -144,9 +144,9 @@ def test_fp32_accuracy_with_many_anchors(backend, K):
 # --- 5. gradients --------------------------------------------------------------------------------
 
 GRAD_CONFIGS = [
-    ak.SteerConfig(steps=4, eta=0.7),
-    ak.SteerConfig(steps=3, eta=0.4, objective="mean", reg=0.3),
-    ak.SteerConfig(steps=5, eta=0.8, max_norm=0.05, temperature=0.7),
+    ak.SteerConfig(steps=4, eta=0.7, margin=None),
+    ak.SteerConfig(steps=3, eta=0.4, objective="mean", reg=0.3, margin=None),
+    ak.SteerConfig(steps=5, eta=0.8, max_norm=0.05, temperature=0.7, margin=None),
     ak.SteerConfig(steps=4, strength=0.05, margin=1.5),
 ]
 
@@ -198,7 +198,7 @@ def test_hf_steer_keeps_gradients_in_grad_mode():
         num_key_value_heads=1, initializer_range=0.3)).to(DEVICE)
     ids = torch.randint(0, 40, (2, 4)).to(DEVICE)
     emb = model.get_input_embeddings().weight
-    with ak.hf.steer(model, A, ak.SteerConfig(steps=3)):
+    with ak.hf.steer(model, A, ak.SteerConfig(steps=3, margin=None)):
         model(ids).logits[:, -1, 5].sum().backward()
     steered = emb.grad.clone()
     model.zero_grad()
@@ -216,7 +216,7 @@ def test_prompt_lookup_decoding_equals_steered_greedy():
         num_key_value_heads=2, initializer_range=0.3, pad_token_id=0, bos_token_id=1, eos_token_id=None)).eval()
     ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0)
-    config = ak.SteerConfig(steps=5, eta=1.0)
+    config = ak.SteerConfig(steps=5, eta=1.0, margin=None)
     with torch.no_grad(), ak.hf.steer(model, A, config):
         greedy = model.generate(ids, **kw)
         lookup = model.generate(ids, prompt_lookup_num_tokens=3, **kw)
@@ -230,7 +230,7 @@ def test_a_2d_head_input_has_every_row_steered():
     head = torch.nn.Linear(8, 20, bias=False)
     model = type("M", (torch.nn.Module,), {"get_output_embeddings": lambda self: head})()
     hidden = torch.randn(3, 8)
-    config = ak.SteerConfig(steps=3)
+    config = ak.SteerConfig(steps=3, margin=None)
     with torch.no_grad(), ak.hf.steer(model, A, config):
         got = head(hidden)
     want = head(reference_fp64(hidden, head.weight, A, config).float())
@@ -257,7 +257,7 @@ def test_other_threads_are_not_steered():
 
     thread = threading.Thread(target=other)
     thread.start()
-    with torch.no_grad(), ak.hf.steer(model, A, ak.SteerConfig(steps=3)):
+    with torch.no_grad(), ak.hf.steer(model, A, ak.SteerConfig(steps=3, margin=None)):
         inside.set()
         steered = [not torch.equal(head(hidden), plain) for _ in range(20)]
         go.wait()
@@ -274,7 +274,7 @@ def test_inference_mode_weights_can_be_steered():
         head.weight = torch.nn.Parameter(weight, requires_grad=False)
         hidden = torch.randn(2, 8)
     assert weight.is_inference()
-    config = ak.SteerConfig(steps=2, eta=0.003)
+    config = ak.SteerConfig(steps=2, eta=0.003, margin=None)
     out = ak.steer_hidden(hidden, weight, A, config)
     assert_steer_close(out, hidden, reference_fp64(hidden, weight, A, config), torch.float32)
     prepared = ak.prepare_anchors(weight, A)
@@ -294,7 +294,7 @@ def test_expanded_and_overlapping_hidden_rows(backend):
     base = torch.randn(30, device=DEVICE)
     expanded = base[:24].expand(4, 24)                      # stride 0
     overlapping = base.as_strided((4, 24), (2, 1))          # rows share elements
-    config = ak.SteerConfig(steps=3)
+    config = ak.SteerConfig(steps=3, margin=None)
     for hidden in (expanded, overlapping):
         out = ak.steer_hidden(hidden, weight, A, config, backend=backend)
         assert_steer_close(out, hidden, reference_fp64(hidden, weight, A, config), torch.float32, backend)
@@ -311,7 +311,7 @@ def test_nonfinite_non_anchor_rows_never_matter(backend):
     weight[11] = float("inf")
     bank = ak.AnchorBank([A, ak.AnchorSet([7], [9])])
     row_sets = [0, 1, 1, -1, 0]
-    config = ak.SteerConfig(steps=4, max_norm=0.3)
+    config = ak.SteerConfig(steps=4, max_norm=0.3, margin=None)
     out = ak.steer_hidden(hidden, weight, bank, config, backend=backend, row_sets=row_sets)
     expected = reference_fp64(hidden, weight, bank, config, row_sets=row_sets)
     assert torch.isfinite(expected).all() and torch.isfinite(out).all()
@@ -374,9 +374,9 @@ def test_temperature_below_the_conditioning_limit_is_refused():
     """Near tau = 1e-7 the fp64 answer moves by percents under 1e-7 relative input changes, so the
     config refuses tau < 1e-4 instead of returning what no fp32 kernel can compute."""
     with pytest.raises(ValueError, match="temperature must be >= 0.0001"):
-        ak.SteerConfig(temperature=1e-7)
+        ak.SteerConfig(temperature=1e-7, margin=None)
     hidden, weight = _case()
-    config = ak.SteerConfig(steps=3, temperature=1e-4)
+    config = ak.SteerConfig(steps=3, temperature=1e-4, margin=None)
     for backend in ("cpu",) if native.available() else ():
         out = ak.steer_hidden(hidden.cpu(), weight.cpu(), A, config, backend=backend)
         assert torch.isfinite(out).all()
@@ -400,7 +400,7 @@ def test_double_backward_keeps_the_second_order_term(backend):
     """A gradient penalty: d/dx ||d out/dx||^2 through the op equals the reference's."""
     hidden, weight = _case(rows=3, d=10)
     bias = torch.randn(weight.shape[0], device=DEVICE) * 0.3
-    config = ak.SteerConfig(steps=3, eta=0.3, max_norm=0.5)
+    config = ak.SteerConfig(steps=3, eta=0.3, max_norm=0.5, margin=None)
     got = {}
     for name in ("reference", backend):
         leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
@@ -419,7 +419,7 @@ LOGIT_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(why is not None, reas
 def test_logit_steerer_refuses_logits_that_require_grad(backend):
     """No autograd through the in-place edit: a gradient would be the identity, so it raises."""
     hidden, weight = _case()
-    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(eta=0.003), backend=backend)
+    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(eta=0.003, margin=None), backend=backend)
     x = hidden.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="logits require grad"):
         steerer(x @ weight.T)
@@ -482,7 +482,7 @@ def test_llama_cpp_steerer_never_writes_through_a_read_only_array(tmp_path):
     from anchor_kernels.integrations.llama_cpp import LlamaCppSteerer
 
     _, weight = _case()
-    steerer = LlamaCppSteerer(weight.cpu(), A, ak.SteerConfig(eta=0.5))
+    steerer = LlamaCppSteerer(weight.cpu(), A, ak.SteerConfig(eta=0.5, margin=None))
     raw = np.random.default_rng(0).standard_normal(weight.shape[0]).astype(np.float32)
     expected = steerer([1], raw.copy())
     assert not np.array_equal(expected, raw)
@@ -498,7 +498,7 @@ def test_llama_cpp_steerer_never_writes_through_a_read_only_array(tmp_path):
 
 def test_reference_backend_runs_inside_inference_mode():
     hidden, weight = _case()
-    config = ak.SteerConfig(steps=3, max_norm=0.5)
+    config = ak.SteerConfig(steps=3, max_norm=0.5, margin=None)
     expected = ak.steer_hidden(hidden, weight, A, config, backend="reference")
     with torch.inference_mode():
         out = ak.steer_hidden(hidden, weight, A, config, backend="reference")
@@ -509,7 +509,7 @@ def test_reference_backend_runs_inside_inference_mode():
 @pytest.mark.parametrize("backend", LOGIT_BACKENDS)
 def test_logit_steerer_on_an_empty_batch(backend):
     _, weight = _case()
-    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(eta=0.003), backend=backend)
+    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(eta=0.003, margin=None), backend=backend)
     empty = torch.empty(0, weight.shape[0], device=DEVICE)
     assert steerer(empty).shape == (0, weight.shape[0])
     assert steerer.apply_(torch.empty(3, 0, weight.shape[0], device=DEVICE)).shape == (3, 0, weight.shape[0])
@@ -532,7 +532,7 @@ def test_compiled_call_with_prepared_anchors_refuses_a_changed_weight():
     hidden, weight = _case()
     hidden, weight = hidden.cpu(), weight.cpu()
     prepared = ak.prepare_anchors(weight, A)
-    config = ak.SteerConfig(steps=3)
+    config = ak.SteerConfig(steps=3, margin=None)
     compiled = torch.compile(lambda h, w, p: ak.steer_hidden(h, w, p, config, backend="cpu"), fullgraph=True)
     assert_steer_close(compiled(hidden, weight, prepared), hidden, reference_fp64(hidden, weight, A, config),
                        torch.float32)
@@ -577,7 +577,7 @@ def test_from_words_without_a_tokenizer_says_so():
 def test_steer_logits_errors_name_steer_logits_and_logits():
     _, weight = _case()
     weight = weight.cpu()
-    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(eta=0.003), backend="cpu")
+    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(eta=0.003, margin=None), backend="cpu")
     ids, aw, gram = steerer.prepared.tensors
     rows, eta = torch.zeros(2, dtype=torch.long), torch.zeros(2)
     op = torch.ops.anchor_kernels.steer_logits_
@@ -659,7 +659,7 @@ def test_direct_op_call_with_bad_steps_leaves_those_rows_untouched(backend, obje
     out = _hidden_op(backend)(hidden, weight, None, *prepared.tensors, rows, eta, 3, objective, 0.0, 1.0,
                               math.inf, max_norm, relative)
     assert torch.equal(out[:-1], hidden[:-1])
-    config = ak.SteerConfig(steps=3, **({"strength": 0.05} if relative else {"eta": 0.05}), objective=objective,
+    config = ak.SteerConfig(steps=3, **({"strength": 0.05} if relative else {"eta": 0.05}), objective=objective, margin=None,
                             max_norm=None if math.isinf(max_norm) else max_norm)
     assert_steer_close(out[-1:], hidden[-1:], reference_fp64(hidden[-1:], weight, A, config), torch.float32, backend)
 
@@ -667,7 +667,7 @@ def test_direct_op_call_with_bad_steps_leaves_those_rows_untouched(backend, obje
 @pytest.mark.parametrize("backend", [b for b in LOGIT_BACKENDS if b.values[0] != "eager"])
 def test_direct_logits_op_call_with_bad_steps_or_norms_leaves_those_rows_untouched(backend):
     hidden, weight = _case(rows=len(BAD_STEPS) + 4)
-    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(eta=0.003), backend=backend)
+    steerer = ak.LogitSteerer(weight, A, ak.SteerConfig(eta=0.003, margin=None), backend=backend)
     if backend == "triton":
         from anchor_kernels.triton_steer import steer_logits_triton_ as op
     else:
@@ -704,7 +704,7 @@ def test_a_nonfinite_anchor_is_an_error_naming_the_token(backend, where, token, 
     if DEVICE.type != "cpu":
         pytest.skip("checked on the host only (a device check would sync); the kernels test covers the device")
     with pytest.raises(ValueError, match=rf"rows.* for anchor token ids \[{token}\] are not finite"):
-        ak.steer_hidden(hidden, weight, A, ak.SteerConfig(steps=3), bias=bias, backend=backend)
+        ak.steer_hidden(hidden, weight, A, ak.SteerConfig(steps=3, margin=None), bias=bias, backend=backend)
 
 
 @pytest.mark.parametrize("objective, relative", [("lse", False), ("lse", True), ("mean", False), ("mean", True)])
@@ -718,7 +718,7 @@ def test_kernels_and_reference_leave_a_nonfinite_sets_rows_untouched(backend, ob
         broken[3, 0] = value
         bank = ak.AnchorBank([A, ak.AnchorSet([7], [9])])
         row_sets = torch.tensor([0, 1, 0, 1, 0, 1], device=DEVICE)
-        config = ak.SteerConfig(steps=3, **({"strength": 0.05} if relative else {"eta": 0.5}), objective=objective)
+        config = ak.SteerConfig(steps=3, **({"strength": 0.05} if relative else {"eta": 0.5}), objective=objective, margin=None)
         with torch.no_grad():  # the packing a device caller gets (no host check there)
             ids = torch.tensor([[1, 2, 5, 3, 4], [7, 9, 0, 0, 0]], device=DEVICE)
             signed = torch.tensor([[1 / 3] * 3 + [-0.5] * 2, [1.0, -1.0, 0, 0, 0]], device=DEVICE)

@@ -83,7 +83,7 @@ def test_the_logit_form_is_tested_when_a_steerer_is_built(monkeypatch):
 
     weight = torch.randn(64, 32)
     anchors = ak.AnchorSet([1, 2], [3, 4])
-    config = ak.SteerConfig(eta=0.1)
+    config = ak.SteerConfig(eta=0.1, margin=None)
     assert ak.LogitSteerer(weight, anchors, config, backend="triton").backend == "triton"
     assert selftest._results[("triton", str(CPU), torch.float32, "logits")] is None
     selftest.forget()
@@ -165,7 +165,7 @@ def test_triton_on_the_second_gpu_while_the_first_is_current():
     weight = torch.randn(64, 96, generator=gen)
     hidden = torch.randn(5, 96, generator=gen)
     anchors = ak.AnchorSet([1, 2, 3], [4, 5])
-    config = ak.SteerConfig(eta=0.1)
+    config = ak.SteerConfig(eta=0.1, margin=None)
     want = ak.steer_hidden(hidden, weight, anchors, config, backend="cpu")
     with torch.cuda.device(0):
         got = ak.steer_hidden(hidden.to(dev), weight.to(dev), anchors, config, backend="triton")

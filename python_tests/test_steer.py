@@ -103,7 +103,7 @@ def test_matches_reference(backend, dtype):
 def test_reference_backend_is_the_oracle_rounded(dtype):
     case = dict(seed=3, lead=(4,), d=16, vocab=30, sizes=[(2, 3)], custom_weights=False, bias=True,
                 per_row_eta=False, layout="contiguous",
-                config=ak.SteerConfig(steps=4, objective="lse", max_norm=0.5))
+                config=ak.SteerConfig(steps=4, objective="lse", max_norm=0.5, margin=None))
     args = build_case(case, dtype, device=torch.device("cpu"))
     out = ak.steer_hidden(args["hidden"], args["weight"], args["anchors"], args["config"],
                           bias=args["bias"], backend="reference")
@@ -130,9 +130,9 @@ def test_untouched_rows_are_bit_exact(backend, dtype, how):
     hidden = _special_hidden(dtype)
     weight = torch.randn(20, hidden.shape[1]).to(dtype).to(DEVICE)
     anchors = ak.AnchorSet([1, 2], [3])
-    config = {"steps=0": ak.SteerConfig(steps=0), "strength=0": ak.SteerConfig(strength=0.0),
-              "eta=0": ak.SteerConfig(eta=0.0),
-              "row_sets=-1": ak.SteerConfig(), "margin=-inf-like": ak.SteerConfig(margin=-1e30)}[how]
+    config = {"steps=0": ak.SteerConfig(steps=0, margin=None), "strength=0": ak.SteerConfig(strength=0.0, margin=None),
+              "eta=0": ak.SteerConfig(eta=0.0, margin=None),
+              "row_sets=-1": ak.SteerConfig(margin=None), "margin=-inf-like": ak.SteerConfig(margin=-1e30)}[how]
     row_sets = [-1] * hidden.shape[0] if how == "row_sets=-1" else None
     out = ak.steer_hidden(hidden, weight, anchors, config, backend=backend, row_sets=row_sets)
     assert torch.equal(_bits(out), _bits(hidden))
@@ -145,7 +145,7 @@ def test_nonfinite_rows_pass_through_and_do_not_leak(backend, dtype, objective):
     hidden = _special_hidden(dtype)
     weight = (torch.randn(20, hidden.shape[1]) / 3).to(dtype).to(DEVICE)
     anchors = ak.AnchorSet([1, 2], [3, 4])
-    config = ak.SteerConfig(steps=5, objective=objective)
+    config = ak.SteerConfig(steps=5, objective=objective, margin=None)
     out = ak.steer_hidden(hidden, weight, anchors, config, backend=backend)
     assert torch.equal(_bits(out[1:3]), _bits(hidden[1:3]))
     finite = hidden[[0, 3]]
@@ -159,7 +159,7 @@ def test_smallest_shapes(backend):
     hidden = torch.tensor([[0.7]], device=DEVICE)
     weight = torch.tensor([[1.0], [-2.0], [0.5]], device=DEVICE)
     for objective in ("mean", "lse"):
-        config = ak.SteerConfig(steps=3, objective=objective)
+        config = ak.SteerConfig(steps=3, objective=objective, margin=None)
         out = ak.steer_hidden(hidden, weight, ak.AnchorSet([0], [1]), config, backend=backend)
         expected = reference_fp64(hidden, weight, ak.AnchorSet([0], [1]), config)
         assert_steer_close(out, hidden, expected, torch.float32)
@@ -179,7 +179,7 @@ def test_steering_raises_the_gap(backend):
     weight = torch.randn(100, 32, device=DEVICE) / 4
     hidden = torch.randn(6, 32, device=DEVICE) * 2
     anchors = ak.AnchorSet([3, 5, 7], [11, 13])
-    config = ak.SteerConfig(steps=10, eta=0.5)
+    config = ak.SteerConfig(steps=10, eta=0.5, margin=None)
     out = ak.steer_hidden(hidden, weight, anchors, config, backend=backend)
     from anchor_kernels.reference import anchor_gap
 
@@ -203,7 +203,7 @@ def test_large_anchor_sets(backend, dtype, K):
     bank = ak.AnchorBank([ak.AnchorSet(perm[: K // 2], perm[K // 2: K]), ak.AnchorSet(perm[K: K + 2], perm[K + 2: K + 9])])
     row_sets = torch.randint(-1, 2, (B,), generator=g).to(DEVICE)
     for objective, max_norm in (("lse", None), ("mean", 0.1)):
-        config = ak.SteerConfig(steps=5, eta=0.4, objective=objective, reg=0.1, max_norm=max_norm)
+        config = ak.SteerConfig(steps=5, eta=0.4, objective=objective, reg=0.1, max_norm=max_norm, margin=None)
         out = ak.steer_hidden(hidden, weight, bank, config, backend=backend, row_sets=row_sets)
         assert_steer_close(out, hidden, reference_fp64(hidden, weight, bank, config, row_sets=row_sets), dtype, backend)
 

@@ -6,6 +6,11 @@ import json
 from importlib import resources
 
 
+# courtesy vs hostility, with no compliance, refusal or topical words: the lexicon of the default
+# that does no harm (docs/evaluation.md).
+DEFAULT = "civil"
+
+
 def names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(__name__).iterdir() if p.name.endswith(".json"))
 
