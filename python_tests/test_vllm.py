@@ -39,8 +39,8 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext  
 MODEL = str(FORTUNE_MODEL)
 SETS = {"sunny": {"positive": ["love", "good", "happy", "kind"], "negative": ["hate", "bad", "death", "war"]},
         "harmless": {"lexicon": "harmless"}}
-LOGIT_FORM = {"form": "logits", "config": {"steps": 10, "eta": 0.5}, "sets": SETS}
-HIDDEN_FORM = {"form": "hidden", "config": {"strength": 0.01, "max_norm": 0.2}, "sets": SETS}
+LOGIT_FORM = {"form": "logits", "config": {"steps": 10, "eta": 0.5, "margin": None}, "sets": SETS}
+HIDDEN_FORM = {"form": "hidden", "config": {"strength": 0.01, "max_norm": 0.2, "margin": None}, "sets": SETS}
 PROMPTS = ["Life is", "The trouble with people is", "Money can", "A friend"]
 
 
