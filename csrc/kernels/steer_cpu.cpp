@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "dtype_convert.h"
+#include "fp_range.h"
 #include "loop_params.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -21,6 +22,7 @@ namespace {
 using anchor_kernels::to_float;
 using anchor_kernels::from_float;
 using anchor_kernels::loop_params;
+using anchor_kernels::kFloatMax;
 
 float dot_portable(const float* a, const float* b, int64_t n) {
   float acc = 0.f;
@@ -123,31 +125,73 @@ bool usable_row(const ak_steer_params& p, float eta, float h0_norm) {
   return usable_step(eta) && (!needs_norm || (h0_norm >= 0.f && std::isfinite(h0_norm)));
 }
 
-// A set with a non-finite anchor row of W (its Gram diagonal, ||W_a||^2, is not finite) cannot
-// steer: every backend leaves the rows using it untouched (the Python API refuses such a set
-// where it can check without a device sync).
+// A set with a non-finite anchor row of W (its Gram diagonal, ||W_a||^2, is not finite), or one
+// whose squared norm fp32 cannot hold to its accuracy (nonzero below kGramDiagMin, or past
+// FLT_MAX: fp_range.h), cannot steer: every backend leaves the rows using it untouched (the
+// Python API refuses such a set where it can check without a device sync).
 bool finite_set(const float* gram, const float* w, int64_t K) {
   for (int64_t i = 0; i < K; ++i)
-    if (w[i] != 0.f && !std::isfinite(gram[i * K + i])) return false;
+    if (w[i] != 0.f && !anchor_kernels::gram_diag_ok(gram[i * K + i])) return false;
   return true;
 }
 
-// The T-step K-space loop. Returns whether c ended anywhere nonzero.
+// ||x|| without over- or underflow of the squares (fp_range.h): `sum_sq` is the plain fp32 sum
+// of squares, recomputed from scaled values only where it is out of range.
+float robust_norm(const float* x, int64_t n, float sum_sq) {
+  if (anchor_kernels::squares_in_range(sum_sq)) return std::sqrt(sum_sq);
+  const float f = anchor_kernels::squares_rescale(sum_sq);
+  float acc = 0.f;
+  for (int64_t j = 0; j < n; ++j) {
+    const float v = x[j] * f;
+    acc += v * v;
+  }
+  return std::sqrt(acc) / f;
+}
+
+// v^T Gm v of v scaled by 2^-x (fp_range.h): writes the scaled v to `vs` and returns its
+// quadratic form (its square root is ||W_A^T v|| * 2^-x); `x` gets the exponent.
+float scaled_quadratic(const float* gram, const float* v, float* vs, int64_t K, int kb, int* x) {
+  float m = 0.f;
+  for (int64_t i = 0; i < K; ++i) m = std::fmax(m, std::fabs(v[i]));
+  *x = anchor_kernels::quadratic_exponent(m, kb);
+  const float scale = anchor_kernels::pow2(-*x);
+  for (int64_t i = 0; i < K; ++i) vs[i] = v[i] * scale;
+  float q = 0.f;
+  for (int64_t i = 0; i < K; ++i) q += vs[i] * dot(gram + i * K, vs, K);
+  return q;
+}
+
+// Whether h0 + W_A^T c can be formed in fp32 (issue 20, item 6): every coefficient finite and
+// sum_k |c_k| ||W_a_k|| (which bounds every partial sum of the edit) within FLT_MAX. A row that
+// fails, whose step or edit fp32 cannot represent (a huge eta without a trust region, or eta
+// lambda c past FLT_MAX), is left untouched, never written as inf or NaN.
+bool representable_edit(const float* c, const float* gram, int64_t K) {
+  float bound = 0.f;
+  for (int64_t i = 0; i < K; ++i)
+    if (c[i] != 0.f) bound += std::fabs(c[i]) * std::sqrt(gram[i * K + i]);
+  return bound <= kFloatMax;  // false for inf and NaN
+}
+
+// The T-step K-space loop. Returns whether c ended anywhere nonzero (and representable).
+// `vs` is scratch [K]. The relative step's ||grad G(h0)|| and the trust region's ||h - h0|| are
+// quadratic forms of vectors scaled by a power of two first (fp_range.h): a huge step (eta up to
+// FLT_MAX) or a huge or tiny ||h0|| neither overflows them nor makes them 0.
 bool solve_coefficients(const ak_steer_params& p, const float* z0, const float* w,
                         const float* log_w, const float* gram, float eta, float h0_norm,
-                        float* c, float* z, float* s) {
+                        float* c, float* z, float* s, float* vs) {
   const int64_t K = p.set_size;
   const bool lse = p.objective == AK_OBJECTIVE_LSE;
   const bool trust = std::isfinite(p.max_norm);
   const float limit = p.max_norm * h0_norm;
+  const int kb = anchor_kernels::size_bits(K);
+  int x = 0;
   std::fill(c, c + K, 0.f);
   if (!usable_row(p, eta, h0_norm) || !finite_set(gram, w, K)) return false;
   if (p.relative_step) {
-    // ||grad G(h0)||^2 = s0^T Gm s0: the step is scaled so the first one moves h by eta ||h0||.
+    // ||grad G(h0)|| = sqrt(s0^T Gm s0): the step is scaled so the first one moves h by eta ||h0||.
     gap_and_grad(z0, w, log_w, K, lse, p.temperature, s);
-    float g_sq = 0.f;
-    for (int64_t i = 0; i < K; ++i) g_sq += s[i] * dot(gram + i * K, s, K);
-    eta = g_sq > 0.f && std::isfinite(g_sq) ? eta * h0_norm / std::sqrt(g_sq) : 0.f;
+    const float q = scaled_quadratic(gram, s, vs, K, kb, &x);  // ||grad G(h0)||^2 * 2^-2x
+    eta = q > 0.f && std::isfinite(q) ? eta * h0_norm / std::sqrt(q) * anchor_kernels::pow2(-x) : 0.f;
     if (!(std::isfinite(eta) && eta > 0.f)) return false;
   }
   for (int64_t t = 0; t < p.steps; ++t) {
@@ -157,17 +201,17 @@ bool solve_coefficients(const ak_steer_params& p, const float* z0, const float* 
     if (!(std::isfinite(gap) && gap < p.margin)) continue;
     for (int64_t i = 0; i < K; ++i) c[i] += eta * (s[i] - p.reg * c[i]);
     if (trust) {
-      float q = 0.f;  // ||h - h0||^2 = c^T Gm c
-      for (int64_t i = 0; i < K; ++i) q += c[i] * dot(gram + i * K, c, K);
-      if (q > limit * limit) {
-        const float scale = limit / std::sqrt(q);
-        for (int64_t i = 0; i < K; ++i) c[i] *= scale;
-      }
+      // ||h - h0|| * 2^-x = sqrt(q) with q the quadratic form of c * 2^-x: past the limit c is
+      // the scaled c times limit / sqrt(q), else it is scaled back (exactly), as in the CUDA and
+      // Triton kernels. No product of huge or tiny numbers on the way.
+      const float n = std::sqrt(scaled_quadratic(gram, c, vs, K, kb, &x));
+      const float r = n > limit * anchor_kernels::pow2(-x) ? limit / n : anchor_kernels::pow2(x);
+      for (int64_t i = 0; i < K; ++i) c[i] = vs[i] * r;
     }
   }
-  for (int64_t i = 0; i < K; ++i)
-    if (c[i] != 0.f) return true;
-  return false;
+  bool moved = false;
+  for (int64_t i = 0; i < K; ++i) moved |= c[i] != 0.f;
+  return moved && representable_edit(c, gram, K);
 }
 
 template <typename T>
@@ -175,7 +219,7 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
   const int64_t K = p.set_size, d = p.dim;
   const T* weight = static_cast<const T*>(p.weight);
   const T* bias = static_cast<const T*>(p.bias);
-  std::vector<float> h(d), acc(d), z0(K), z(K), s(K), c(K), log_w(K);
+  std::vector<float> h(d), acc(d), z0(K), z(K), s(K), c(K), log_w(K), vs(K);
   std::vector<const float*> rows(K);
   // 16-bit anchor rows as fp32, converted once per set per call (not per row); fp32 rows are
   // read in place.
@@ -198,43 +242,46 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
   };
 
   // objective = "mean" is rank one (METHOD.md): s = w is constant, so c_k = a_k w and the edit
-  // is a_T u with u = W_A^T w, gamma = w^T Gm w and w.b_A computed once per set per call. A row
-  // then costs one dot and one axpy over d instead of K of each, and a scalar loop.
+  // is a_T u with u = W_A^T w, ||u|| (= sqrt(w^T Gm w), without squaring past fp32's range) and
+  // w.b_A computed once per set per call. A row then costs one dot and one axpy over d instead of
+  // K of each, and a scalar loop in which gamma = ||u||^2 is never formed: gap = gap0 +
+  // (a ||u||) ||u||, the trust region |a| ||u|| <= rho ||h0||.
   std::vector<std::vector<float>> u_of_set(p.num_sets);
-  std::vector<float> gamma_of_set(p.num_sets), wb_of_set(p.num_sets);
+  std::vector<float> unorm_of_set(p.num_sets), beta_of_set(p.num_sets), wb_of_set(p.num_sets);
   auto mean_coefficient = [&](int64_t set, const float* w, const int64_t* ids, const float* h0,
                               float h0_norm, float eta) -> float {
     std::vector<float>& u = u_of_set[set];
+    const float* gram = p.gram + set * K * K;
     if (u.empty()) {
       u.assign(d, 0.f);
-      const float* gram = p.gram + set * K * K;
-      float gamma = 0.f, wb = 0.f;
+      float wb = 0.f, beta = 0.f;
       for (int64_t i = 0; i < K; ++i) {
         if (w[i] == 0.f) continue;
         axpy(w[i], rows[i], u.data(), d);
-        gamma += w[i] * dot(gram + i * K, w, K);
+        beta += std::fabs(w[i]) * std::sqrt(gram[i * K + i]);
         if (bias) wb += w[i] * to_float(bias[ids[i]]);
       }
-      gamma_of_set[set] = gamma;
+      unorm_of_set[set] = robust_norm(u.data(), d, dot(u.data(), u.data(), d));
+      beta_of_set[set] = beta;  // representable_edit's bound for c = a w is |a| beta
       wb_of_set[set] = wb;
     }
-    if (!usable_row(p, eta, h0_norm) || !finite_set(p.gram + set * K * K, w, K)) return 0.f;
-    const float gamma = gamma_of_set[set];
+    if (!usable_row(p, eta, h0_norm) || !finite_set(gram, w, K)) return 0.f;
+    const float unorm = unorm_of_set[set];
     const float gap0 = dot(u.data(), h0, d) + wb_of_set[set];
-    if (p.relative_step) {  // ||grad G|| = ||u|| = sqrt(gamma)
-      eta = gamma > 0.f && std::isfinite(gamma) ? eta * h0_norm / std::sqrt(gamma) : 0.f;
+    if (p.relative_step) {  // ||grad G|| = ||u||
+      eta = unorm > 0.f && std::isfinite(unorm) ? eta * h0_norm / unorm : 0.f;
       if (!(std::isfinite(eta) && eta > 0.f)) return 0.f;
     }
     const bool trust = std::isfinite(p.max_norm);
     const float limit = p.max_norm * h0_norm;
     float a = 0.f;
     for (int64_t t = 0; t < p.steps; ++t) {
-      const float gap = gap0 + a * gamma;
+      const float gap = gap0 + a * unorm * unorm;
       if (!(std::isfinite(gap) && gap < p.margin)) continue;
       a += eta * (1.f - p.reg * a);
-      if (trust && a * a * gamma > limit * limit) a *= limit / std::sqrt(a * a * gamma);
+      if (trust && std::fabs(a) * unorm > limit) a = std::copysign(limit / unorm, a);
     }
-    return a;
+    return std::fabs(a) * beta_of_set[set] <= kFloatMax ? a : 0.f;
   };
 
   for (int64_t r = row_begin; r < row_end; ++r) {
@@ -254,7 +301,7 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
     anchor_rows(set);
 
     for (int64_t j = 0; j < d; ++j) h[j] = to_float(h_in[j]);
-    const float h0_norm = std::sqrt(dot(h.data(), h.data(), d));
+    const float h0_norm = robust_norm(h.data(), d, dot(h.data(), h.data(), d));
     if (p.objective == AK_OBJECTIVE_MEAN) {
       const float a = mean_coefficient(set, w, ids, h.data(), h0_norm, eta);
       if (a == 0.f) {
@@ -271,7 +318,7 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
       if (bias && w[i] != 0.f) z0[i] += to_float(bias[ids[i]]);
     }
     const bool moved = solve_coefficients(p, z0.data(), w, log_w.data(), p.gram + set * K * K,
-                                          eta, h0_norm, c.data(), z.data(), s.data());
+                                          eta, h0_norm, c.data(), z.data(), s.data(), vs.data());
     if (!moved) {
       std::memcpy(h_out, h_in, d * sizeof(T));
       continue;
@@ -292,7 +339,7 @@ ak_status solve_logit_rows(const ak_logits_params& q, int64_t row_begin, int64_t
                            float* coef, uint8_t* moved) {
   const int64_t K = q.set_size, V = q.vocab;
   const ak_steer_params p = loop_params(q);
-  std::vector<float> z0(K), z(K), s(K), log_w(K);
+  std::vector<float> z0(K), z(K), s(K), log_w(K), vs(K);
   for (int64_t r = row_begin; r < row_end; ++r) {
     moved[r] = 0;
     const int64_t set = q.row_sets[r];
@@ -309,7 +356,7 @@ ak_status solve_logit_rows(const ak_logits_params& q, int64_t row_begin, int64_t
     }
     const float norm = q.hidden_norm ? q.hidden_norm[r] : 0.f;
     moved[r] = solve_coefficients(p, z0.data(), w, log_w.data(), q.gram + set * K * K, eta, norm,
-                                  coef + r * K, z.data(), s.data());
+                                  coef + r * K, z.data(), s.data(), vs.data());
   }
   return AK_OK;
 }

@@ -17,6 +17,7 @@
 #include <mutex>
 
 #include "anchor_kernels/steer.h"
+#include "fp_range.h"
 #include "loop_params.h"
 
 namespace {
@@ -165,6 +166,36 @@ __device__ float gram_apply(const float* gram, const float* v, float* gv, int64_
   return block_reduce2<false>(q_part, 0.f, scratch).x;
 }
 
+// ||x|| of a row from its plain fp32 sum of squares (every thread has it), recomputed from
+// x scaled by a power of two where that sum is out of range (fp_range.h): no work is added to
+// ordinary rows. `load(j)` gives x_j for j in [0, n). Uniform across the block.
+template <typename Load>
+__device__ float robust_norm(float sum_sq, int64_t n, Load load, float2* scratch) {
+  if (anchor_kernels::squares_in_range(sum_sq)) return sqrtf(sum_sq);
+  const float f = anchor_kernels::squares_rescale(sum_sq);
+  float part = 0.f;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+    const float v = load(j) * f;
+    part += v * v;
+  }
+  return sqrtf(block_reduce2<false>(part, 0.f, scratch).x) / f;
+}
+
+// v *= 2^-x in place, x from the block's max |v_i| (fp_range.h: then no partial sum of Gm v or
+// of v . Gm v overflows), gv = Gm v and returns v^T Gm v of the scaled v (every thread); *x gets
+// the exponent. Thread i reads v[i] before the first barrier: callers need not sync after
+// writing their own v[i].
+__device__ float scaled_gram_apply(const float* gram, float* v, float* gv, int64_t K, int kb, int* x,
+                                   float2* scratch) {
+  float m = 0.f;
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) m = fmaxf(m, fabsf(v[i]));
+  *x = anchor_kernels::quadratic_exponent(block_reduce2<true>(m, 0.f, scratch).x, kb);
+  const float scale = anchor_kernels::pow2(-*x);
+  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) v[i] *= scale;
+  __syncthreads();
+  return gram_apply(gram, v, gv, K, scratch);
+}
+
 // The K-space loop's shared memory from `base`: z0, c, gc (Gm c, carried across steps), s, log_w
 // and tmp ([K] each), then the set's Gram, staged here when it fits (K <= kGramInSharedMax; read
 // through L2 otherwise). c and gc start at zero, log_w = log|w| (0 on padding). Callers fill z0
@@ -199,18 +230,21 @@ __device__ bool kspace_loop(const ak_steer_params& p, const float* z0, const flo
   const bool lse = p.objective == AK_OBJECTIVE_LSE;
   const bool trust = isfinite(p.max_norm);
   const float limit = p.max_norm * h_norm, tau = p.temperature;
+  const int kb = anchor_kernels::size_bits(K);
+  int x = 0;
   // As the CPU kernel: a row whose ||h0|| is unusable where it is needed, or whose set has a
-  // non-finite anchor row of W (a non-finite Gram diagonal), is left untouched.
+  // non-finite anchor row of W or one whose squared norm fp32 cannot hold (its Gram diagonal
+  // fails gram_diag_ok), is left untouched.
   int bad_set = 0;
-  for (int64_t i = tid; i < K; i += blockDim.x) bad_set |= w[i] != 0.f && !isfinite(gram[i * K + i]);
+  for (int64_t i = tid; i < K; i += blockDim.x) bad_set |= w[i] != 0.f && !anchor_kernels::gram_diag_ok(gram[i * K + i]);
   const bool needs_norm = trust || p.relative_step;
   if (__syncthreads_or(bad_set) || (needs_norm && !(h_norm >= 0.f && isfinite(h_norm)))) return false;
   if (p.relative_step) {
-    // The first step moves h by eta ||h0||: divide by ||grad G(h0)|| = sqrt(s0^T Gm s0).
+    // The first step moves h by eta ||h0||: divide by ||grad G(h0)|| = sqrt(s0^T Gm s0), the
+    // quadratic form of s0 scaled by 2^-x (s is recomputed at every step: scaled in place).
     gap_and_grad(z0, gc, w, log_w, s, K, lse, tau, scratch);
-    __syncthreads();
-    const float g_sq = gram_apply(gram, s, tmp, K, scratch);
-    eta = g_sq > 0.f && isfinite(g_sq) ? eta * h_norm / sqrtf(g_sq) : 0.f;
+    const float q = scaled_gram_apply(gram, s, tmp, K, kb, &x, scratch);
+    eta = q > 0.f && isfinite(q) ? eta * h_norm / sqrtf(q) * anchor_kernels::pow2(-x) : 0.f;
     if (!(isfinite(eta) && eta > 0.f)) return false;
   }
   for (int64_t t = 0; t < p.steps; ++t) {
@@ -219,19 +253,30 @@ __device__ bool kspace_loop(const ak_steer_params& p, const float* z0, const flo
     if (!(isfinite(gap) && gap < p.margin)) continue;  // uniform across the block
     for (int64_t i = tid; i < K; i += blockDim.x) c[i] += eta * (s[i] - p.reg * c[i]);
     __syncthreads();
-    const float q = gram_apply(gram, c, gc, K, scratch);  // ||h - h0||^2 = c^T Gm c
-    if (trust && q > limit * limit) {
-      const float scale = limit / sqrtf(q);
+    if (trust) {
+      // ||h - h0|| * 2^-x = sqrt of the quadratic form of c * 2^-x (c and gc scaled in place):
+      // past the limit c becomes the scaled c times limit / ||.||, else it is scaled back.
+      const float n = sqrtf(scaled_gram_apply(gram, c, gc, K, kb, &x, scratch));
+      const float r = n > limit * anchor_kernels::pow2(-x) ? limit / n : anchor_kernels::pow2(x);
       for (int64_t i = tid; i < K; i += blockDim.x) {
-        c[i] *= scale;
-        gc[i] *= scale;
+        c[i] *= r;
+        gc[i] *= r;
       }
+    } else {
+      gram_apply(gram, c, gc, K, scratch);  // gc = Gm c
     }
     __syncthreads();
   }
+  // As the CPU kernel (representable_edit): c finite and sum_k |c_k| ||W_a_k|| within FLT_MAX,
+  // else the row (whose step or edit fp32 cannot represent) is left untouched.
   int moved_part = 0;
-  for (int64_t i = tid; i < K; i += blockDim.x) moved_part |= c[i] != 0.f;
-  return __syncthreads_or(moved_part);
+  float bound_part = 0.f;
+  for (int64_t i = tid; i < K; i += blockDim.x) {
+    moved_part |= c[i] != 0.f;
+    if (c[i] != 0.f) bound_part += fabsf(c[i]) * sqrtf(gram[i * K + i]);
+  }
+  const float bound = block_reduce2<false>(bound_part, 0.f, scratch).x;
+  return __syncthreads_or(moved_part) && bound <= anchor_kernels::kFloatMax;
 }
 
 // A step that is not finite and > 0 would write NaN rows or steer backwards: such a row is left
@@ -307,7 +352,8 @@ __global__ void __launch_bounds__(kThreads, 2) steer_kernel(ak_steer_params p, V
     copy_row(h_in, h_out, d, copy_vec);
     return;
   }
-  const float h_norm = sqrtf(block_reduce2<false>(h_sq, 0.f, scratch).x);
+  const float h_norm = robust_norm(block_reduce2<false>(h_sq, 0.f, scratch).x, d,
+                                   [&](int64_t j) { return h[j]; }, scratch);
 
   // Phase 1: z0 = W_A h0 + b_A, a warp per anchor.
   for (int64_t k = warp; k < K; k += kWarps) {
@@ -422,20 +468,31 @@ __global__ void __launch_bounds__(kThreads) steer_mean_kernel(ak_steer_params p,
     u_part += uj * uj;
   }
   const float2 zh = block_reduce2<false>(z_part, h_part, scratch);
-  const float gamma = block_reduce2<false>(u_part, 0.f, scratch).x;
-  const float gap0 = zh.x + u[d], h_norm = sqrtf(zh.y);
-  // As kspace_loop: a set with a non-finite anchor row, or an unusable ||h0|| where it is needed.
+  const float u_sq = block_reduce2<false>(u_part, 0.f, scratch).x;
+  const float gap0 = zh.x + u[d];
+  // ||h0|| and ||u|| (= sqrt(gamma)) without squaring past fp32's range; gamma itself is never
+  // formed: the gap is gap0 + (a ||u||) ||u||, the trust region |a| ||u|| <= rho ||h0||.
+  const float h_norm = robust_norm(zh.y, d, [&](int64_t j) { return load_float(h_in + j); }, scratch);
+  const float unorm = robust_norm(u_sq, d, [&](int64_t j) { return u[j]; }, scratch);
+  // As kspace_loop: a set with a non-finite anchor row or one fp32 cannot hold, or an unusable
+  // ||h0|| where it is needed; beta = sum_k |w_k| ||W_a_k|| bounds the edit's terms per unit a.
   const float* gram = p.gram + set * p.set_size * p.set_size;
   const float* w = p.anchor_weights + set * p.set_size;
   bool bad_set = false;
-  for (int64_t i = 0; i < p.set_size; ++i) bad_set |= w[i] != 0.f && !isfinite(gram[i * p.set_size + i]);
+  float beta = 0.f;
+  for (int64_t i = 0; i < p.set_size; ++i) {
+    if (w[i] == 0.f) continue;
+    const float diag = gram[i * p.set_size + i];
+    bad_set |= !anchor_kernels::gram_diag_ok(diag);
+    beta += fabsf(w[i]) * sqrtf(diag);
+  }
   if (bad_set || ((isfinite(p.max_norm) || p.relative_step) && !isfinite(h_norm))) {
     copy_row(h_in, h_out, d, copy_vec);
     return;
   }
   float eta = eta_in;
   if (p.relative_step) {
-    eta = gamma > 0.f && isfinite(gamma) ? eta * h_norm / sqrtf(gamma) : 0.f;
+    eta = unorm > 0.f && isfinite(unorm) ? eta * h_norm / unorm : 0.f;
     if (!(isfinite(eta) && eta > 0.f)) {
       copy_row(h_in, h_out, d, copy_vec);
       return;
@@ -445,15 +502,13 @@ __global__ void __launch_bounds__(kThreads) steer_mean_kernel(ak_steer_params p,
   const float limit = p.max_norm * h_norm;
   float a = 0.f;
   for (int64_t t = 0; t < p.steps; ++t) {
-    const float gap = gap0 + a * gamma;
+    const float gap = gap0 + a * unorm * unorm;
     if (!(isfinite(gap) && gap < p.margin)) continue;
     a += eta * (1.f - p.reg * a);
-    if (trust) {
-      const float q = a * a * gamma;
-      if (q > limit * limit) a *= limit / sqrtf(q);
-    }
+    if (trust && fabsf(a) * unorm > limit) a = copysignf(limit / unorm, a);
   }
-  if (a == 0.f) {
+  // As kspace_loop: an edit a u whose terms fp32 cannot hold leaves the row untouched.
+  if (a == 0.f || !(fabsf(a) * beta <= anchor_kernels::kFloatMax)) {
     copy_row(h_in, h_out, d, copy_vec);
     return;
   }
@@ -549,8 +604,12 @@ __global__ void __launch_bounds__(kThreads, 2) split_finish_kernel(ak_steer_para
     for (int64_t jj = 0; jj < gridDim.y; ++jj) h_sq += p.workspace[(jj * p.rows + row) * (K + 1) + K];
     h_sq_shared = h_sq;
   }
-  if (__syncthreads_or(bad_id) ||
-      !kspace_loop(p, z0, w, log_w, gram, c, gc, s, tmp, K, eta_in, sqrtf(h_sq_shared), scratch)) {
+  bool moved = !__syncthreads_or(bad_id);
+  if (moved) {  // uniform: h_sq_shared is read after the barrier
+    const float h_norm = robust_norm(h_sq_shared, d, [&](int64_t col) { return load_float(h_in + col); }, scratch);
+    moved = kspace_loop(p, z0, w, log_w, gram, c, gc, s, tmp, K, eta_in, h_norm, scratch);
+  }
+  if (!moved) {
     for (int64_t col = begin + tid; col < end; col += blockDim.x) h_out[col] = h_in[col];
     return;
   }

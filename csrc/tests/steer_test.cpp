@@ -30,6 +30,21 @@ struct Problem {
   std::vector<int64_t> ids, row_sets;
 };
 
+// gram[s] = W_A W_A^T in fp64, rounded to fp32 (inf where it overflows, as prepare_anchors).
+void compute_gram(Problem& p) {
+  const int64_t S = p.S, K = p.K, d = p.d;
+  p.gram.assign(S * K * K, 0.f);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j) {
+        if (p.aw[s * K + i] == 0 || p.aw[s * K + j] == 0) continue;
+        double acc = 0;
+        for (int64_t x = 0; x < d; ++x)
+          acc += double(p.weight[p.ids[s * K + i] * d + x]) * p.weight[p.ids[s * K + j] * d + x];
+        p.gram[(s * K + i) * K + j] = float(acc);
+      }
+}
+
 Problem make_problem(std::mt19937& rng, int64_t B, int64_t d, int64_t S, int64_t K,
                      ak_objective objective, float max_norm, float margin) {
   std::normal_distribution<float> normal;
@@ -55,16 +70,7 @@ Problem make_problem(std::mt19937& rng, int64_t B, int64_t d, int64_t S, int64_t
     }
     for (int64_t i = 0; i < size; ++i) p.aw[s * K + i] = i < n_pos ? raw[i] / sum_pos : -raw[i] / sum_neg;
   }
-  p.gram.assign(S * K * K, 0.f);
-  for (int64_t s = 0; s < S; ++s)
-    for (int64_t i = 0; i < K; ++i)
-      for (int64_t j = 0; j < K; ++j) {
-        if (p.aw[s * K + i] == 0 || p.aw[s * K + j] == 0) continue;
-        double acc = 0;
-        for (int64_t x = 0; x < d; ++x)
-          acc += double(p.weight[p.ids[s * K + i] * d + x]) * p.weight[p.ids[s * K + j] * d + x];
-        p.gram[(s * K + i) * K + j] = float(acc);
-      }
+  compute_gram(p);
   for (int64_t r = 0; r < B; ++r) {
     p.row_sets.push_back(int64_t(rng() % (S + 1)) - 1);
     p.eta.push_back(0.5f * uni(rng));
@@ -303,7 +309,7 @@ bool cuda_plans_ok(Problem p, ak_dtype dtype, double tol, double roundoff, const
   std::vector<double> cpu = run_cpu<T>(p, dtype);
   bool ok = !cpu.empty();
   if (against_reference) cpu = reference(p);
-  char what[96];
+  char what[192];
   auto check = [&](const char* plan, CudaRun how) {
     std::snprintf(what, sizeof what, "cuda %s %s", plan, name);
     ok &= close(p, run_cuda<T>(p, dtype, how), cpu, tol, roundoff, what);
@@ -474,7 +480,93 @@ bool cuda_edges_ok(std::mt19937& rng) {
 }
 #endif
 
+// fp32's range (issue 20, items 6 and 9): hidden rows scaled by 1e20 and 1e-25, anchor rows by
+// 1e15 (Gram entries ~1e30) or 1e-11, and steps up to FLT_MAX under a trust region must give the
+// fp64 answer (the squares and quadratic forms are scaled by powers of two before they are
+// formed); where fp32 cannot represent the problem (a Gram diagonal past FLT_MAX or below 2^-80,
+// a step whose edit overflows) every row is left untouched, bit for bit, never inf or NaN.
+struct RangeCase {
+  const char* name;
+  double hidden_scale, weight_scale;
+  float eta;         // literal step for every row (0: keep make_problem's relative steps)
+  float max_norm;
+  bool untouched;    // every row must come back bit for bit
+};
+
+const RangeCase kRangeCases[] = {
+    {"hidden x1e20, relative step, trust region", 1e20, 1, 0, 0.05f, false},
+    {"hidden x1e20, relative step", 1e20, 1, 0, INFINITY, false},
+    {"hidden x1e-25, relative step, trust region", 1e-25, 1, 0, 0.05f, false},
+    {"hidden x1e-25, relative step", 1e-25, 1, 0, INFINITY, false},
+    {"weight x1e15 (Gram ~1e30), relative step, trust region", 1, 1e15, 0, 0.05f, false},
+    {"weight x1e-11, relative step, trust region", 1, 1e-11, 0, 0.05f, false},
+    {"eta 1e20, trust region", 1, 1, 1e20f, 0.05f, false},
+    {"eta 3e38, trust region", 1, 1, 3e38f, 0.05f, false},
+    {"eta 1e20, hidden x1e-25, trust region", 1e-25, 1, 1e20f, 0.05f, false},
+    {"weight x1e20 (Gram past FLT_MAX)", 1, 1e20, 0, 0.05f, true},
+    {"weight x1e-15 (Gram diagonal below 2^-80)", 1, 1e-15, 0, 0.05f, true},
+    {"eta 3e38, no trust region (the edit overflows)", 1, 1, 3e38f, INFINITY, true},
+};
+
+Problem range_problem(std::mt19937& rng, const RangeCase& rc, ak_objective objective, int64_t d) {
+  Problem p = make_problem(rng, 5, d, 2, 6, objective, rc.max_norm, INFINITY);
+  p.reg = 0.f;
+  for (float& h : p.hidden) h = float(h * rc.hidden_scale);
+  for (float& w : p.weight) w = float(w * rc.weight_scale);
+  for (float& b : p.bias) b = float(b * rc.weight_scale);
+  compute_gram(p);
+  p.relative = rc.eta == 0;
+  for (float& e : p.eta) e = rc.eta == 0 ? 0.02f * e : rc.eta;
+  for (int64_t& s : p.row_sets) s = s < 0 ? 0 : s;
+  return p;
+}
+
+bool untouched_ok(const Problem& p, const std::vector<double>& got, const char* what) {
+  for (size_t i = 0; i < got.size(); ++i)
+    if (got[i] != p.hidden[i] || !std::isfinite(got[i])) {
+      std::printf("FAIL %s: element %zu is %g, not the untouched %g\n", what, i, got[i], p.hidden[i]);
+      return false;
+    }
+  if (got.empty()) std::printf("FAIL %s: no result\n", what);
+  return !got.empty();
+}
+
 }  // namespace
+
+// Every case in both objectives at d = 7 and 64 on the CPU; the CUDA kernels (emulated: slow)
+// get lse at d = 7 and mean at d = 64, and AK_TEST_QUICK only the first, in fp32.
+bool range_cases_ok(std::mt19937& rng, bool cuda, bool quick) {
+  bool ok = true;
+  char name[128], what[160];
+  for (const RangeCase& rc : kRangeCases)
+    for (int variant = 0; variant < 4; ++variant) {
+      const ak_objective objective = variant % 2 ? AK_OBJECTIVE_MEAN : AK_OBJECTIVE_LSE;
+      const int64_t d = (variant == 1 || variant == 2) ? 64 : 7;
+      Problem p = range_problem(rng, rc, objective, d);
+      Problem p32 = p;
+      const std::vector<double> got = run_cpu<float>(p32, AK_FLOAT32);
+      std::snprintf(name, sizeof name, "%s, %s, d=%lld", rc.name,
+                    objective == AK_OBJECTIVE_LSE ? "lse" : "mean", (long long)d);
+      std::snprintf(what, sizeof what, "cpu fp32 %s", name);
+      ok &= rc.untouched ? untouched_ok(p32, got, what) : close(p32, got, reference(p32), 1e-4, 0x1p-24, what);
+#ifdef AK_TEST_CUDA
+      if (cuda && variant < (quick ? 1 : 2)) {
+        Problem pb = p;
+        std::snprintf(what, sizeof what, "fp32 %s", name);
+        ok &= cuda_plans_ok<float>(p, AK_FLOAT32, 1e-4, 0x1p-24, what, !rc.untouched);
+        if (quick) continue;
+        std::snprintf(what, sizeof what, "bf16 %s", name);
+        if (!rc.untouched) ok &= cuda_plans_ok<bfloat16_bits>(pb, AK_BFLOAT16, 2e-2, 0x1p-7, what);
+        std::snprintf(what, sizeof what, "fp32 %s", name);
+        ok &= cuda_logits_ok<float>(p, AK_FLOAT32, kFp32PairTolerance, 0x1p-22, what);
+      }
+#else
+      (void)cuda;
+      (void)quick;
+#endif
+    }
+  return ok;
+}
 
 bool plan_choice_ok() {
   // decode rows on an H100 (132 SMs): split d; a full GPU or a narrow d: one block per row.
@@ -498,6 +590,9 @@ int main() {
   const bool have_gpu = cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
   if (!have_gpu) std::printf("no CUDA device: the CUDA kernel checks are skipped\n");
   if (have_gpu) ok &= cuda_edges_ok(rng);
+  ok &= range_cases_ok(rng, have_gpu, quick);
+#else
+  ok &= range_cases_ok(rng, false, quick);
 #endif
   for (int64_t d : dims)
     for (int64_t K : set_sizes)

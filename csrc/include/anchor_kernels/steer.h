@@ -12,6 +12,15 @@
  *
  * Anchor banks: S sets padded to a common size K. anchor_weights > 0 marks a positive
  * anchor (alpha), < 0 a negative one (-beta), 0 padding. gram[s] = W_A W_A^T of set s.
+ *
+ * fp32's range (issue 20, items 6 and 9; csrc/kernels/fp_range.h): ||h0|| is scaled by a power
+ * of two before squaring where its plain sum of squares leaves fp32's range, and the relative
+ * step's and the trust region's quadratic forms are of vectors scaled by powers of two, so
+ * hidden rows near 1e20 or 1e-25 and steps up to FLT_MAX under a trust region are exact. Where
+ * fp32 cannot represent the problem a row is left untouched (copied bit for bit, never inf or
+ * NaN): a set with a live gram diagonal that is not 0 or in [2^-80, FLT_MAX] (anchor rows longer
+ * than 1.8e19 or nonzero and shorter than 9.1e-13), and a row whose c_T is not finite or whose
+ * sum_k |c_k| sqrt(gram[k][k]) (a bound on the edit's partial sums) exceeds FLT_MAX.
  */
 #ifndef ANCHOR_KERNELS_STEER_H_
 #define ANCHOR_KERNELS_STEER_H_
@@ -53,7 +62,8 @@ typedef struct {
   const void* bias;            /* [V] contiguous, or NULL */
   const int64_t* anchor_ids;   /* [S, K] contiguous */
   const float* anchor_weights; /* [S, K] contiguous: >0 positive, <0 negative, 0 padding */
-  const float* gram;           /* [S, K, K] contiguous */
+  const float* gram;           /* [S, K, K] contiguous; a set whose live diagonal entries are
+                                  not 0 or in [2^-80, FLT_MAX] leaves its rows untouched */
   int64_t num_sets;            /* S */
   int64_t set_size;            /* K (padded) */
   const int64_t* row_sets;     /* [B]: set index per row, -1 = leave the row untouched */
