@@ -15,6 +15,20 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from .config import FP32_MAX
+
+# A live anchor row's squared norm ||W_a||^2 (its fp32 Gram diagonal) must be 0 or in
+# [GRAM_DIAG_MIN, FP32_MAX] (csrc/kernels/fp_range.h: row norms 0 or in [9.1e-13, 1.8e19]):
+# past FP32_MAX the Gram is not finite, below GRAM_DIAG_MIN the fp32 Gram and the kernels'
+# quadratic forms of it lose their accuracy. A set with another anchor row cannot steer: every
+# backend leaves its rows untouched, and the host refuses it (check_finite_anchors).
+GRAM_DIAG_MIN = 2.0**-80
+
+
+def gram_diag_ok(diag: torch.Tensor) -> torch.Tensor:
+    """Where the Gram diagonal entries ``diag`` (fp32) are ones the kernels can steer with."""
+    return (diag == 0) | ((diag >= GRAM_DIAG_MIN) & (diag <= FP32_MAX))
+
 
 def _token_ids(ids, name: str) -> tuple[int, ...]:
     if isinstance(ids, torch.Tensor):
@@ -254,10 +268,12 @@ def _pack(bank: AnchorBank, weight: torch.Tensor) -> PreparedAnchors:
 def check_finite_anchors(weight: torch.Tensor | None, ids: torch.Tensor, live: torch.Tensor | None = None,
                          bias: torch.Tensor | None = None) -> None:
     """Every backend leaves the rows of a set with a non-finite anchor row of W untouched (its
-    Gram is not finite), and those with a NaN or +inf anchor bias entry too (their gap is not
-    finite): steering would silently do nothing. Where checking costs no device sync (CPU
-    tensors, not tracing) that is an error naming the token ids. ``live``: which ``ids`` count.
-    ``weight=None`` checks the bias only (the rows of W were checked when the bank was packed)."""
+    Gram is not finite), those with an anchor row whose squared norm fp32 cannot hold for the Gram
+    (``gram_diag_ok``: ||W_a|| past 1.8e19, or nonzero below 9.1e-13), and those with a NaN or +inf
+    anchor bias entry too (their gap is not finite): steering would silently do nothing. Where
+    checking costs no device sync (CPU tensors, not tracing) that is an error naming the token
+    ids. ``live``: which ``ids`` count. ``weight=None`` checks the bias only (the rows of W were
+    checked when the bank was packed)."""
     device = (weight if weight is not None else bias if bias is not None else ids).device
     if device.type != "cpu" or torch.compiler.is_compiling() or (weight is None and bias is None):
         return
@@ -272,6 +288,16 @@ def check_finite_anchors(weight: torch.Tensor | None, ids: torch.Tensor, live: t
         raise ValueError(f"weight's rows{'' if bias is None else ' or bias entries'} for anchor token ids "
                          f"{ids[bad].tolist()} are not finite (NaN or inf): a set with such an anchor cannot "
                          "steer; drop those tokens or fix the weight")
+    if weight is not None:
+        with torch.no_grad():  # the Gram's diagonal as _pack computes it: fp64, rounded to fp32
+            sq = weight[ids].double().pow(2).sum(-1).float()
+        out = ~gram_diag_ok(sq)
+        if bool(out.any()):
+            raise ValueError(
+                f"weight's rows for anchor token ids {ids[out].tolist()} have squared norms "
+                f"{[float(f'{x:.3g}') for x in sq[out].tolist()]} that the fp32 Gram W_A W_A^T cannot hold: "
+                f"each ||W_a||^2 must be 0 or in [2^-80, {FP32_MAX:.4g}] (row norms in [9.1e-13, 1.8e19]), "
+                "or the kernels cannot steer with its set; rescale the weight or drop those tokens")
 
 
 def prepare_anchors(weight: torch.Tensor, anchors) -> PreparedAnchors:

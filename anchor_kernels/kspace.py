@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from .anchors import PreparedAnchors
-from .config import SteerConfig
+from .anchors import PreparedAnchors, gram_diag_ok
+from .config import FP32_MAX, SteerConfig
 
 
 def _gap_and_grad(z: torch.Tensor, w: torch.Tensor, config: SteerConfig):
@@ -38,13 +38,40 @@ def require_hidden_norm(config: SteerConfig, hidden_norm) -> None:
                          "(METHOD.md's literal step) without max_norm, or steer the hidden state instead")
 
 
+def robust_norm(x: torch.Tensor) -> torch.Tensor:
+    """||x|| over the last dim, as the kernels compute ||h0|| (csrc/kernels/fp_range.h): rows whose
+    fp32 sum of squares leaves [2^-64, FLT_MAX] (entries near 1e-20 or 1e20) are recomputed scaled
+    by 2^64 or 2^-80 before squaring, where torch's norm would give 0 or inf. Differentiable."""
+    sq = (x.detach() * x.detach()).sum(-1)
+    small = sq < 2.0**-64
+    # 1 where the plain sum is in range: the same value and derivatives as x.norm() there
+    f = torch.where(small, 2.0**64, torch.where(sq <= FP32_MAX, 1.0, 2.0**-80))
+    return (x * f.unsqueeze(-1)).norm(dim=-1) / f
+
+
+def _scaled(v: torch.Tensor, size_bits: int):
+    """``v`` times 2^-x per row, and 2^-x, 2^x: fp_range.h's quadratic_exponent (max |v| < 2^-size_bits
+    after scaling), so that no partial sum of Gm v or v . Gm v leaves fp32's range. The power of two
+    is detached: it scales exactly and carries no gradient."""
+    _, e = torch.frexp(v.detach().abs().amax(-1))
+    x = e.clamp(-100, 100) + size_bits
+    one = torch.ones_like(v[..., 0])
+    down = torch.ldexp(one, -x)
+    return v * down.unsqueeze(-1), down, torch.ldexp(one, x)
+
+
 def kspace_loop(z0: torch.Tensor, w: torch.Tensor, gram_times: Callable[[torch.Tensor], torch.Tensor],
                 eta: torch.Tensor, valid: torch.Tensor, config: SteerConfig,
-                hidden_norm: torch.Tensor | None) -> torch.Tensor:
+                hidden_norm: torch.Tensor | None, gram_diag: torch.Tensor | None = None) -> torch.Tensor:
     """c_T for rows with anchor logits ``z0 [B, K]``, signed weights ``w [B, K]``, per-row
     ``eta [B]`` and ``gram_times(c) = Gm c`` per row. Rows where ``valid`` is False get c = 0.
-    ``hidden_norm`` (= ||h0||) is needed by the trust region and by the relative step (``strength``)."""
+    ``hidden_norm`` (= ||h0||) is needed by the trust region and by the relative step (``strength``).
+    ``gram_diag [B, K]`` (each row's ||W_a||^2) bounds the edit's terms: as the kernels, a row whose
+    c is not finite or whose sum_k |c_k| ||W_a_k|| passes FLT_MAX gets c = 0 (issue 20, item 6).
+    The quadratic forms (||grad G(h0)||, ||h - h0||) are of vectors scaled by powers of two first, as
+    in the kernels (issue 20, items 6 and 9)."""
     require_hidden_norm(config, hidden_norm)
+    size_bits = max(z0.shape[-1] - 1, 0).bit_length()
     # As the kernels: a step that is not finite and > 0, or (where ||h0|| is used) a norm that is
     # not finite and >= 0, leaves its row untouched (per-row values are not always host-checked).
     usable = (eta > 0) & torch.isfinite(eta)
@@ -53,9 +80,10 @@ def kspace_loop(z0: torch.Tensor, w: torch.Tensor, gram_times: Callable[[torch.T
     eta = torch.where(usable, eta, 0.0)[:, None]
     if config.relative_step:
         _, s0 = _gap_and_grad(z0, w, config)
-        g_sq = (s0 * gram_times(s0)).sum(-1, keepdim=True)
+        s0, down, _ = _scaled(s0, size_bits)
+        g_sq = (s0 * gram_times(s0)).sum(-1, keepdim=True)        # ||grad G(h0)||^2 2^-2x
         ok = (g_sq > 0) & torch.isfinite(g_sq)
-        eta = torch.where(ok, eta * hidden_norm[:, None] / torch.where(ok, g_sq, 1.0).sqrt(), 0.0)
+        eta = torch.where(ok, eta * hidden_norm[:, None] / torch.where(ok, g_sq, 1.0).sqrt() * down[:, None], 0.0)
         eta = torch.where(torch.isfinite(eta), eta, 0.0)
     limit = None if config.max_norm is None else config.max_norm * hidden_norm
     c = torch.zeros_like(z0)
@@ -64,12 +92,22 @@ def kspace_loop(z0: torch.Tensor, w: torch.Tensor, gram_times: Callable[[torch.T
         gap, grad = _gap_and_grad(z0 + gc, w, config)
         active = valid & torch.isfinite(gap) & (gap < config.margin_value)
         c = torch.where(active[:, None], c + eta * (grad - config.reg * c), c)
-        gc = gram_times(c)
-        if limit is not None:
+        if limit is None:
+            gc = gram_times(c)
+        else:
+            # ||h - h0|| 2^-x from c 2^-x: past the limit c is the scaled c times limit / ||.||,
+            # else it is scaled back (exactly)
+            c, down, up = _scaled(c, size_bits)
+            gc = gram_times(c)
             q = (c * gc).sum(-1)
-            over = q > limit * limit
-            scale = torch.where(over, limit / torch.where(over, q, 1.0).sqrt(), 1.0)[:, None]
+            n = torch.where(q > 0, q, 1.0).sqrt()
+            over = (q > 0) & (n > limit * down)
+            scale = torch.where(over, limit / n, up)[:, None]
             c, gc = c * scale, gc * scale
+    if gram_diag is not None:
+        with torch.no_grad():
+            bound = torch.where(c != 0, c.abs() * gram_diag.clamp_min(0).sqrt(), 0.0).sum(-1)
+        c = torch.where((bound <= FP32_MAX).unsqueeze(-1), c, 0.0)
     return c
 
 
@@ -82,8 +120,10 @@ def solve_coefficients(z0: torch.Tensor, prepared: PreparedAnchors, row_sets: to
     trust region and the relative step (``strength``).
     """
     num_sets = prepared.anchor_ids.shape[0]
-    # As the kernels: a set with a non-finite anchor row (non-finite Gram diagonal) cannot steer.
-    finite_set = torch.isfinite(prepared.gram.diagonal(dim1=1, dim2=2)).all(-1)   # [S]
+    # As the kernels: a set with a non-finite anchor row, or one whose squared norm the fp32 Gram
+    # cannot hold (its Gram diagonal fails gram_diag_ok), cannot steer.
+    diag = prepared.gram.diagonal(dim1=1, dim2=2)                            # [S, K]
+    finite_set = (gram_diag_ok(diag) | (prepared.anchor_weights == 0)).all(-1)   # [S]
     valid = (row_sets >= 0) & (row_sets < num_sets)
     valid &= finite_set[torch.where(valid, row_sets, 0)]
     w = prepared.anchor_weights[torch.where(valid, row_sets, 0)]     # [B, K]
@@ -94,7 +134,8 @@ def solve_coefficients(z0: torch.Tensor, prepared: PreparedAnchors, row_sets: to
         return sum(torch.where(mask, c @ prepared.gram[s], 0.0) for s, mask in enumerate(in_set))
 
     norm = None if hidden_norm is None else hidden_norm.float()
-    return kspace_loop(z0.float(), w, gram_times, step_size.float(), valid, config, norm)
+    return kspace_loop(z0.float(), w, gram_times, step_size.float(), valid, config, norm,
+                       diag[torch.where(valid, row_sets, 0)])
 
 
 def steer_rows_differentiable(hidden, weight, bias, anchor_ids, anchor_weights, row_sets, step_size,
@@ -113,6 +154,8 @@ def steer_rows_differentiable(hidden, weight, bias, anchor_ids, anchor_weights, 
     if bias is not None:
         z0 = z0 + torch.where(live.squeeze(-1), bias[anchor_ids[rs]].float(), 0.0)
     gram = rows @ rows.transpose(1, 2)                                  # [B, K, K]
+    diag = gram.diagonal(dim1=1, dim2=2)
+    valid = valid & (gram_diag_ok(diag.detach()) | (w == 0)).all(-1)   # as the kernels (anchors.py)
     c = kspace_loop(z0, w, lambda v: (gram @ v.unsqueeze(-1)).squeeze(-1), step_size.float(),
-                    valid & (step_size != 0), config, h0.norm(dim=-1))
+                    valid & (step_size != 0), config, robust_norm(h0), diag)
     return h0 + torch.einsum("bk,bkd->bd", c, rows)

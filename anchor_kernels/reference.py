@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .anchors import AnchorBank, AnchorSet
+from .anchors import AnchorBank, AnchorSet, gram_diag_ok
 from .config import SteerConfig
 
 
@@ -32,8 +32,11 @@ def anchor_gap(z_pos: torch.Tensor, z_neg: torch.Tensor, anchors: AnchorSet,
 
 def _steer_rows_one_set(h0, weight, bias, anchors: AnchorSet, eta, config: SteerConfig,
                         create_graph: bool):
-    if not bool(torch.isfinite(weight[list(anchors.ids)]).all()):
-        return h0.clone()  # a non-finite anchor row: no backend steers with this set (anchors.py)
+    rows_a = weight[list(anchors.ids)]
+    if not bool(torch.isfinite(rows_a).all()) or not bool(gram_diag_ok(rows_a.pow(2).sum(-1).float()).all()):
+        # a non-finite anchor row, or one whose squared norm the fp32 Gram cannot hold: no backend
+        # steers with this set (anchors.py)
+        return h0.clone()
     pos = torch.tensor(anchors.positive, device=h0.device)
     neg = torch.tensor(anchors.negative, device=h0.device)
     is_anchor = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
