@@ -482,22 +482,26 @@ def to_json(results, verdicts: dict, header: str) -> str:
 
 def plot(results, sets: list[PromptSet], title: str, plt):
     """One panel per set: its first primary metric against the KL to the unsteered distribution
-    (how much of the whole next-token distribution the method moves)."""
-    fig, axes = plt.subplots(1, len(sets), figsize=(4.2 * len(sets), 4.2), squeeze=False)
+    (how much of the whole next-token distribution the method moves); the legend has a panel of
+    its own."""
+    cols = 3
+    rows = (len(sets) + 1 + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4.2 * rows), squeeze=False)
     fig.suptitle(f"Alignment against derailing, per prompt set: {title}", fontsize=10)
-    markers = {"unsteered": "o", "steer": "s", "steer variant": "D", "logit_bias": "^", "system": "*",
-               "system+steer": "X"}
-    for ax, s in zip(axes[0], sets):
+    markers = "osDP^v<>*Xph"
+    panels = axes.flatten()
+    for ax, s in zip(panels, sets):
         metric = PRIMARY.get(s.name, ("on_topic",))[0]
-        for method, by_set in results.items():
-            r = by_set[s.name]
-            ax.plot([r.summary["kl"]], [r.summary[metric]], marker=markers.get(r.family, "o"), linestyle="none",
+        for k, (method, by_set) in enumerate(results.items()):
+            r = by_set[s.name].summary
+            ax.plot([r["kl"]], [r[metric]], marker=markers[k % len(markers)], linestyle="none", markersize=8,
                     label=method)
-            ax.annotate(method.replace("logit_bias ", "b ").replace("steer ", ""), (r.summary["kl"], r.summary[metric]),
-                        fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("symlog", linthresh=1e-3)
-        ax.set_title(f"{s.name} ({len(s.prompts)})", fontsize=9)
-        ax.set_xlabel("KL(method || unsteered), fixed text")
+        ax.set_title(f"{s.name} ({len(s.prompts)} prompts)", fontsize=9)
+        ax.set_xlabel("KL(method || unsteered) on fixed text")
         ax.set_ylabel(LABELS[metric])
-    axes[0][0].legend(fontsize=6)
+    handles, labels = panels[0].get_legend_handles_labels()
+    for ax in panels[len(sets):]:
+        ax.axis("off")
+    panels[len(sets)].legend(handles, labels, loc="center", fontsize=8, frameon=False)
     return fig
