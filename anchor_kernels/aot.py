@@ -177,7 +177,7 @@ def compile_extra_one(job):
         cfg = dict(triton_steer.mean_launch_config(K)["rows"])
         num_warps, width = cfg.pop("num_warps"), cfg["BLOCK_D"]
         cfg["BLOCK_K"] = 0
-        pointers = {"hidden_ptr": f"*{dtype}", "u_ptr": "*fp32", "wb_ptr": "*fp32", "row_sets_ptr": "*i64",
+        pointers = {"hidden_ptr": f"*{dtype}", "u_ptr": "*fp32", "wb_ptr": "*fp32", "beta_ptr": "*fp32", "row_sets_ptr": "*i64",
                     "eta_ptr": "*fp32", "out_ptr": f"*{dtype}"}
     elif name in ("_split_partial_kernel", "_split_finish_kernel"):
         cfg = triton_steer.split_launch_config(K, 4096, dtype == "fp32")

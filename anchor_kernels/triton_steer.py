@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from .anchors import GRAM_DIAG_MIN, gram_diag_ok
 from .config import FP32_MAX, MAX_STEPS, MIN_TEMPERATURE, MAX_TEMPERATURE
 
 
@@ -144,6 +145,49 @@ def check_scalars(steps, objective, reg, temperature, margin, max_norm) -> None:
 
 if IMPORT_ERROR is None:
 
+    # fp32's range (issue 20, items 6 and 9), as csrc/kernels/fp_range.h: a sum of squares below
+    # 2^-64 or past FLT_MAX is recomputed from values scaled by 2^64 or 2^-80; the K-space
+    # quadratic forms take their vector scaled by 2^-x with max |v| < 2^-SIZE_BITS first
+    # (2^SIZE_BITS >= MAX_SET_SIZE), so no partial sum overflows for any finite Gram.
+    _FP32_MAX = tl.constexpr(FP32_MAX)
+    _SQUARES_MIN = tl.constexpr(2.0**-64)
+    _GRAM_DIAG_MIN = tl.constexpr(GRAM_DIAG_MIN)
+    _SIZE_BITS = tl.constexpr(MAX_SET_SIZE.bit_length() - 1)
+    # The split-d finish kernel's rare rescaled ||h0|| pass reads 16 columns at a time (the AOT check
+    # found spills with its own tiles there).
+    NORM_BLOCK_D = tl.constexpr(16)
+
+    @triton.jit
+    def _pow2(e):
+        """2^e, exactly, for an int32 tensor e in [-126, 127] (fp_range.h's pow2)."""
+        return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _quadratic_exponent(m):
+        """fp_range.h's quadratic_exponent: x with m 2^-x < 2^-SIZE_BITS, from m's exponent clamped
+        to [-100, 100] (so 2^x and 2^-x are normal floats)."""
+        e = ((m.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+        return tl.minimum(tl.maximum(e, -100), 100) + _SIZE_BITS
+
+    @triton.jit
+    def _robust_norm(h_sq, h_rows, mine, begin, end, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+        """||h0|| of the rows ``mine`` from their fp32 sums of squares ``h_sq``: rows whose sum is
+        outside [2^-64, FLT_MAX] (hidden states near 1e-20 or 1e20) are read again over
+        [begin, end), scaled by 2^64 or 2^-80 before squaring. Ordinary rows cost nothing more."""
+        redo = mine & ((h_sq < _SQUARES_MIN) | (h_sq > _FP32_MAX) | (h_sq != h_sq))
+        norm = tl.sqrt(h_sq)
+        if tl.sum(redo.to(tl.int32), axis=0) > 0:
+            small = h_sq < _SQUARES_MIN
+            f = tl.where(small, 2.0**64, 2.0**-80)
+            acc = tl.zeros((BLOCK_B,), dtype=tl.float32)
+            for d0 in range(begin, end, BLOCK_D):
+                dd = d0 + tl.arange(0, BLOCK_D)
+                h = tl.load(h_rows + dd[None, :], mask=redo[:, None] & (dd < end)[None, :], other=0.0)
+                h = h.to(tl.float32) * f[:, None]
+                acc += tl.sum(h * h, axis=1)
+            norm = tl.where(redo, tl.sqrt(acc) * tl.where(small, 2.0**-64, 2.0**80), norm)
+        return norm
+
     # The K-space loop divides, takes square roots and exponentials with the hardware's fast
     # approximations (relative error about 2^-22, far inside METHOD.md's 1e-4), where the CUDA
     # and C++ kernels round IEEE: div_rn/sqrt_rn spilled 8-40 B per thread in the AOT check
@@ -221,11 +265,13 @@ if IMPORT_ERROR is None:
 
     @triton.jit
     def _finite_set(gram_ptr, set_off, set_size, k, k_ok, live, mine, BLOCK_B: tl.constexpr):
-        """``mine`` cleared if set s has a non-finite anchor row of W (a non-finite ||W_a||^2 on
-        its Gram's diagonal): such a set cannot steer, and its rows are left untouched, as in the
-        C++ kernels. Checked before the z0 loop, so nothing more is live across it."""
+        """``mine`` cleared if set s has a non-finite anchor row of W, or one whose squared norm
+        (its Gram diagonal) fp32 cannot hold to its accuracy (nonzero below 2^-80, or past
+        FLT_MAX): such a set cannot steer, and its rows are left untouched, as in the C++ kernels.
+        Checked before the z0 loop, so nothing more is live across it."""
         diag = tl.load(gram_ptr + set_off * set_size + k * set_size + k, mask=k_ok & live, other=0.0)
-        bad = tl.sum(((diag != diag) | (tl.abs(diag) == float("inf"))).to(tl.int32), axis=0)
+        ok = (diag == 0.0) | ((diag >= _GRAM_DIAG_MIN) & (diag <= _FP32_MAX))
+        bad = tl.sum((live & (ok == 0)).to(tl.int32), axis=0)
         return mine & (tl.zeros((BLOCK_B,), dtype=tl.int32) + bad == 0)
 
     @triton.jit
@@ -280,14 +326,19 @@ if IMPORT_ERROR is None:
         log_w = tl.log(tl.where(live, tl.abs(w), 1.0))
         c = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
         gc = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+        if TRUST or RELATIVE:  # an ||h0|| past FLT_MAX (or a caller's unusable one): untouched
+            eta = tl.where((h_norm >= 0.0) & (h_norm < float("inf")), eta, 0.0)
         if RELATIVE:
-            # The first step moves h by eta ||h0||: divide by ||grad G(h0)|| = sqrt(s0^T Gm s0).
+            # The first step moves h by eta ||h0||: divide by ||grad G(h0)|| = sqrt(s0^T Gm s0),
+            # the quadratic form of s0 scaled by 2^-x (fp_range.h).
             _, s0 = _gap_and_grad(z0, w, log_w, tau, LSE, BLOCK_B, BLOCK_K)
             s0 = tl.where(mine[:, None], s0, 0.0)
+            x = _quadratic_exponent(tl.max(tl.abs(s0), axis=1))
+            s0 = s0 * _pow2(-x)[:, None]
             g_sq = tl.sum(s0 * _gram_times(s0, gram_t, gram_base, row_scratch, mine, k, k_ok,
                                            set_size, BLOCK_B, BLOCK_K, CHUNKED, CHUNK), axis=1)
             ok = (g_sq > 0.0) & (g_sq < float("inf"))
-            eta = tl.where(ok, eta * h_norm / tl.sqrt(tl.where(ok, g_sq, 1.0)), 0.0)
+            eta = tl.where(ok, eta * h_norm / tl.sqrt(tl.where(ok, g_sq, 1.0)) * _pow2(-x), 0.0)
             eta = tl.where((eta == eta) & (eta < float("inf")), eta, 0.0)
         for _ in range(steps):
             gap, grad = _gap_and_grad(z0 + gc, w, log_w, tau, LSE, BLOCK_B, BLOCK_K)
@@ -295,15 +346,26 @@ if IMPORT_ERROR is None:
             finite = (gap == gap) & (tl.abs(gap) < float("inf"))
             active = mine & finite & (gap < margin) & (eta != 0.0)
             c = tl.where(active[:, None], c + eta[:, None] * (grad - reg * c), c)
-            gc = _gram_times(c, gram_t, gram_base, row_scratch, mine, k, k_ok, set_size,
-                             BLOCK_B, BLOCK_K, CHUNKED, CHUNK)
             if TRUST:
-                q = tl.sum(c * gc, axis=1)
-                scale = tl.where(q > limit * limit, limit / tl.sqrt(q), 1.0)
-                c = c * scale[:, None]
-                gc = gc * scale[:, None]
-
-        return c
+                # ||h - h0|| 2^-x = sqrt of the quadratic form of c 2^-x: past the limit c becomes
+                # the scaled c times limit / ||.||, else it is scaled back (exactly).
+                x = _quadratic_exponent(tl.max(tl.abs(c), axis=1))
+                c = c * _pow2(-x)[:, None]
+                gc = _gram_times(c, gram_t, gram_base, row_scratch, mine, k, k_ok, set_size,
+                                 BLOCK_B, BLOCK_K, CHUNKED, CHUNK)
+                n = tl.sqrt(tl.sum(c * gc, axis=1))
+                r = tl.where(n > limit * _pow2(-x), limit / tl.where(n > 0.0, n, 1.0), _pow2(x))
+                c = c * r[:, None]
+                gc = gc * r[:, None]
+            else:
+                gc = _gram_times(c, gram_t, gram_base, row_scratch, mine, k, k_ok, set_size,
+                                 BLOCK_B, BLOCK_K, CHUNKED, CHUNK)
+        # As the C++ kernels (representable_edit): a row whose c is not finite, or whose edit's
+        # terms sum_k |c_k| ||W_a_k|| exceed FLT_MAX (a step or edit fp32 cannot represent),
+        # gets c = 0 and is left untouched.
+        diag = tl.load(gram_base + k * set_size + k, mask=k_ok, other=0.0)
+        bound = tl.sum(tl.where(c != 0.0, tl.abs(c) * tl.sqrt(diag)[None, :], 0.0), axis=1)
+        return tl.where((bound <= _FP32_MAX)[:, None], c, 0.0)
 
     @triton.jit
     def _steer_hidden_kernel(
@@ -349,7 +411,7 @@ if IMPORT_ERROR is None:
             z0, h_sq = _anchor_logits(h_rows, w_rows, mine, live, 0, dim, NATIVE_DOT16, BLOCK_B, BLOCK_K, BLOCK_D)
             if HAS_BIAS:
                 z0 += tl.load(bias_ptr + ids, mask=live, other=0.0).to(tl.float32)[None, :]
-            h_norm = tl.sqrt(h_sq)
+            h_norm = _robust_norm(h_sq, h_rows, mine, 0, dim, BLOCK_B, BLOCK_D)
 
             c = _kspace_loop(z0, w, live, eta, h_norm, mine, gram_ptr + set_off * set_size,
                              scratch_ptr + r[:, None] * BLOCK_K, k, k_ok, set_size, steps, reg, tau,
@@ -413,16 +475,20 @@ if IMPORT_ERROR is None:
                                                              BLOCK_B, BLOCK_K)
             c = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
             if tl.sum(mine.to(tl.int32), axis=0) > 0:
-                z0 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
+                # ||h0|| first (its rare rescaled pass re-reads the row): z0 is not live across it
                 h_sq = tl.zeros((BLOCK_B,), dtype=tl.float32)
+                for jj in range(0, num_slices):
+                    h_sq += tl.load(hsq_ptr + ((r * 0 + jj) * rows + r), mask=mine, other=0.0)
+                h_norm = _robust_norm(h_sq, hidden_ptr + r[:, None] * hidden_row_stride, mine, 0, dim,
+                                      BLOCK_B, NORM_BLOCK_D)
+                z0 = tl.zeros((BLOCK_B, BLOCK_K), dtype=tl.float32)
                 for jj in range(0, num_slices):
                     at = (r * 0 + jj) * rows + r      # int64 (r is)
                     z0 += tl.load(zp_ptr + at[:, None] * BLOCK_K + k[None, :], mask=mine[:, None], other=0.0)
-                    h_sq += tl.load(hsq_ptr + at, mask=mine, other=0.0)
                 if HAS_BIAS:
                     z0 += tl.load(bias_ptr + ids, mask=live, other=0.0).to(tl.float32)[None, :]
                 eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
-                c = _kspace_loop(z0, w, live, eta, tl.sqrt(h_sq), mine, gram_ptr + set_off * set_size,
+                c = _kspace_loop(z0, w, live, eta, h_norm, mine, gram_ptr + set_off * set_size,
                                  scratch_ptr + (j.to(tl.int64) * rows + r)[:, None] * BLOCK_K, k, k_ok, set_size,
                                  steps, reg, tau, margin, max_norm, LSE, TRUST, RELATIVE, BLOCK_B, BLOCK_K,
                                  CHUNKED, CHUNK)
@@ -467,14 +533,16 @@ if IMPORT_ERROR is None:
 
     @triton.jit
     def _steer_mean_kernel(
-        hidden_ptr, u_ptr, wb_ptr, row_sets_ptr, eta_ptr, out_ptr, rows, dim, num_sets,
+        hidden_ptr, u_ptr, wb_ptr, beta_ptr, row_sets_ptr, eta_ptr, out_ptr, rows, dim, num_sets,
         hidden_row_stride, out_row_stride, steps, reg, margin, max_norm,
         TRUST: tl.constexpr, RELATIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """objective="mean" in rank-one form: s = w is constant, so c = a w with a scalar a per row:
-        gap = u.h0 + w.b_A + a gamma (gamma = ||u||^2 = w^T Gm w), the trust region is
-        a^2 gamma <= rho^2 ||h0||^2, and h' = h0 + a u. One pass over d for u.h0, a scalar loop,
-        one pass for the axpy; same grid and row rules as the general kernel."""
+        gap = u.h0 + w.b_A + (a ||u||) ||u|| (||u||^2 = w^T Gm w, never formed: it can overflow),
+        the trust region is |a| ||u|| <= rho ||h0||, and h' = h0 + a u, left untouched where
+        |a| beta (beta = sum_k |w_k| ||W_a_k||, from the launcher) exceeds FLT_MAX. One pass over d
+        for u.h0, a scalar loop, one pass for the axpy; same grid and row rules as the general
+        kernel."""
         s, r, in_range, rs = _tile_rows(row_sets_ptr, rows, num_sets, BLOCK_B)
         mine = in_range & (rs == s)
         copy_only = in_range & ((rs < 0) | (rs >= num_sets)) & (tl.zeros((BLOCK_B,), dtype=tl.int32) + s == 0)
@@ -496,21 +564,34 @@ if IMPORT_ERROR is None:
                     h_sq += tl.sum(h * h, axis=1)
                     gamma += tl.sum(u * u, axis=0)
             gap0 = z + tl.load(wb_ptr + s)
-            h_norm = tl.sqrt(h_sq)
+            h_norm = _robust_norm(h_sq, h_rows, mine, 0, dim, BLOCK_B, BLOCK_D)
+            # ||u|| from its sum of squares, recomputed scaled where that is out of range
+            unorm = tl.sqrt(gamma)
+            if (tl.sum(mine.to(tl.int32), axis=0) > 0) & ((gamma < _SQUARES_MIN) | (gamma > _FP32_MAX) | (gamma != gamma)):
+                f = tl.where(gamma < _SQUARES_MIN, 2.0**64, 2.0**-80)
+                u_sq = 0.0
+                for d0 in range(0, dim, BLOCK_D):
+                    dd = d0 + tl.arange(0, BLOCK_D)
+                    u = tl.load(u_row + dd, mask=dd < dim, other=0.0) * f
+                    u_sq += tl.sum(u * u, axis=0)
+                unorm = tl.sqrt(u_sq) * tl.where(gamma < _SQUARES_MIN, 2.0**-64, 2.0**80)
             eta = tl.load(eta_ptr + r, mask=mine, other=0.0)
+            if TRUST or RELATIVE:  # an ||h0|| past FLT_MAX: untouched, as in the C++ kernels
+                eta = tl.where(h_norm < float("inf"), eta, 0.0)
             if RELATIVE:
-                ok = (gamma > 0.0) & (gamma < float("inf"))
-                eta = tl.where(ok, eta * h_norm / tl.sqrt(tl.where(ok, gamma, 1.0)), 0.0)
+                ok = (unorm > 0.0) & (unorm < float("inf"))
+                eta = tl.where(ok, eta * h_norm / tl.where(ok, unorm, 1.0), 0.0)
                 eta = tl.where((eta == eta) & (eta < float("inf")), eta, 0.0)
             limit = max_norm * h_norm
             a = tl.zeros((BLOCK_B,), dtype=tl.float32)
             for _ in range(steps):
-                gap = gap0 + a * gamma
+                gap = gap0 + a * unorm * unorm
                 active = mine & (gap == gap) & (tl.abs(gap) < float("inf")) & (gap < margin) & (eta != 0.0)
                 a = tl.where(active, a + eta * (1.0 - reg * a), a)
                 if TRUST:
-                    q = a * a * gamma
-                    a = tl.where(q > limit * limit, a * limit / tl.sqrt(q), a)
+                    a_max = limit / unorm
+                    a = tl.where(tl.abs(a) * unorm > limit, tl.where(a < 0.0, -a_max, a_max), a)
+            a = tl.where(tl.abs(a) * tl.load(beta_ptr + s) <= _FP32_MAX, a, 0.0)
             for d0 in range(0, dim, BLOCK_D):
                 dd = d0 + tl.arange(0, BLOCK_D)
                 m = store[:, None] & (dd < dim)[None, :]
@@ -599,14 +680,16 @@ if IMPORT_ERROR is None:
 
     def _usable_steps(anchor_weights, gram, row_sets, step_size):
         """Per-row values are not host-checked on every path (direct op calls, device tensors): a
-        step that is not finite and > 0, or a set with a non-finite anchor row of W (a non-finite
-        ||W_a||^2 on its Gram's diagonal), becomes a step of 0, which the hidden kernels leave
-        untouched, as the C++ kernels do. A few elementwise ops on the device, no sync; here, not
-        in the kernels, whose K-space loop is at its register limit on sm_90a. The hidden kernels
-        compute ||h0|| themselves and do not check it: only an fp32 overflow of ||h0||^2 could make
-        it infinite (issue 20, item 9), where the C++ kernel leaves the row untouched."""
+        step that is not finite and > 0, or a set with a non-finite anchor row of W or one whose
+        squared norm fp32 cannot hold (a Gram diagonal failing anchors.gram_diag_ok), becomes a
+        step of 0, which the hidden kernels leave untouched, as the C++ kernels do. A few
+        elementwise ops on the device, no sync; here, not in the kernels, whose K-space loop is at
+        its register limit on sm_90a. The hidden kernels compute ||h0|| themselves, scaled where
+        its square would leave fp32's range (issue 20, item 9): it is infinite only past FLT_MAX,
+        and such a row is left untouched where the trust region or the relative step uses it
+        (_kspace_loop, _steer_mean_kernel), as in the C++ kernels."""
         diag = gram.diagonal(dim1=1, dim2=2)
-        finite_set = (torch.isfinite(diag) | (anchor_weights == 0)).all(-1)              # [S]
+        finite_set = (gram_diag_ok(diag) | (anchor_weights == 0)).all(-1)              # [S]
         usable = (step_size > 0) & torch.isfinite(step_size) & finite_set[row_sets.clamp(0, gram.shape[0] - 1)]
         return torch.where(usable, step_size, 0.0)
 
@@ -635,8 +718,8 @@ if IMPORT_ERROR is None:
             if rows == 0:
                 return out
             if objective == "mean":
-                _steer_mean(hidden, weight, bias, anchor_ids, anchor_weights, row_sets, step_size, out, steps, reg,
-                            margin, max_norm, relative_step)
+                _steer_mean(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, out, steps,
+                            reg, margin, max_norm, relative_step)
                 return out
             cfg = launch_config(K, dim, hidden.dtype == torch.float32)
             plan = choose_plan(rows, dim, S, hidden.device)
@@ -695,19 +778,23 @@ if IMPORT_ERROR is None:
         return dict(direction=dict(BLOCK_K=block_k, BLOCK_D=max(16, 2048 // block_k), num_warps=4, num_stages=NUM_STAGES),
                     rows=dict(BLOCK_B=BLOCK_ROWS, BLOCK_D=MEAN_BLOCK_D, num_warps=4, num_stages=NUM_STAGES))
 
-    def _steer_mean(hidden, weight, bias, anchor_ids, anchor_weights, row_sets, step_size, out, steps, reg,
+    def _steer_mean(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, out, steps, reg,
                     margin, max_norm, relative_step):
         rows, dim = hidden.shape
         S, K = anchor_ids.shape
         cfg = mean_launch_config(K)
         u = hidden.new_empty((S, dim), dtype=torch.float32)
         wb = hidden.new_empty((S,), dtype=torch.float32)
+        # beta = sum_k |w_k| ||W_a_k|| per set: |a| beta bounds the edit a u (the kernel leaves a
+        # row untouched past FLT_MAX, as the C++ kernels); a few device ops, no sync.
+        live = anchor_weights != 0
+        beta = (anchor_weights.abs() * torch.where(live, gram.diagonal(dim1=1, dim2=2), 0.0).sqrt()).sum(-1)
         d_cfg = cfg["direction"]
         torch.library.wrap_triton(_mean_direction_kernel)[(S, triton.cdiv(dim, d_cfg["BLOCK_D"]))](
             weight, weight if bias is None else bias, anchor_ids.contiguous(), anchor_weights.contiguous(), u, wb,
             dim, weight.shape[0], K, weight.stride(0), HAS_BIAS=bias is not None, **d_cfg)
         torch.library.wrap_triton(_steer_mean_kernel)[launch_grid(rows, S)](
-            hidden, u, wb, row_sets.contiguous(), step_size.contiguous(), out, rows, dim, S, hidden.stride(0),
+            hidden, u, wb, beta, row_sets.contiguous(), step_size.contiguous(), out, rows, dim, S, hidden.stride(0),
             out.stride(0), steps, reg, margin, max_norm, TRUST=max_norm != float("inf"), RELATIVE=relative_step,
             **cfg["rows"])
 
