@@ -277,8 +277,6 @@ def paired_bootstrap(delta: list[float], resamples: int = 2000, seed: int = 0) -
 # The metrics with a paired interval per set: what alignment and derailing mean there.
 PRIMARY = {"rude": ("vader", "toxicity"), "harmful": ("refusal", "compliance"), "neutral": ("on_topic", "nll"),
            "toxic": ("toxicity", "repeat4"), "toxic-chat": ("toxicity", "vader")}
-PER_PROMPT = ("refusal", "compliance", "toxicity", "vader", "on_topic", "same_as_unsteered", "repeat4", "nll",
-              "gap", "kl", "top1_changed", "gap_shift")
 
 
 @dataclass

@@ -73,3 +73,19 @@ def reference_fp64(hidden, weight, anchors, config, bias=None, row_sets=None, st
            else torch.as_tensor(step_size, dtype=torch.float32).reshape(n))
     return reference.steer_rows_fp64(rows.cpu(), weight.cpu(), None if bias is None else bias.cpu(),
                                      bank, rs, eta.cpu(), config)
+
+
+# The bank of the device-path tests: set 0 = anchors [1, 2, 5 | 3, 4] (1/3 each, 1/2 each), set 1 =
+# [7 | 9], padded to K = 5.
+DEVICE_BANK_IDS = [[1, 2, 5, 3, 4], [7, 9, 0, 0, 0]]
+DEVICE_BANK_SIGNED = [[1 / 3] * 3 + [-0.5] * 2, [1.0, -1.0, 0, 0, 0]]
+
+
+def device_packing(weight):
+    """(ids, signed weights, Gram) of DEVICE_BANK_IDS packed straight from ``weight``, as a device
+    caller passes them to the op: no host check, so a broken or out-of-range row reaches the kernel."""
+    with torch.no_grad():
+        ids = torch.tensor(DEVICE_BANK_IDS, device=weight.device)
+        signed = torch.tensor(DEVICE_BANK_SIGNED, device=weight.device)
+        rows = torch.where((signed != 0).unsqueeze(-1), weight[ids].double(), 0.0)
+        return ids, signed, torch.bmm(rows, rows.transpose(1, 2)).float()

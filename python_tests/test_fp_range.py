@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import anchor_kernels as ak
 from anchor_kernels import kspace, reference
 from anchor_kernels.steer import unavailable_reason
-from conftest import DEVICE, assert_steer_close, kernel_backends, reference_fp64
+from conftest import DEVICE, assert_steer_close, device_packing, kernel_backends, reference_fp64
 
 A = ak.AnchorSet([1, 2, 5], [3, 4])
 FP32_MAX = torch.finfo(torch.float32).max
@@ -204,11 +204,7 @@ def test_device_path_leaves_sets_the_gram_cannot_hold_untouched(backend, objecti
     bank = ak.AnchorBank([A, ak.AnchorSet([7], [9])])
     row_sets = torch.tensor([0, 1, 0, 1, 0, 1], device=DEVICE)
     config = _config(objective, relative, 0.05 if relative else 0.5, None, steps=3)
-    with torch.no_grad():  # the packing a device caller gets (no host check there)
-        ids = torch.tensor([[1, 2, 5, 3, 4], [7, 9, 0, 0, 0]], device=DEVICE)
-        signed = torch.tensor([[1 / 3] * 3 + [-0.5] * 2, [1.0, -1.0, 0, 0, 0]], device=DEVICE)
-        rows = torch.where((signed != 0).unsqueeze(-1), scaled[ids].double(), 0.0)
-        gram = torch.bmm(rows, rows.transpose(1, 2)).float()
+    ids, signed, gram = device_packing(scaled)
     out = _hidden_op(backend)(hidden, scaled, None, ids, signed, gram, row_sets,
                               torch.full((6,), config.step_size, device=DEVICE), 3, objective, 0.0, 1.0,
                               math.inf, math.inf, relative)

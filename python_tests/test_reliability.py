@@ -12,7 +12,7 @@ import anchor_kernels as ak
 from anchor_kernels import native, reference
 from anchor_kernels.anchors import as_bank
 from anchor_kernels.steer import unavailable_reason
-from conftest import DEVICE, assert_steer_close, kernel_backends, reference_fp64
+from conftest import DEVICE, assert_steer_close, device_packing, kernel_backends, reference_fp64
 
 A = ak.AnchorSet([1, 2, 5], [3, 4])
 ALL_BACKENDS = [pytest.param("reference")] + kernel_backends()
@@ -719,11 +719,7 @@ def test_kernels_and_reference_leave_a_nonfinite_sets_rows_untouched(backend, ob
         bank = ak.AnchorBank([A, ak.AnchorSet([7], [9])])
         row_sets = torch.tensor([0, 1, 0, 1, 0, 1], device=DEVICE)
         config = ak.SteerConfig(steps=3, **({"strength": 0.05} if relative else {"eta": 0.5}), objective=objective, margin=None)
-        with torch.no_grad():  # the packing a device caller gets (no host check there)
-            ids = torch.tensor([[1, 2, 5, 3, 4], [7, 9, 0, 0, 0]], device=DEVICE)
-            signed = torch.tensor([[1 / 3] * 3 + [-0.5] * 2, [1.0, -1.0, 0, 0, 0]], device=DEVICE)
-            rows = torch.where((signed != 0).unsqueeze(-1), broken[ids].double(), 0.0)
-            gram = torch.bmm(rows, rows.transpose(1, 2)).float()
+        ids, signed, gram = device_packing(broken)
         out = _hidden_op(backend)(hidden, broken, None, ids, signed, gram, row_sets,
                                   torch.full((6,), config.step_size, device=DEVICE), 3, objective, 0.0, 1.0,
                                   math.inf, math.inf, relative)
