@@ -158,6 +158,17 @@ class AnchorBank:
         return max(s.size for s in self.sets)
 
 
+def compact_bank(anchors) -> tuple[list[int], AnchorBank]:
+    """The token ids ``anchors`` use (sorted) and the same bank renumbered onto rows 0..n-1 of
+    ``W[ids]``: steering reads only the anchor rows of W, so a caller that holds those rows alone
+    (a tensor-parallel rank, whose shard of W lacks most of them) steers with ``W[ids]``."""
+    bank = as_bank(anchors)
+    ids = sorted({t for s in bank.sets for t in s.ids})
+    row = {t: i for i, t in enumerate(ids)}
+    return ids, AnchorBank([AnchorSet([row[t] for t in s.positive], [row[t] for t in s.negative],
+                                      s.positive_weights, s.negative_weights) for s in bank.sets])
+
+
 def as_bank(anchors) -> AnchorBank:
     if isinstance(anchors, AnchorBank):
         return anchors

@@ -205,6 +205,25 @@ def test_prepared_anchors_round_trip():
     assert ak.prepare_anchors(weight, bank).to_bank() == bank
 
 
+@pytest.mark.parametrize("backend", ["reference", *kernel_backends()])
+def test_compact_bank_steers_with_the_anchor_rows_alone(backend):
+    """What a tensor-parallel rank does: W[ids] and the renumbered bank give the full head's edit."""
+    from anchor_kernels.anchors import compact_bank
+
+    torch.manual_seed(1)
+    weight = torch.randn(50, 9, device=DEVICE)
+    bank = ak.AnchorBank([ak.AnchorSet([41, 3], [17], positive_weights=[2, 1]), ak.AnchorSet([17, 8], [44, 3])])
+    ids, compact = compact_bank(bank)
+    assert ids == [3, 8, 17, 41, 44] and compact.sets[0] == ak.AnchorSet([3, 0], [2], positive_weights=[2, 1])
+    hidden = torch.randn(4, 9, device=DEVICE)
+    rows = [0, 1, -1, 1]
+    config = ak.SteerConfig(strength=0.05, margin=None)
+    full = ak.steer_hidden(hidden, weight, bank, config, backend=backend, row_sets=rows)
+    alone = ak.steer_hidden(hidden, weight[ids], compact, config, backend=backend, row_sets=rows)
+    assert not torch.equal(full[0], hidden[0])
+    torch.testing.assert_close(alone, full, rtol=0, atol=0)
+
+
 @pytest.mark.skipif(not native.available(), reason="anchor_kernels._C not built")
 def test_triton_op_has_the_same_schema():
     from anchor_kernels import triton_steer

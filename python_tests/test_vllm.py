@@ -189,15 +189,35 @@ def test_v2_slots_and_expanded_rows(tmp_path):
         assert torch.equal(got[2:], logits[2:])
 
 
-def test_hidden_form_refuses_v2_and_tensor_parallel(tmp_path):
+def test_hidden_form_refuses_v2(tmp_path):
     with serving_env(tmp_path, HIDDEN_FORM):
         states = types.SimpleNamespace(device=torch.device("cpu"), max_num_reqs=4, vocab_size=4096)
         with pytest.raises(ValueError, match="V1 model runner"):
             AnchorSteering(fake_vllm_config(), states)
-        cfg = fake_vllm_config()
-        cfg.parallel_config.tensor_parallel_size = 2
-        with pytest.raises(ValueError, match="tensor_parallel_size"):
-            AnchorSteering(cfg, torch.device("cpu"), False)
+
+
+def test_hidden_form_rank_steers_from_the_checkpoint_rows(tmp_path):
+    """A tensor-parallel rank holds a vocabulary slice of the head; its edit, made from the
+    anchor rows read from the checkpoint, equals the one-rank edit with the whole head."""
+    head = serving.read_lm_head(MODEL).float()
+    hidden = torch.randn(3, head.shape[1])
+    with serving_env(tmp_path, HIDDEN_FORM):
+        edits = []
+        for tp, weight in ((1, head), (2, head[head.shape[0] // 2:].clone())):
+            cfg = fake_vllm_config()
+            cfg.parallel_config.tensor_parallel_size = tp
+            proc = AnchorSteering(cfg, torch.device("cpu"), False)
+            for slot, s in enumerate((0, None, 1)):
+                proc.table.assign(slot, None if s is None else serving.RequestSteering(s, 0.02))
+            proc.table.batch_size = 3
+            edits.append(proc.steer_hidden_rows(hidden, weight, None))
+            if tp > 1:
+                proc._prepared = None
+                with pytest.raises(RuntimeError, match="LM-head bias"):
+                    proc.steer_hidden_rows(hidden, weight, torch.zeros(weight.shape[0]))
+            del proc
+    assert not torch.equal(edits[0][0], hidden[0]) and torch.equal(edits[0][1], hidden[1])
+    assert torch.equal(edits[0], edits[1])
 
 
 @pytest.mark.parametrize("sets, match", [
@@ -295,6 +315,25 @@ def test_hidden_form_greedy_equals_hf_steer(tmp_path, hf_model):
                            use_tqdm=False)
         for prompt, s, o in zip(PROMPTS, sets, out):
             assert list(o.outputs[0].token_ids) == hf_tokens(hf_model, HIDDEN_FORM, prompt, s), (prompt, s)
+        del llm
+
+
+@pytest.mark.parametrize("data", [LOGIT_FORM, HIDDEN_FORM], ids=["logits", "hidden"])
+def test_tensor_parallel_2_answers_equal_one_rank(tmp_path, hf_model, monkeypatch, data):
+    """``tensor_parallel_size=2`` on vLLM's CPU build: each request's greedy answer equals
+    ``hf.steer``'s, which the one-rank engines above are tested to equal."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallelism on vLLM's CPU build needs two cores")
+    # vLLM's CPU workers bind to one NUMA node each unless told which cores to use.
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
+    with serving_env(tmp_path, data):
+        llm = make_llm(tensor_parallel_size=2)
+        sets = ["sunny", None, "harmless", "sunny"]
+        out = llm.generate(PROMPTS, [greedy(12, None if s is None else {"anchor_set": s}) for s in sets],
+                           use_tqdm=False)
+        for prompt, s, o in zip(PROMPTS, sets, out):
+            assert list(o.outputs[0].token_ids) == hf_tokens(hf_model, data, prompt, s), (prompt, s)
         del llm
 
 

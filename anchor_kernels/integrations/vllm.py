@@ -25,8 +25,13 @@ Two forms:
   "hidden": the exact METHOD.md edit of the LM-head input. The processor registers an
       out-of-tree replacement of vLLM's ``LogitsProcessor`` layer (``PluggableLayer.register_oot``)
       in the worker, before the model is built, that edits ``hidden_states`` with
-      ``steer_hidden``. V1 model runner only (``VLLM_USE_V2_MODEL_RUNNER=0`` on GPUs), no tensor
-      parallelism, no prompt_logprobs for steered requests.
+      ``steer_hidden``. V1 model runner only (``VLLM_USE_V2_MODEL_RUNNER=0`` on GPUs), no
+      prompt_logprobs for steered requests.
+
+Tensor parallelism (``tensor_parallel_size > 1``): both forms. The LM-head input is replicated on
+every rank while the head is split by vocabulary, so each rank reads the anchor rows (hidden form)
+or the whole head (logit form, to build M) from the checkpoint once, and computes the same edit
+as every other rank: no communication per step.
 """
 from __future__ import annotations
 
@@ -142,6 +147,7 @@ class AnchorSteering(_V1, _V2):
         _LIVE.add(self)
         self._steerer = None
         self._prepared = None
+        self._checkpoint_anchors = None
         self._layer_calls = 0
         self._checked_calls = 0
         self._anchor_bank = None
@@ -229,8 +235,11 @@ class AnchorSteering(_V1, _V2):
             raise ValueError("anchor_kernels: the hidden form runs on vLLM's V1 model runner; set "
                              "VLLM_USE_V2_MODEL_RUNNER=0 or use \"form\": \"logits\"")
         if self.vllm_config.parallel_config.tensor_parallel_size > 1:
-            raise ValueError("anchor_kernels: the hidden form needs the whole LM head on one worker "
-                             "(tensor_parallel_size 1); use \"form\": \"logits\"")
+            # Read now: a checkpoint without a readable head fails the engine's start.
+            from ..anchors import compact_bank
+
+            ids, bank = compact_bank(self._bank())
+            self._checkpoint_anchors = (read_lm_head(self.vllm_config.model_config.model)[ids], bank)
         register_steered_logits_layer()
         _HIDDEN = weakref.ref(self)
 
@@ -243,14 +252,32 @@ class AnchorSteering(_V1, _V2):
             raise RuntimeError(f"anchor_kernels: the logits layer got {tuple(hidden.shape)} for a batch "
                                f"of {self.table.batch_size} requests (speculative decoding and "
                                "prompt_logprobs are not supported by the hidden form)")
-        from ..anchors import prepare_anchors
         from ..steer import steer_hidden
 
         if self._prepared is None or self._prepared[0] is not weight:
-            self._prepared = (weight, prepare_anchors(weight, self._bank()))
+            self._prepared = (weight, *self._hidden_anchors(weight, bias))
+        _, anchor_weight, prepared = self._prepared
+        if anchor_weight is not weight:
+            bias = None  # refused with a bias in _hidden_anchors
         self._layer_calls += 1
-        return steer_hidden(hidden, weight, self._prepared[1], self.serving.config, bias=bias,
+        return steer_hidden(hidden, anchor_weight, prepared, self.serving.config, bias=bias,
                             row_sets=self.table.sets[:rows], step_size=self.table.steps[:rows])
+
+    def _hidden_anchors(self, weight: torch.Tensor, bias):
+        """The weight the edit reads and the anchors packed for it: the layer's own LM head on one
+        rank; with tensor parallelism, whose ranks hold a vocabulary slice each, the anchor rows
+        read from the checkpoint (in the layer's dtype), the same on every rank."""
+        from ..anchors import prepare_anchors
+
+        if self._checkpoint_anchors is None:
+            return weight, prepare_anchors(weight, self._bank())
+        if bias is not None:
+            raise RuntimeError("anchor_kernels: the hidden form with tensor parallelism reads the anchor rows "
+                               "from the checkpoint, and this model adds an LM-head bias it does not read; "
+                               "use \"form\": \"logits\"")
+        rows, bank = self._checkpoint_anchors
+        rows = rows.to(device=weight.device, dtype=weight.dtype).contiguous()
+        return rows, prepare_anchors(rows, bank)
 
 
 def register_steered_logits_layer() -> None:
