@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 NATIVE_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py
 
-.PHONY: demo eval test test-vllm test-llama-cpp bench bench-vllm bench-llama-cpp cuda-check cuda-emu aot-check gpu-check gpu-bench clean
+.PHONY: demo eval test test-vllm test-llama-cpp bench bench-hf bench-vllm bench-vllm-defaults profile-vllm bench-llama-cpp cuda-check cuda-emu aot-check gpu-check gpu-bench clean
 
 $(VENV)/.deps: requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -104,6 +104,19 @@ test-llama-cpp: $(LLAMA_VENV)/.built
 bench-vllm: $(VLLM_VENV)/.built $(VENV)/.built
 	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python bench/vllm_throughput.py --model "$$($(BIN)/python -c 'from anchor_kernels import default_model; print(default_model.ensure(verbose=False))')"
 	$(BIN)/python bench/report.py
+
+# HF generate tokens/s: unsteered, the hidden hook, the logit form and sequence_bias, one thread (~5 minutes).
+bench-hf: $(VENV)/.built
+	$(BIN)/python bench/hf_throughput.py
+	$(BIN)/python bench/report.py
+
+# Where a steered vLLM step's extra time goes, per form (the engine in-process, the plug-in timed).
+profile-vllm: $(VLLM_VENV)/.built $(VENV)/.built
+	for form in hidden logits; do VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python bench/vllm_profile.py --form $$form --torch-profile --model "$$($(BIN)/python -c 'from anchor_kernels import default_model; print(default_model.ensure(verbose=False))')"; done
+
+# Whether the vLLM server's default steering degenerates, per shipped set and form (about 8 minutes).
+bench-vllm-defaults: $(VLLM_VENV)/.built $(VENV)/.built
+	VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python bench/vllm_server_defaults.py --model "$$($(BIN)/python -c 'from anchor_kernels import default_model; print(default_model.ensure(verbose=False))')" $(ARGS)
 
 # llama.cpp chat tokens/s steered vs unsteered on SmolLM2's GGUF, one thread (about a minute).
 bench-llama-cpp: $(LLAMA_VENV)/.built

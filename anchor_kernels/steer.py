@@ -65,11 +65,12 @@ def resolve_backend(backend: str, device: torch.device, rows: int = 0, set_size:
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"${BACKEND_ENV} must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        from .triton_steer import MAX_SET_SIZE as triton_max_set_size
-
         order = AUTO_ORDER.get(device.type, ())
-        if device.type == "cuda" and rows * set_size >= BATCHED_MIN_ROWS_X_ANCHORS and set_size <= triton_max_set_size:
-            order = ("triton",) + tuple(n for n in order if n != "triton")
+        if device.type == "cuda" and rows * set_size >= BATCHED_MIN_ROWS_X_ANCHORS:
+            from .triton_steer import MAX_SET_SIZE as triton_max_set_size
+
+            if set_size <= triton_max_set_size:
+                order = ("triton",) + tuple(n for n in order if n != "triton")
         for name in order:
             if unavailable_reason(name, device) is None and (dtype is None or selftest.failure(name, device, dtype) is None):
                 return name
@@ -120,6 +121,8 @@ def _host_values(t: torch.Tensor) -> bool:
 def _per_row(value, name: str, lead_shape, device, dtype) -> torch.Tensor:
     """One entry per row of hidden, as a flat tensor on the host or already on ``device``."""
     rows = math.prod(lead_shape)
+    if isinstance(value, torch.Tensor) and value.dtype == dtype and value.dim() == 1 and value.shape[0] == rows:
+        return value  # already flat and typed (an engine's per-slot table): no conversion per step
     try:
         t = torch.as_tensor(value)
     except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # strings, ints past int64, ...
@@ -142,10 +145,12 @@ def _row_sets(row_sets, num_sets: int, lead_shape, device) -> torch.Tensor:
                              "(one set index per row, -1 = leave the row untouched)")
         return torch.zeros(math.prod(lead_shape), dtype=torch.long, device=device)
     t = _per_row(row_sets, "row_sets", lead_shape, device, torch.long)
-    bad = (t < -1) | (t >= num_sets)
-    if _host_values(t) and bool(bad.any()):
-        raise ValueError(f"row_sets entries must be in [-1, {num_sets}), got "
-                         f"{sorted(set(t[bad].tolist()))}")
+    if _host_values(t) and t.numel():
+        lo, hi = (int(x) for x in torch.aminmax(t))
+        if lo < -1 or hi >= num_sets:
+            bad = (t < -1) | (t >= num_sets)
+            raise ValueError(f"row_sets entries must be in [-1, {num_sets}), got "
+                             f"{sorted(set(t[bad].tolist()))}")
     return t.to(device)
 
 
@@ -153,8 +158,10 @@ def _step_size(step_size, config: SteerConfig, lead_shape, device) -> torch.Tens
     if step_size is None:
         return torch.full((math.prod(lead_shape),), config.step_size, dtype=torch.float32, device=device)
     t = _per_row(step_size, "step_size", lead_shape, device, torch.float32)
-    if _host_values(t) and not bool((torch.isfinite(t) & (t >= 0)).all()):
-        raise ValueError("step_size entries must be >= 0 and finite in float32")
+    if _host_values(t) and t.numel():
+        lo, hi = (float(x) for x in torch.aminmax(t))  # NaN propagates, and fails both comparisons
+        if not (lo >= 0 and hi < math.inf):
+            raise ValueError("step_size entries must be >= 0 and finite in float32")
     return t.to(device)
 
 
@@ -191,7 +198,7 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
                            bank.size if bank is not None else prepared.anchor_ids.shape[1], hidden.dtype)
     rows = _row_sets(row_sets, num_sets, lead_shape, hidden.device)
     eta = _step_size(step_size, config, lead_shape, hidden.device)
-    h2 = hidden.reshape(-1, d)
+    h2 = hidden if hidden.dim() == 2 else hidden.reshape(-1, d)
     if name == "reference":
         bank = bank if bank is not None else prepared.to_bank()
         check_vocab(bank, weight.shape[0])
@@ -202,7 +209,8 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
         prepared = prepare_anchors(weight, bank)
     # The anchor rows of W were checked when the bank was packed (check_weight holds W to that
     # snapshot); per call only the bias, which the handle does not hold: a decode step stays cheap.
-    check_finite_anchors(None, prepared.anchor_ids, prepared.anchor_weights != 0, bias)
+    if bias is not None:
+        check_finite_anchors(None, prepared.anchor_ids, prepared.anchor_weights != 0, bias)
     if name == "triton":
         from .triton_steer import steer_hidden_triton as op
     else:
@@ -215,7 +223,7 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
     else:  # decoding: skip the Python autograd wrapper the op would enter only to step past it
         with torch._C._AutoDispatchBelowAutograd():
             out = op(*args)
-    return out.reshape(hidden.shape)
+    return out if hidden.dim() == 2 else out.reshape(hidden.shape)
 
 
 def _needs_autograd(*tensors) -> bool:

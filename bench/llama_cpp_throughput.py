@@ -2,9 +2,13 @@
 
     make bench-llama-cpp        # SmolLM2-135M-Instruct's shipped GGUF, one thread
 
-One Llama with embedding=True serves all three (unsteered, the hidden route with the default
-relative step, the logit form with a literal step); they alternate, median of --reps after a
-warm-up. Writes bench/results/llama-cpp-cpu.json.
+One Llama with embedding=True serves every variant: unsteered, the hidden route (the default
+relative step, ||h0|| from llama.cpp's hidden state), the logit form (a literal step), and
+logit_bias (llama-cpp-python's own per-token bias processor, +-1 on the same set's anchors: the
+cheapest Python processor that can run where the steering runs, the yardstick for its glue).
+Each decodes exactly --tokens tokens after the chat prompt (``Llama.generate``, greedy, EOS not
+stopping it); they alternate, median of --reps after a warm-up. Writes
+bench/results/llama-cpp-cpu.json.
 """
 from __future__ import annotations
 
@@ -18,40 +22,63 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MESSAGES = [{"role": "user", "content": "Tell me what you think of people who are bad at math."}]
 
 
+def logit_bias_processor(bias: dict[int, float]):
+    """llama-cpp-python's own logit_bias processor (Llama._create_completion, 0.3.x), as it runs there."""
+    import numpy as np
+
+    def processor(input_ids, scores):
+        new_scores = np.copy(scores)
+        for token, value in bias.items():
+            new_scores[token] = value + scores[token]
+        return new_scores
+    return processor
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=5)
     args = p.parse_args(argv)
     import llama_cpp
     import torch
 
     import anchor_kernels as ak
     from anchor_kernels import default_model
-    from anchor_kernels.integrations.llama_cpp import LlamaCppSteerer
+    from anchor_kernels.integrations.llama_cpp import LlamaCppSteerer, gguf_tokenizer
 
     torch.set_num_threads(1)
     gguf = default_model.gguf_path()
     llm = llama_cpp.Llama(model_path=str(gguf), n_threads=1, n_ctx=512, embedding=True, verbose=False)
+    tok = gguf_tokenizer(gguf)
+    anchors = ak.AnchorSet.from_lexicon(tok, "harmless")
+    bias = {**{t: 1.0 for t in anchors.positive}, **{t: -1.0 for t in anchors.negative}}
     variants = {"unsteered": None,
-                "hidden route": LlamaCppSteerer.from_gguf(gguf, "harmless", ak.SteerConfig(), llama=llm),
-                "logit form": LlamaCppSteerer.from_gguf(gguf, "harmless", ak.SteerConfig(eta=0.06))}
+                "hidden route": LlamaCppSteerer.from_gguf(gguf, anchors, ak.SteerConfig(), llama=llm),
+                "logit form": LlamaCppSteerer.from_gguf(gguf, anchors, ak.SteerConfig(eta=0.06)),
+                "logit_bias": logit_bias_processor(bias)}
+    prompt = llm.tokenize(tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True).encode(),
+                          add_bos=False, special=True)
     speeds = {k: [] for k in variants}
     for rep in range(args.reps + 1):
-        for name, steerer in variants.items():
-            procs = None if steerer is None else llama_cpp.LogitsProcessorList([steerer])
+        for name, processor in variants.items():
+            procs = None if processor is None else llama_cpp.LogitsProcessorList([processor])
             start = time.perf_counter()
-            out = llm.create_chat_completion(MESSAGES, max_tokens=args.tokens, temperature=0.0, logits_processor=procs)
+            tokens = llm.generate(prompt, temp=0.0, logits_processor=procs)
+            for _ in range(args.tokens):
+                next(tokens)
+            tokens.close()
             if rep:
-                speeds[name].append(out["usage"]["completion_tokens"] / (time.perf_counter() - start))
-    rows = [{"variant": k, "tok_s": statistics.median(v)} for k, v in speeds.items()]
+                speeds[name].append(args.tokens / (time.perf_counter() - start))
+    base = statistics.median(speeds["unsteered"])
+    rows = [{"variant": k, "tok_s": statistics.median(v), "overhead_pct": 100 * (base / statistics.median(v) - 1)}
+            for k, v in speeds.items()]
     meta = {"command": "make bench-llama-cpp", "llama_cpp_python": llama_cpp.__version__, "model": gguf.name,
-            "threads": 1, "max_tokens": args.tokens, "date": time.strftime("%Y-%m-%d")}
+            "threads": 1, "tokens": args.tokens, "reps": args.reps, "date": time.strftime("%Y-%m-%d")}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "llama-cpp-cpu.json"
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     for r in rows:
-        print(f"{r['variant']:>14}: {r['tok_s']:.1f} tok/s")
+        print(f"{r['variant']:>14}: {r['tok_s']:.1f} tok/s ({r['overhead_pct']:+.1f}%)")
     print(f"wrote {out}")
 
 

@@ -97,23 +97,51 @@ def e2e(path: Path) -> list[str]:
 def vllm(path: Path) -> list[str]:
     data = json.loads(path.read_text())
     m = data["meta"]
+    yardstick = all("logit_bias_tok_s" in r for r in data["rows"])
     lines = [f"vLLM {m['vllm']} (`{m['command']}`, {m['device']}, {m['cpus']} CPUs, {m['model']}, {m['dtype']}, "
-             f"{data['rows'][0]['tokens']} tokens per request, median of 3, unsteered and steered alternating "
-             "in one engine):", "",
-             "| form | B | unsteered tok/s | steered tok/s | overhead |", "|---|---|---|---|---|"]
+             f"{data['rows'][0]['tokens']} tokens per request, median of {m.get('reps', 3)}, "
+             f"{'unsteered, steered and logit_bias' if yardstick else 'unsteered and steered'} alternating in one "
+             "engine):", "",
+             "| form | B | unsteered tok/s | steered tok/s | overhead |" + (" logit_bias tok/s | logit_bias overhead |"
+                                                                         if yardstick else ""),
+             "|---|---|---|---|---|" + ("---|---|" if yardstick else "")]
     for r in data["rows"]:
-        lines.append(f"| {r['form']} | {r['B']} | {r['unsteered_tok_s']:.0f} | {r['steered_tok_s']:.0f} | "
-                     f"{r['overhead_pct']:+.0f}% |")
+        lines.append(f"| {r['form']} | {r['B']} | {r['unsteered_tok_s']:.1f} | {r['steered_tok_s']:.1f} | "
+                     f"{r['overhead_pct']:+.1f}% |" + (f" {r['logit_bias_tok_s']:.1f} | {r['logit_bias_overhead_pct']:+.1f}% |"
+                                                      if yardstick else ""))
     return lines
 
 
-def llama_cpp(path: Path) -> list[str]:
+def engine_variants(path: Path, title: str) -> list[str]:
+    """llama.cpp and HF generate: one row per variant (and batch), overhead against unsteered."""
+    data = json.loads(path.read_text())
+    batched = "B" in data["rows"][0]
+    lines = [title.format(**data["meta"]), "",
+             "| " + ("B | " if batched else "") + "variant | tok/s | overhead |",
+             "|" + ("---|" if batched else "") + "---|---|---|"]
+    for r in data["rows"]:
+        over = f"{r['overhead_pct']:+.1f}%" if "overhead_pct" in r else "-"
+        lines.append("| " + (f"{r['B']} | " if batched else "") + f"{r['variant']} | {r['tok_s']:.1f} | {over} |")
+    return lines
+
+
+LLAMA_CPP = ("llama.cpp via llama-cpp-python {llama_cpp_python} (`{command}`, CPU, {threads} thread, {model}, "
+             "chat prompt then exactly {tokens} greedy tokens, median of {reps}, alternating; logit_bias is "
+             "llama-cpp-python's own bias processor on the same anchors, the yardstick):")
+HF = ("HF transformers {transformers} generate (`{command}`, CPU, {threads} thread, {model} {dtype}, "
+      "exactly {tokens} greedy tokens, median of {reps}, alternating; sequence_bias is transformers' built-in "
+      "bias processor on the same anchors, the yardstick):")
+
+
+def cpu_floor(path: Path) -> list[str]:
     data = json.loads(path.read_text())
     m = data["meta"]
-    lines = [f"llama.cpp via llama-cpp-python {m['llama_cpp_python']} (`{m['command']}`, CPU, {m['threads']} thread, "
-             f"{m['model']}, chat completion of up to {m['max_tokens']} tokens, median of 3, alternating):", "",
-             "| variant | tok/s |", "|---|---|"]
-    lines += [f"| {r['variant']} | {r['tok_s']:.1f} |" for r in data["rows"]]
+    lines = [f"The CPU kernels against the bytes they must read (`{m['command']}`, {m['threads']} thread, copy "
+             f"bandwidth {m['copy_gbps']:.1f} GB/s; SmolLM2-135M shapes):", "",
+             "| form | B | d | V | K | bytes | time | floor | × floor |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(f"| {r['form']} | {r['B']} | {r['d']} | {r['V']} | {r['K']} | {r['bytes'] / 1e6:.2f} MB | "
+                     f"{fmt_ms(r['ms'])} | {fmt_ms(r['floor_ms'])} | {r['x_floor']:.2f} |")
     return lines
 
 
@@ -131,10 +159,18 @@ def main():
         sections += provider_suite(path, path.with_suffix(".png")) + [""]
     for path in sorted(RESULTS.glob("e2e-*.json")):
         sections += e2e(path) + [""]
-    for path in sorted(RESULTS.glob("vllm-*.json")):
+    for path in sorted(RESULTS.glob("vllm-c*.json")):   # vllm-cpu, vllm-cuda
         sections += vllm(path) + [""]
+    defaults = RESULTS / "vllm-server-defaults.md"
+    if defaults.exists():
+        sections += [f"Whether the vLLM server's default steering degenerates, per shipped set (`make "
+                     f"bench-vllm-defaults`): [{defaults.name}]({Path(os.path.relpath(defaults, README.parent)).as_posix()}).", ""]
     for path in sorted(RESULTS.glob("llama-cpp-*.json")):
-        sections += llama_cpp(path) + [""]
+        sections += engine_variants(path, LLAMA_CPP) + [""]
+    for path in sorted(RESULTS.glob("hf-*.json")):
+        sections += engine_variants(path, HF) + [""]
+    for path in sorted(RESULTS.glob("cpu-floor.json")):
+        sections += cpu_floor(path) + [""]
     for path in sorted(RESULTS.glob("sweep-*.json")):
         sections += sweep(path) + [""]
     body = "\n".join(sections).rstrip() + "\n"

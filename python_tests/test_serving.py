@@ -71,6 +71,10 @@ def test_from_env_reads_the_file_and_rereads_it_when_it_changes(tmp_path, monkey
     ({"sets": {"a": {"positive_ids": [1, "2"], "negative_ids": [3]}}}, "'positive_ids' must be a non-empty list of token ids"),
     ({"sets": {"a": {"positive_ids": [1], "negative_ids": 3}}}, "'negative_ids' must be a non-empty list of token ids"),
     ({"sets": {"a": {"lexicon": ["harmless"]}}}, "unknown lexicon"),
+    ({"sets": {"a": {"lexicon": "harmless", "step": -0.1}}}, "set 'a' 'step' must be a number.*literal"),
+    ({"sets": {"a": {"lexicon": "harmless", "step": "big"}}}, "set 'a' 'step' must be a number"),
+    ({"sets": {"a": {"lexicon": "harmless", "step": 1e5}}, "form": "hidden"}, "set 'a' 'step'.*relative"),
+    ({"sets": {"a": {"step": 0.1}}}, "exactly one of"),
 ])
 def test_bad_configs_are_refused_with_the_reason(data, match):
     with pytest.raises((TypeError, ValueError), match=match):
@@ -107,6 +111,18 @@ def test_the_step_is_named_by_its_form_and_requests_say_which():
                       (hidden, "relative .SteerConfig strength")):
         with pytest.raises(ValueError, match=f"anchor_step_size.*this server's step is {form}"):
             cfg.request({"anchor_set": "ids", "anchor_step_size": -1})
+
+
+def test_a_set_may_carry_its_own_default_step():
+    """A set's "step" (in the config's form) is what a request naming it gets without
+    anchor_step_size; the request's own step still wins; other sets keep the config's."""
+    sets = {**SETS, "mild": {"lexicon": "civil", "step": 0.02}}
+    for form, base in (("logits", serving.DEFAULT_LOGIT_STEP), ("hidden", ak.SteerConfig().strength)):
+        cfg = ServingConfig.from_dict({"sets": sets, "form": form})
+        mild = cfg.names.index("mild")
+        assert cfg.request({"anchor_set": "mild"}) == (mild, 0.02) and cfg.set_step("mild") == 0.02
+        assert cfg.request({"anchor_set": "mild", "anchor_step_size": 0.5}) == (mild, 0.5)
+        assert cfg.request({"anchor_set": "ids"}) == (1, base) and cfg.set_step("ids") == base
 
 
 def test_bank_resolves_words_with_the_tokenizer():

@@ -10,7 +10,8 @@ A server's steering is a JSON file named by ``$ANCHOR_KERNELS_SERVING_CONFIG``::
       "sets": {
         "harmless": {"lexicon": "harmless"},                               # a shipped lexicon
         "polite":   {"positive": ["kind", "polite"], "negative": ["rude"]},  # words
-        "raw":      {"positive_ids": [101, 102], "negative_ids": [7]}        # token ids
+        "raw":      {"positive_ids": [101, 102], "negative_ids": [7]},       # token ids
+        "mild":     {"lexicon": "civil", "step": 0.03}   # its own default step (the config's form)
       }
     }
 
@@ -24,7 +25,8 @@ The step is named by its form, as in ``SteerConfig``: ``"eta"`` is METHOD.md's l
 ``"strength"`` the relative step (the fraction of ``||h0||`` the first step moves h). The logit
 form sees logits only, so it cannot use ``"strength"`` or ``"max_norm"`` (both need ``||h0||``;
 such a config is refused when it is loaded): it takes ``"eta"``, ``DEFAULT_LOGIT_STEP`` if none
-is given. The hidden form takes either (``"strength": 0.003`` if neither is given). A request's
+is given. The hidden form takes either (``SteerConfig()``'s ``"strength": 0.01`` if neither is
+given). Either form is gated like ``SteerConfig()`` (``"margin": 0``) unless ``"margin": null``. A request's
 ``anchor_step_size`` replaces the config's step in the config's form: a literal eta for the logit
 form (and for a hidden-form config with ``"eta"``), a relative strength for a hidden-form config
 with ``"strength"``. The old ``"step_size"`` / ``"relative_step"`` keys are refused with the
@@ -43,6 +45,7 @@ from typing import Mapping, NamedTuple
 CONFIG_ENV = "ANCHOR_KERNELS_SERVING_CONFIG"
 FORMS = ("logits", "hidden")
 SET_KEY, STEP_KEY = "anchor_set", "anchor_step_size"
+SET_STEP_KEY = "step"   # a set's own default step, in the config's form
 # The literal step (SteerConfig eta) of the logit form. On SmolLM2-135M-Instruct the library's
 # relative default (0.003 ||h0|| per step) is a literal eta of 0.003 ||h0|| / ||grad G(h0)||:
 # median 0.064 (harmless), 0.097 (honest), 0.074 (positive_sentiment) over 20 chat prompts; 0.06
@@ -108,9 +111,10 @@ def _check_set_spec(name: str, spec) -> dict:
         raise TypeError(f"set {name!r} must be an object, got {type(spec).__name__}")
     kinds = [k for k in (("lexicon",), ("positive", "negative"), ("positive_ids", "negative_ids"))
              if any(key in spec for key in k)]
-    if len(kinds) != 1 or set(spec) != set(kinds[0]):
+    if len(kinds) != 1 or set(spec) - {SET_STEP_KEY} != set(kinds[0]):
         raise ValueError(f"set {name!r} must have exactly one of: 'lexicon'; 'positive' and 'negative' "
-                         f"(words); 'positive_ids' and 'negative_ids'; got keys {sorted(spec)}")
+                         f"(words); 'positive_ids' and 'negative_ids'; and optionally {SET_STEP_KEY!r}; "
+                         f"got keys {sorted(spec)}")
     if "lexicon" in spec:
         from .. import lexicons
 
@@ -157,7 +161,12 @@ class ServingConfig:
             if not isinstance(name, str) or not name:
                 raise ValueError(f"set names must be non-empty strings, got {name!r}")
             checked[name] = _check_set_spec(name, spec)
-        return cls(checked, _config_from_dict(data.get("config", {}), form), form, model)
+        config = _config_from_dict(data.get("config", {}), form)
+        for name, spec in checked.items():
+            if SET_STEP_KEY in spec:
+                _check_step(f"set {name!r} {SET_STEP_KEY!r}", spec[SET_STEP_KEY], config,
+                            f"; this config's step is {step_meaning(config)}")
+        return cls(checked, config, form, model)
 
     @classmethod
     def from_file(cls, path) -> "ServingConfig":
@@ -214,9 +223,14 @@ class ServingConfig:
         if not isinstance(name, str) or name not in self.sets:
             raise ValueError(f"{SET_KEY!r} = {name!r} is not a configured anchor set; "
                              f"configured: {list(self.names)}")
-        step = args.get(STEP_KEY, self.config.step_size)
+        step = args.get(STEP_KEY, self.set_step(name))
         _check_step(repr(STEP_KEY), step, self.config, f"; this server's step is {step_meaning(self.config)}")
         return RequestSteering(self.names.index(name), float(step))
+
+    def set_step(self, name: str) -> float:
+        """The step a request naming set ``name`` gets without ``anchor_step_size``: the set's
+        ``"step"``, else the config's (both in the config's form)."""
+        return float(self.sets[name].get(SET_STEP_KEY, self.config.step_size))
 
     def bank(self, tokenizer, vocab: int | None = None):
         """The configured sets as one AnchorBank (set i = ``names[i]``), words resolved with
