@@ -84,8 +84,9 @@ void steer_logits_cuda(const at::Tensor& logits, const at::Tensor& mixing,
   const ak_status st = ak_steer_logits_cuda(&call.params, coef.data_ptr<float>(),
                                             c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(st != AK_ERROR_UNSUPPORTED, "steer_logits: the cuda backend supports K <= ",
-              ak_cuda_max_set_size(), " anchors per set, got K = ", call.params.set_size,
-              "; use the triton backend");
+              ak_cuda_max_set_size(), " anchors per set and ", ak_cuda_max_logit_rows(),
+              " rows per call, got K = ", call.params.set_size, " and ", call.params.rows,
+              " rows; use the triton backend");
   TORCH_CHECK(st != AK_ERROR_NO_KERNEL_IMAGE, "steer_logits: anchor_kernels._C holds no CUDA "
               "kernel for this GPU (", ak_cuda_last_error(), "); use the triton backend");
   TORCH_CHECK(st != AK_ERROR_CUDA, "steer_logits: CUDA launch failed: ", ak_cuda_last_error());

@@ -29,6 +29,8 @@ constexpr int64_t kMaxDim = 32768;
 constexpr int64_t kGramInSharedMax = 64;  // K*K*4 = 16 KiB
 constexpr int kMaxDevices = 64;
 constexpr int64_t kLogitColumnsPerThread = 8;  // vocabulary entries per thread in the apply kernel
+constexpr int kApplyRows = 8;                   // rows sharing each read of M in the apply kernel
+constexpr int64_t kMaxLogitRows = int64_t(65535) * kApplyRows;
 
 __device__ __forceinline__ float load_float(const float* p) { return *p; }
 __device__ __forceinline__ float load_float(const __half* p) { return __half2float(*p); }
@@ -656,30 +658,68 @@ __global__ void __launch_bounds__(kThreads, 2) logits_solve_kernel(ak_logits_par
   for (int64_t i = tid; i < K; i += blockDim.x) c_out[i] = moved ? c[i] : 0.f;
 }
 
-// The logit form, launch 2, grid (rows, vocabulary tiles): logits[row, v] += sum_k c_k M[s, k, v]
-// in the logits' dtype with fp32 accumulation; consecutive threads take consecutive v (M and the
-// row are read coalesced). Rows with c = 0 are not written.
+// The logit form, launch 2, grid (vocabulary tiles, groups of kApplyRows consecutive rows):
+// logits[row, v] += sum_k c_k M[s, k, v] in the logits' dtype with fp32 accumulation; consecutive
+// threads take consecutive v (M and the rows are read coalesced). Where the moved rows of a group
+// all use one set (one set serving a batch), each M[s, k, v] is read once for the group, a
+// kApplyRows x 1 tile of the GEMM C M in registers, instead of once per row: M, the bulk of the
+// traffic, is read rows / kApplyRows times rather than rows times. Other groups take each row on
+// its own. Either way a row sums over k in the same order, skipping c_k = 0, so the two paths agree
+// bit for bit. Rows with c = 0 are not written.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) logits_apply_kernel(ak_logits_params q, const float* coef) {
-  __shared__ float c[kMaxSetSize];
-  const int64_t row = blockIdx.x, K = q.set_size, V = q.vocab;
-  const int64_t set = q.row_sets[row];
-  if (set < 0 || set >= q.num_sets) return;
-  int moved_part = 0;
-  for (int64_t i = threadIdx.x; i < K; i += blockDim.x) {
-    c[i] = coef[row * K + i];
-    moved_part |= c[i] != 0.f;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  float* c = reinterpret_cast<float*>(smem_raw);  // [n][K]
+  const int64_t K = q.set_size, V = q.vocab, row0 = int64_t(blockIdx.y) * kApplyRows;
+  const int n = int(min(int64_t(kApplyRows), q.rows - row0));
+  for (int64_t i = threadIdx.x; i < n * K; i += blockDim.x) {
+    const int64_t set = q.row_sets[row0 + i / K];
+    c[i] = set < 0 || set >= q.num_sets ? 0.f : coef[row0 * K + i];
   }
-  if (!__syncthreads_or(moved_part)) return;
-  const float* m = q.mixing + set * K * V;
-  T* logits = static_cast<T*>(q.logits) + row * q.logits_row_stride;
+  __syncthreads();
+  unsigned moved = 0;  // the same bits in every thread
+  int64_t set0 = -1;
+  bool uniform = true;
+  for (int r = 0; r < n; ++r) {
+    int part = 0;
+    for (int64_t i = threadIdx.x; i < K; i += blockDim.x) part |= c[r * K + i] != 0.f;
+    if (__syncthreads_or(part)) {
+      moved |= 1u << r;
+      const int64_t set = q.row_sets[row0 + r];
+      uniform &= set0 < 0 || set == set0;
+      set0 = set0 < 0 ? set : set0;
+    }
+  }
+  if (!moved) return;
   const int64_t tile = int64_t(blockDim.x) * kLogitColumnsPerThread;
-  for (int64_t v = int64_t(blockIdx.y) * tile + threadIdx.x; v < min(V, int64_t(blockIdx.y + 1) * tile);
-       v += blockDim.x) {
-    float acc = 0.f;
-    for (int64_t k = 0; k < K; ++k)
-      if (c[k] != 0.f) acc += c[k] * m[k * V + v];
-    store_float(logits + v, load_float(logits + v) + acc);
+  const int64_t v_end = min(V, int64_t(blockIdx.x + 1) * tile);
+  for (int64_t v = int64_t(blockIdx.x) * tile + threadIdx.x; v < v_end; v += blockDim.x) {
+    if (uniform) {
+      const float* m = q.mixing + set0 * K * V + v;
+      float acc[kApplyRows] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const float mk = m[k * V];
+#pragma unroll
+        for (int r = 0; r < kApplyRows; ++r)
+          if (r < n && c[r * K + k] != 0.f) acc[r] += c[r * K + k] * mk;
+      }
+#pragma unroll
+      for (int r = 0; r < kApplyRows; ++r)
+        if (moved >> r & 1u) {
+          T* logits = static_cast<T*>(q.logits) + (row0 + r) * q.logits_row_stride;
+          store_float(logits + v, load_float(logits + v) + acc[r]);
+        }
+    } else {
+      for (int r = 0; r < n; ++r) {
+        if (!(moved >> r & 1u)) continue;
+        const float* m = q.mixing + q.row_sets[row0 + r] * K * V + v;
+        float acc = 0.f;
+        for (int64_t k = 0; k < K; ++k)
+          if (c[r * K + k] != 0.f) acc += c[r * K + k] * m[k * V];
+        T* logits = static_cast<T*>(q.logits) + (row0 + r) * q.logits_row_stride;
+        store_float(logits + v, load_float(logits + v) + acc);
+      }
+    }
   }
 }
 
@@ -833,6 +873,7 @@ extern "C" int64_t ak_cuda_sm_count(void) {
 
 extern "C" int64_t ak_cuda_max_set_size(void) { return kMaxSetSize; }
 extern "C" int64_t ak_cuda_max_dim(void) { return kMaxDim; }
+extern "C" int64_t ak_cuda_max_logit_rows(void) { return kMaxLogitRows; }
 extern "C" const char* ak_cuda_last_error(void) { return last_error; }
 
 extern "C" ak_status ak_cuda_check_device(int device) {
@@ -859,8 +900,9 @@ ak_status launch_logits(const ak_logits_params& q, float* coef, cudaStream_t str
   cudaError_t err = cudaLaunchKernelEx(&config, logits_solve_kernel<T>, q, anchor_kernels::loop_params(q), coef);
   if (err != cudaSuccess) return cuda_failed(err);
   const int64_t tile = kThreads * kLogitColumnsPerThread;
-  config.gridDim = dim3(static_cast<unsigned>(q.rows), static_cast<unsigned>((q.vocab + tile - 1) / tile));
-  config.dynamicSmemBytes = 0;
+  config.gridDim = dim3(static_cast<unsigned>((q.vocab + tile - 1) / tile),
+                        static_cast<unsigned>((q.rows + kApplyRows - 1) / kApplyRows));
+  config.dynamicSmemBytes = sizeof(float) * kApplyRows * K;  // 32 KiB at K = 1024
   err = cudaLaunchKernelEx(&config, logits_apply_kernel<T>, q, static_cast<const float*>(coef));
   return err == cudaSuccess ? AK_OK : cuda_failed(err);
 }
@@ -869,9 +911,10 @@ extern "C" ak_status ak_steer_logits_cuda(const ak_logits_params* q, float* coef
   const ak_status st = ak_steer_logits_check_params(q);
   if (st != AK_OK) return st;
   if (!coef && q->rows > 0) return AK_ERROR_INVALID_ARGUMENT;
-  // 6K floats of shared memory (and the Gram up to K = 64) stay under the 48 KiB default.
-  if (q->set_size > kMaxSetSize || q->rows > 0x7fffffff || (q->vocab + kThreads * kLogitColumnsPerThread - 1) /
-                                                                 (kThreads * kLogitColumnsPerThread) > 65535)
+  // 6K floats of shared memory (and the Gram up to K = 64) stay under the 48 KiB default, as do
+  // the apply kernel's kApplyRows x K; its row groups are the grid's y (at most 65535).
+  if (q->set_size > kMaxSetSize || q->rows > kMaxLogitRows ||
+      (q->vocab + kThreads * kLogitColumnsPerThread - 1) / (kThreads * kLogitColumnsPerThread) > 0x7fffffff)
     return AK_ERROR_UNSUPPORTED;
   if (q->rows == 0) return AK_OK;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);

@@ -158,9 +158,11 @@ int64_t ak_cuda_workspace_size(const ak_steer_params* p);
 /* The current device's SM count (queried once per device), or -1 if CUDA cannot say. */
 int64_t ak_cuda_sm_count(void);
 
-/* Largest set_size / dim the CUDA kernel accepts (AK_ERROR_UNSUPPORTED past them). */
+/* Largest set_size / dim the CUDA kernels accept, and rows per ak_steer_logits_cuda call
+ * (AK_ERROR_UNSUPPORTED past them). */
 int64_t ak_cuda_max_set_size(void);
 int64_t ak_cuda_max_dim(void);
+int64_t ak_cuda_max_logit_rows(void);
 
 /* AK_OK if the CUDA kernels can run on `device` (a kernel image for its architecture is in
  * the library), AK_ERROR_NO_KERNEL_IMAGE if not, AK_ERROR_CUDA if the device is unusable. */
