@@ -56,15 +56,17 @@ def main(argv=None):
     weight = torch.randn(V, d, generator=gen) / d ** 0.5
     anchors = ak.AnchorSet(list(range(0, K // 2)), list(range(K // 2, K)))
     prepared = ak.prepare_anchors(weight, anchors)
-    literal = ak.SteerConfig(eta=0.06)
-    steerer = ak.LogitSteerer(weight, anchors, literal, backend="cpu")
+    # The plain loop (margin=None): every call edits every row, the worst case. Gated (the
+    # default), a row already past its margin is not edited and M is not read at all.
+    plain = ak.SteerConfig(margin=None)
+    steerer = ak.LogitSteerer(weight, anchors, ak.SteerConfig(eta=0.06, margin=None), backend="cpu")
     bw = copy_gbps(repeats)
     rows = []
     for B in BATCHES:
         hidden = torch.randn(B, d, generator=gen) * 4
         logits = hidden @ weight.T
         for form, fn, moved in (
-                ("hidden", lambda: ak.steer_hidden(hidden, weight, prepared, backend="cpu"), 4 * (K * d + 2 * B * d)),
+                ("hidden", lambda: ak.steer_hidden(hidden, weight, prepared, plain, backend="cpu"), 4 * (K * d + 2 * B * d)),
                 ("logits", lambda: steerer.apply_(logits), 4 * (K * V + 2 * B * V))):
             ms = median_ms(fn, repeats)
             floor = moved / (bw * 1e9) * 1e3

@@ -2,8 +2,9 @@
 
     make bench-hf       # the default model (SmolLM2-135M-Instruct, fp32), one torch thread
 
-Variants, alternating, median of --reps after a warm-up, every request decoding exactly --tokens
-tokens (EOS suppressed by min_new_tokens): unsteered; the hidden hook (``ak.hf.steer``,
+Variants alternate for --reps reps after a warm-up, every request decoding exactly --tokens tokens
+(EOS suppressed by min_new_tokens); each reports its median time per decode step (timestamped by
+a stopping criterion every variant carries) and the time spent inside the steering itself: unsteered; the hidden hook (``ak.hf.steer``,
 ``SteerConfig()``); the logit form (``AnchorLogitsProcessor``, ``SteerConfig(eta=0.06)``); and
 ``sequence_bias`` (transformers' built-in per-token bias, +-1 on the same set's anchors: the
 cheapest thing that runs where the steering runs, the yardstick). Writes
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -48,24 +50,55 @@ def main(argv=None):
         "sequence_bias": (contextlib.nullcontext, {"sequence_bias": bias}),
     }
     text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    # Time inside the steering itself, per call: the hook's steer_hidden and the processor's apply_.
+    inside = []
+
+    def timed(fn):
+        def call(*a, **k):
+            start = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                inside.append(time.perf_counter() - start)
+        return call
+    hf_module = sys.modules["anchor_kernels.integrations.hf"]
+    hf_module.steer_hidden = timed(hf_module.steer_hidden)
+    ak.LogitSteerer.apply_ = timed(ak.LogitSteerer.apply_)
+
+    class StepClock(transformers.StoppingCriteria):
+        """Timestamps every decoding step (in every variant, so it costs all of them the same)."""
+
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
     rows = []
     for batch in args.batch:
         ids = tok([text] * batch, return_tensors="pt")
-        speeds = {k: [] for k in variants}
+        steps = {k: [] for k in variants}
+        spent = {k: [] for k in variants}
         for rep in range(args.reps + 1):                      # rep 0 warms up
             for name, (context, kwargs) in variants.items():
+                clock = StepClock()
+                inside.clear()
                 with context(), torch.no_grad():
-                    start = time.perf_counter()
                     out = model.generate(**ids, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
-                                         do_sample=False, pad_token_id=tok.eos_token_id, **kwargs)
-                    dt = time.perf_counter() - start
+                                         do_sample=False, pad_token_id=tok.eos_token_id,
+                                         stopping_criteria=transformers.StoppingCriteriaList([clock]), **kwargs)
                 assert out.shape[1] - ids.input_ids.shape[1] == args.tokens
-                if rep:
-                    speeds[name].append(batch * args.tokens / dt)
-        base = statistics.median(speeds["unsteered"])
-        for name, v in speeds.items():
-            tok_s = statistics.median(v)
-            rows.append({"B": batch, "variant": name, "tok_s": tok_s, "overhead_pct": 100 * (base / tok_s - 1)})
+                if rep:   # decode steps only: the first interval follows the prompt's forward
+                    steps[name] += [b - a for a, b in zip(clock.times, clock.times[1:])]
+                    spent[name].append(sum(inside) / args.tokens)
+        # Median step over every step of every rep: robust to a shared machine's slow spells.
+        base = statistics.median(steps["unsteered"])
+        for name in variants:
+            step = statistics.median(steps[name])
+            own = statistics.mean(spent[name])
+            rows.append({"B": batch, "variant": name, "tok_s": batch / step, "overhead_pct": 100 * (step / base - 1),
+                         "in_steering_ms": 1e3 * own, "in_steering_pct": 100 * own / base})
             print(rows[-1], flush=True)
     meta = {"command": "make bench-hf", "transformers": transformers.__version__, "torch": torch.__version__,
             "model": "SmolLM2-135M-Instruct", "dtype": "float32", "threads": 1, "tokens": args.tokens,

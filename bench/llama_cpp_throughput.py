@@ -5,9 +5,12 @@
 One Llama with embedding=True serves every variant: unsteered, the hidden route (the default
 relative step, ||h0|| from llama.cpp's hidden state), the logit form (a literal step), and
 logit_bias (llama-cpp-python's own per-token bias processor, +-1 on the same set's anchors: the
-cheapest Python processor that can run where the steering runs, the yardstick for its glue).
+cheapest Python processor that can run where the steering runs, the yardstick for its glue) and
+a processor that returns the logits untouched (what llama-cpp-python charges for any processor:
+with one it samples in Python over the whole vocabulary instead of in llama.cpp's own chain).
 Each decodes exactly --tokens tokens after the chat prompt (``Llama.generate``, greedy, EOS not
-stopping it); they alternate, median of --reps after a warm-up. Writes
+stopping it); they alternate for --reps reps after a warm-up, and each reports its median time
+per decode step. Writes
 bench/results/llama-cpp-cpu.json.
 """
 from __future__ import annotations
@@ -37,9 +40,10 @@ def logit_bias_processor(bias: dict[int, float]):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=10)
     args = p.parse_args(argv)
     import llama_cpp
+    import numpy as np
     import torch
 
     import anchor_kernels as ak
@@ -55,30 +59,54 @@ def main(argv=None):
     variants = {"unsteered": None,
                 "hidden route": LlamaCppSteerer.from_gguf(gguf, anchors, ak.SteerConfig(), llama=llm),
                 "logit form": LlamaCppSteerer.from_gguf(gguf, anchors, ak.SteerConfig(eta=0.06)),
-                "logit_bias": logit_bias_processor(bias)}
+                "logit_bias": logit_bias_processor(bias),
+                "no-op processor": lambda input_ids, scores: scores}
     prompt = llm.tokenize(tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True).encode(),
                           add_bos=False, special=True)
     speeds = {k: [] for k in variants}
+    inside = {k: [] for k in variants}   # seconds spent in the processor itself, per token
+    edited = {k: [] for k in variants}   # whether it changed the logits (outside the timing)
+
+    def timed(name, processor):
+        def call(input_ids, scores):
+            before = np.array(scores)
+            start = time.perf_counter()
+            out = processor(input_ids, scores)
+            inside[name].append(time.perf_counter() - start)
+            edited[name].append(not np.array_equal(before, out))
+            return out
+        return call
+
     for rep in range(args.reps + 1):
         for name, processor in variants.items():
-            procs = None if processor is None else llama_cpp.LogitsProcessorList([processor])
-            start = time.perf_counter()
+            procs = None if processor is None else llama_cpp.LogitsProcessorList([timed(name, processor)])
             tokens = llm.generate(prompt, temp=0.0, logits_processor=procs)
+            next(tokens)                           # the prompt's evaluation is not a decode step
+            last = time.perf_counter()
             for _ in range(args.tokens):
                 next(tokens)
+                now = time.perf_counter()
+                if rep:
+                    speeds[name].append(now - last)
+                last = now
             tokens.close()
-            if rep:
-                speeds[name].append(args.tokens / (time.perf_counter() - start))
-    base = statistics.median(speeds["unsteered"])
-    rows = [{"variant": k, "tok_s": statistics.median(v), "overhead_pct": 100 * (base / statistics.median(v) - 1)}
-            for k, v in speeds.items()]
+    # The median decode step over every token of every rep: robust to the slow spells of a
+    # shared machine, which a mean over whole runs is not.
+    step = {k: statistics.median(v) for k, v in speeds.items()}
+    rows = [{"variant": k, "tok_s": 1 / t, "overhead_pct": 100 * (t / step["unsteered"] - 1),
+             "in_processor_ms": 1e3 * statistics.mean(inside[k]) if inside[k] else 0.0,
+             "in_processor_pct": 100 * statistics.mean(inside[k]) / step["unsteered"] if inside[k] else 0.0,
+             "edited_pct": 100 * statistics.mean(edited[k]) if edited[k] else 0.0}
+            for k, t in step.items()]
     meta = {"command": "make bench-llama-cpp", "llama_cpp_python": llama_cpp.__version__, "model": gguf.name,
             "threads": 1, "tokens": args.tokens, "reps": args.reps, "date": time.strftime("%Y-%m-%d")}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "llama-cpp-cpu.json"
     out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     for r in rows:
-        print(f"{r['variant']:>14}: {r['tok_s']:.1f} tok/s ({r['overhead_pct']:+.1f}%)")
+        print(f"{r['variant']:>15}: {r['tok_s']:.1f} tok/s ({r['overhead_pct']:+.1f}%), in the processor "
+              f"{r['in_processor_ms']:.3f} ms per token on average ({r['in_processor_pct']:.1f}% of an unsteered "
+              f"step), logits changed at {r['edited_pct']:.0f}% of tokens")
     print(f"wrote {out}")
 
 

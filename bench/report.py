@@ -116,21 +116,28 @@ def engine_variants(path: Path, title: str) -> list[str]:
     """llama.cpp and HF generate: one row per variant (and batch), overhead against unsteered."""
     data = json.loads(path.read_text())
     batched = "B" in data["rows"][0]
+    inside = next((k for k in ("in_processor_ms", "in_steering_ms") if k in data["rows"][0]), None)
     lines = [title.format(**data["meta"]), "",
-             "| " + ("B | " if batched else "") + "variant | tok/s | overhead |",
-             "|" + ("---|" if batched else "") + "---|---|---|"]
+             "| " + ("B | " if batched else "") + "variant | tok/s | overhead (median step) |"
+             + (" inside the steering per token | share of an unsteered step |" if inside else ""),
+             "|" + ("---|" if batched else "") + "---|---|---|" + ("---|---|" if inside else "")]
     for r in data["rows"]:
         over = f"{r['overhead_pct']:+.1f}%" if "overhead_pct" in r else "-"
-        lines.append("| " + (f"{r['B']} | " if batched else "") + f"{r['variant']} | {r['tok_s']:.1f} | {over} |")
+        line = "| " + (f"{r['B']} | " if batched else "") + f"{r['variant']} | {r['tok_s']:.1f} | {over} |"
+        if inside:
+            pct = inside.replace("_ms", "_pct")
+            line += (f" {r[inside]:.3f} ms | {r[pct]:.2f}% |" if r[inside] else " - | - |")
+        lines.append(line)
     return lines
 
 
 LLAMA_CPP = ("llama.cpp via llama-cpp-python {llama_cpp_python} (`{command}`, CPU, {threads} thread, {model}, "
-             "chat prompt then exactly {tokens} greedy tokens, median of {reps}, alternating; logit_bias is "
-             "llama-cpp-python's own bias processor on the same anchors, the yardstick):")
+             "chat prompt then exactly {tokens} greedy tokens, {reps} alternating reps, median decode step; "
+             "logit_bias is llama-cpp-python's own bias processor on the same anchors, the yardstick; a no-op "
+             "processor shows what llama-cpp-python charges for any processor):")
 HF = ("HF transformers {transformers} generate (`{command}`, CPU, {threads} thread, {model} {dtype}, "
-      "exactly {tokens} greedy tokens, median of {reps}, alternating; sequence_bias is transformers' built-in "
-      "bias processor on the same anchors, the yardstick):")
+      "exactly {tokens} greedy tokens, {reps} alternating reps, median decode step; sequence_bias is "
+      "transformers' built-in bias processor on the same anchors, the yardstick):")
 
 
 def cpu_floor(path: Path) -> list[str]:
@@ -161,10 +168,11 @@ def main():
         sections += e2e(path) + [""]
     for path in sorted(RESULTS.glob("vllm-c*.json")):   # vllm-cpu, vllm-cuda
         sections += vllm(path) + [""]
-    defaults = RESULTS / "vllm-server-defaults.md"
-    if defaults.exists():
+    defaults = sorted(RESULTS.glob("vllm-server-defaults*.md"))
+    if defaults:
+        links = ", ".join(f"[{d.name}]({Path(os.path.relpath(d, README.parent)).as_posix()})" for d in defaults)
         sections += [f"Whether the vLLM server's default steering degenerates, per shipped set (`make "
-                     f"bench-vllm-defaults`): [{defaults.name}]({Path(os.path.relpath(defaults, README.parent)).as_posix()}).", ""]
+                     f"bench-vllm-defaults`): {links}.", ""]
     for path in sorted(RESULTS.glob("llama-cpp-*.json")):
         sections += engine_variants(path, LLAMA_CPP) + [""]
     for path in sorted(RESULTS.glob("hf-*.json")):

@@ -476,7 +476,8 @@ def test_direct_logits_op_call_with_one_meta_tensor_names_it(meta):
 
 def test_llama_cpp_steerer_never_writes_through_a_read_only_array(tmp_path):
     """A read-only np.memmap segfaulted (torch.from_numpy wrote through it); an ordinary
-    read-only array was silently modified. Both are steered in a copy."""
+    read-only array was silently modified. Both are steered in a copy, as is the strided view
+    llama-cpp-python hands processors (it copies the result back itself)."""
     import numpy as np
 
     from anchor_kernels.integrations.llama_cpp import LlamaCppSteerer
@@ -490,7 +491,12 @@ def test_llama_cpp_steerer_never_writes_through_a_read_only_array(tmp_path):
     frozen.flags.writeable = False
     path = tmp_path / "scores.bin"
     raw.tofile(path)
-    for scores in (frozen, np.memmap(path, dtype=np.float32, mode="r")):
+    # What llama-cpp-python 0.3 passes: the logit field of its candidates, a strided view.
+    candidates = np.zeros(raw.shape[0], dtype=np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)],
+                                                       align=True)).view(np.recarray)
+    candidates.logit[:] = raw
+    for scores in (frozen, np.memmap(path, dtype=np.float32, mode="r"), candidates.logit):
+        assert not (scores.flags.writeable and scores.flags.c_contiguous)
         out = steerer([1], scores)
         np.testing.assert_array_equal(scores, raw)
         np.testing.assert_array_equal(out, expected)

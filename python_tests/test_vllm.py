@@ -307,14 +307,19 @@ def test_bad_request_fails_alone(logit_llm, hf_model):
     assert list(out[0].outputs[0].token_ids) == hf_tokens(hf_model, LOGIT_FORM, PROMPTS[0], "sunny", max_tokens=6)
 
 
+def assert_mixed_batch_equals_hf(llm, hf_model, data):
+    """Two sets and an unsteered request in one batch, each as ``hf.steer`` answers it alone."""
+    sets = ["sunny", None, "harmless", "sunny"]
+    out = llm.generate(PROMPTS, [greedy(12, None if s is None else {"anchor_set": s}) for s in sets],
+                       use_tqdm=False)
+    for prompt, s, o in zip(PROMPTS, sets, out):
+        assert list(o.outputs[0].token_ids) == hf_tokens(hf_model, data, prompt, s), (prompt, s)
+
+
 def test_hidden_form_greedy_equals_hf_steer(tmp_path, hf_model):
     with serving_env(tmp_path, HIDDEN_FORM):
         llm = make_llm()
-        sets = ["sunny", None, "harmless", "sunny"]
-        out = llm.generate(PROMPTS, [greedy(12, None if s is None else {"anchor_set": s}) for s in sets],
-                           use_tqdm=False)
-        for prompt, s, o in zip(PROMPTS, sets, out):
-            assert list(o.outputs[0].token_ids) == hf_tokens(hf_model, HIDDEN_FORM, prompt, s), (prompt, s)
+        assert_mixed_batch_equals_hf(llm, hf_model, HIDDEN_FORM)
         del llm
 
 
@@ -329,11 +334,7 @@ def test_tensor_parallel_2_answers_equal_one_rank(tmp_path, hf_model, monkeypatc
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", f"{cpus[0]}|{cpus[1]}")
     with serving_env(tmp_path, data):
         llm = make_llm(tensor_parallel_size=2)
-        sets = ["sunny", None, "harmless", "sunny"]
-        out = llm.generate(PROMPTS, [greedy(12, None if s is None else {"anchor_set": s}) for s in sets],
-                           use_tqdm=False)
-        for prompt, s, o in zip(PROMPTS, sets, out):
-            assert list(o.outputs[0].token_ids) == hf_tokens(hf_model, data, prompt, s), (prompt, s)
+        assert_mixed_batch_equals_hf(llm, hf_model, data)
         del llm
 
 

@@ -9,8 +9,9 @@
     llm.create_chat_completion(messages, logits_processor=LogitsProcessorList([steer]))
 
 llama-cpp-python calls the processor first, with ``llama_get_logits_ith(-1)`` (raw logits) as a
-float32 view, which the steerer edits in place (the logit form: + M c); a read-only array is
-steered in a copy, which is returned. The LM head is the GGUF's
+float32 array, which the steerer edits in place (the logit form: + M c); a strided view (what
+llama-cpp-python 0.3 passes) or a read-only array is steered in a copy kept across tokens, which
+is returned (valid until the next call). The LM head is the GGUF's
 ``output.weight``, or ``token_embd.weight`` for tied models, dequantised once with ``gguf``.
 The relative step (``SteerConfig(strength=...)``, the default) and the trust region need
 ``||h0||``: with ``Llama(..., embedding=True)`` llama.cpp also returns the final-norm hidden
@@ -70,6 +71,7 @@ class LlamaCppSteerer:
         self.steerer = LogitSteerer(head, anchors, config, with_hidden_norm=True)
         config = self.steerer.config
         self.llama = llama
+        self._buffer = None
         if llama is not None and not getattr(getattr(llama, "context_params", None), "embeddings", False):
             raise ValueError("llama must be built with Llama(..., embedding=True): its hidden state gives "
                              "||h0|| for the relative step and the trust region")
@@ -103,7 +105,13 @@ class LlamaCppSteerer:
         if not isinstance(scores, np.ndarray) or scores.dtype != np.float32 or scores.ndim != 1:
             raise TypeError("scores must be llama-cpp-python's float32 [n_vocab] logits array")
         norm = self._hidden_norm() if self.llama is not None else None
-        if not scores.flags.writeable:  # a read-only map would segfault, an ordinary one be modified anyway
-            scores = scores.copy()
+        if not (scores.flags.writeable and scores.flags.c_contiguous):
+            # llama-cpp-python 0.3 hands a strided view (the logit field of its candidates), and a
+            # read-only map must not be written: steer a copy in a buffer kept across tokens (it
+            # copies what a processor returns back into its candidates).
+            if self._buffer is None or self._buffer.shape != scores.shape:
+                self._buffer = np.empty(scores.shape, np.float32)
+            np.copyto(self._buffer, scores)
+            scores = self._buffer
         self.steerer.apply_(torch.from_numpy(scores), hidden_norm=norm)
         return scores
