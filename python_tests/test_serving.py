@@ -164,6 +164,14 @@ def test_read_lm_head_untied_tied_and_sharded(tmp_path):
     save_file({"other": emb}, empty / "model.safetensors")
     with pytest.raises(ValueError, match="no LM head"):
         serving.read_lm_head(empty)
+    # What the tensor-parallel hidden form checks when the engine starts.
+    biased = tmp_path / "biased"
+    biased.mkdir()
+    save_file({"lm_head.weight": head, "lm_head.bias": head[:, 0].contiguous()}, biased / "model.safetensors")
+    assert serving.has_lm_head_bias(biased)
+    assert not any(serving.has_lm_head_bias(d) for d in (untied, tied, sharded, FORTUNE_MODEL))
+    with pytest.raises(ValueError, match="cannot read the checkpoint's tensor names"):
+        serving.has_lm_head_bias(tmp_path / "missing")
 
 
 @pytest.mark.parametrize("objective", ["lse", "mean"])

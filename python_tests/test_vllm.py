@@ -213,11 +213,25 @@ def test_hidden_form_rank_steers_from_the_checkpoint_rows(tmp_path):
             edits.append(proc.steer_hidden_rows(hidden, weight, None))
             if tp > 1:
                 proc._prepared = None
-                with pytest.raises(RuntimeError, match="LM-head bias"):
+                with pytest.raises(RuntimeError, match="adds a bias"):
                     proc.steer_hidden_rows(hidden, weight, torch.zeros(weight.shape[0]))
             del proc
     assert not torch.equal(edits[0][0], hidden[0]) and torch.equal(edits[0][1], hidden[1])
     assert torch.equal(edits[0], edits[1])
+
+
+def test_hidden_form_with_tensor_parallelism_refuses_a_head_bias_at_start(tmp_path):
+    """Not at the first steered step, inside the model's forward, where it would stop the engine."""
+    from safetensors.torch import save_file
+
+    save_file({"lm_head.weight": torch.randn(4096, 8), "lm_head.bias": torch.zeros(4096)},
+              str(tmp_path / "model.safetensors"))
+    with serving_env(tmp_path, HIDDEN_FORM):
+        cfg = fake_vllm_config()
+        cfg.model_config.model = str(tmp_path)
+        cfg.parallel_config.tensor_parallel_size = 2
+        with pytest.raises(ValueError, match="adds a bias"):
+            AnchorSteering(cfg, torch.device("cpu"), False)
 
 
 @pytest.mark.parametrize("sets, match", [

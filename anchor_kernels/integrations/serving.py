@@ -282,23 +282,38 @@ def read_lm_head(model_dir):
         raise ValueError(f"cannot read the LM head from {model_dir}: {why}") from e
 
 
-def _read_lm_head(model_dir: Path):
+def _weight_map(model_dir: Path) -> dict:
+    """Tensor name -> the safetensors file of the checkpoint folder that holds it."""
     from safetensors import safe_open
 
     index = model_dir / "model.safetensors.index.json"
     if index.exists():
-        where = json.loads(index.read_text())["weight_map"]
-    else:
-        files = sorted(model_dir.glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"{model_dir} has no .safetensors checkpoint to read the LM head from")
-        where = {}
-        for f in files:
-            with safe_open(f, "pt") as st:
-                where.update(dict.fromkeys(st.keys(), f.name))
+        return json.loads(index.read_text())["weight_map"]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{model_dir} has no .safetensors checkpoint to read the LM head from")
+    where = {}
+    for f in files:
+        with safe_open(f, "pt") as st:
+            where.update(dict.fromkeys(st.keys(), f.name))
+    return where
+
+
+def _read_lm_head(model_dir: Path):
+    from safetensors import safe_open
+
+    where = _weight_map(model_dir)
     for name in ("lm_head.weight", "model.embed_tokens.weight", "embed_tokens.weight",
                  "transformer.wte.weight"):
         if name in where:
             with safe_open(model_dir / where[name], "pt") as st:
                 return st.get_tensor(name)
     raise ValueError(f"{model_dir}: no LM head (lm_head.weight) or tied input embedding found")
+
+
+def has_lm_head_bias(model_dir) -> bool:
+    """Whether a safetensors checkpoint folder stores an LM-head bias (``...lm_head.bias``)."""
+    try:
+        return any(name.endswith("lm_head.bias") for name in _weight_map(Path(model_dir)))
+    except Exception as e:
+        raise ValueError(f"cannot read the checkpoint's tensor names in {model_dir}: {e}") from e

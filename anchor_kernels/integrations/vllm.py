@@ -43,7 +43,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor as _V1
 from vllm.v1.sample.logits_processor.interface import MoveDirectionality
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as _V2
 
-from .serving import RequestSteering, ServingConfig, read_lm_head
+from .serving import RequestSteering, ServingConfig, has_lm_head_bias, read_lm_head
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +107,9 @@ class RowTable:
             self.steps.copy_(self.steps_host, non_blocking=True)
         self._dirty = False
 
+
+_TP_BIAS = ("anchor_kernels: the hidden form with tensor parallelism reads the anchor rows from the "
+            "checkpoint, and this model's LM head adds a bias it does not read; use \"form\": \"logits\"")
 
 # The hidden-form processor of the engine being built in this (worker) process: the logits layer
 # binds to it when the model is built, right after the processors.
@@ -235,11 +238,15 @@ class AnchorSteering(_V1, _V2):
             raise ValueError("anchor_kernels: the hidden form runs on vLLM's V1 model runner; set "
                              "VLLM_USE_V2_MODEL_RUNNER=0 or use \"form\": \"logits\"")
         if self.vllm_config.parallel_config.tensor_parallel_size > 1:
-            # Read now: a checkpoint without a readable head fails the engine's start.
+            # Read now: a checkpoint without a readable head, or with a bias, fails the engine's
+            # start, not its first steered step (inside the model's forward, fatal to the engine).
             from ..anchors import compact_bank
 
+            model = self.vllm_config.model_config.model
+            if has_lm_head_bias(model):
+                raise ValueError(_TP_BIAS)
             ids, bank = compact_bank(self._bank())
-            self._checkpoint_anchors = (read_lm_head(self.vllm_config.model_config.model)[ids], bank)
+            self._checkpoint_anchors = (read_lm_head(model)[ids], bank)
         register_steered_logits_layer()
         _HIDDEN = weakref.ref(self)
 
@@ -271,10 +278,8 @@ class AnchorSteering(_V1, _V2):
 
         if self._checkpoint_anchors is None:
             return weight, prepare_anchors(weight, self._bank())
-        if bias is not None:
-            raise RuntimeError("anchor_kernels: the hidden form with tensor parallelism reads the anchor rows "
-                               "from the checkpoint, and this model adds an LM-head bias it does not read; "
-                               "use \"form\": \"logits\"")
+        if bias is not None:  # a bias the checkpoint check at start did not see
+            raise RuntimeError(_TP_BIAS)
         rows, bank = self._checkpoint_anchors
         rows = rows.to(device=weight.device, dtype=weight.dtype).contiguous()
         return rows, prepare_anchors(rows, bank)

@@ -477,9 +477,12 @@ bool cuda_edges_ok(std::mt19937& rng) {
     ok &= cuda_plans_ok<float>(h, AK_FLOAT32, kFp32PairTolerance, 0x1p-24, "fp32 unusable steps and a NaN anchor row");
   }
   // The logit apply's row groups (8 rows): groups whose moved rows share a set read M once for
-  // the group, next to a group of mixed sets, an unsteered row inside a group and a partial last one.
+  // the group, next to a group of mixed sets, an unsteered row inside a group, a row of another
+  // set that does not move (step 0) inside a uniform group, and a partial last group.
   Problem g = make_problem(rng, 21, 40, 2, 12, AK_OBJECTIVE_LSE, INFINITY, INFINITY);
   for (int64_t r = 0; r < g.B; ++r) g.row_sets[r] = r == 3 ? -1 : r < 16 ? 1 : r % 2;
+  g.row_sets[5] = 0;
+  g.eta[5] = 0.f;
   ok &= cuda_logits_ok<float>(g, AK_FLOAT32, kFp32PairTolerance, 0x1p-22, "fp32 row groups of one set");
   ok &= cuda_logits_ok<bfloat16_bits>(g, AK_BFLOAT16, 2e-2, 0x1p-7, "bf16 row groups of one set");
   return ok;
