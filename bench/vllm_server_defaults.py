@@ -35,8 +35,9 @@ def run_form(model: str, form: str, prompts: list[str], tokens: int, scales) -> 
     # at a multiple of its default step, as "name@scale".
     default = serving.ServingConfig.default()
     sets = {}
+    served = serving.ServingConfig.from_dict({"form": form, "sets": default.sets})
     for name, spec in default.sets.items():
-        step = serving.ServingConfig.from_dict({"form": form, "sets": default.sets}).set_step(name)
+        step = served.set_step(name)
         for scale in scales:
             sets[name if scale == 1 else f"{name}@{scale:g}"] = {**spec, "step": step * scale}
     config = {"form": form, "sets": sets}

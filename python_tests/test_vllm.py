@@ -212,7 +212,6 @@ def test_hidden_form_rank_steers_from_the_checkpoint_rows(tmp_path):
             proc.table.batch_size = 3
             edits.append(proc.steer_hidden_rows(hidden, weight, None))
             if tp > 1:
-                proc._prepared = None
                 with pytest.raises(RuntimeError, match="adds a bias"):
                     proc.steer_hidden_rows(hidden, weight, torch.zeros(weight.shape[0]))
             del proc

@@ -262,15 +262,15 @@ class AnchorSteering(_V1, _V2):
         from ..steer import steer_hidden
 
         if self._prepared is None or self._prepared[0] is not weight:
-            self._prepared = (weight, *self._hidden_anchors(weight, bias))
+            self._prepared = (weight, *self._hidden_anchors(weight))
         _, anchor_weight, prepared = self._prepared
-        if anchor_weight is not weight:
-            bias = None  # refused with a bias in _hidden_anchors
+        if anchor_weight is not weight and bias is not None:  # a bias the check at start did not see
+            raise RuntimeError(_TP_BIAS)
         self._layer_calls += 1
         return steer_hidden(hidden, anchor_weight, prepared, self.serving.config, bias=bias,
                             row_sets=self.table.sets[:rows], step_size=self.table.steps[:rows])
 
-    def _hidden_anchors(self, weight: torch.Tensor, bias):
+    def _hidden_anchors(self, weight: torch.Tensor):
         """The weight the edit reads and the anchors packed for it: the layer's own LM head on one
         rank; with tensor parallelism, whose ranks hold a vocabulary slice each, the anchor rows
         read from the checkpoint (in the layer's dtype), the same on every rank."""
@@ -278,8 +278,6 @@ class AnchorSteering(_V1, _V2):
 
         if self._checkpoint_anchors is None:
             return weight, prepare_anchors(weight, self._bank())
-        if bias is not None:  # a bias the checkpoint check at start did not see
-            raise RuntimeError(_TP_BIAS)
         rows, bank = self._checkpoint_anchors
         rows = rows.to(device=weight.device, dtype=weight.dtype).contiguous()
         return rows, prepare_anchors(rows, bank)
