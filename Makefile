@@ -143,7 +143,7 @@ cuda-check: $(VENV)/.deps
 # The CUDA kernels run on the CPU (no GPU): steer_cuda.cu, unmodified, built by g++ against a
 # small CUDA emulator (csrc/tests/cuda_emu: a fiber per CUDA thread, checked barriers, shuffles
 # and launch rules) and checked against the C++ CPU kernels by steer_test under ASan+UBSan, a
-# quick set under TSan, and two negative controls (a removed barrier, a misaligned vector access)
+# quick set under TSan, and negative controls (a removed barrier, a misaligned vector access, ...)
 # that must be reported. About 5 minutes on 2 cores; needs nvcc for ptxas' resource table.
 cuda-emu:
 	$(PYTHON) scripts/cuda_emu.py

@@ -194,6 +194,9 @@ class PreparedAnchors(NamedTuple):
     gram: torch.Tensor            # [S, K, K] fp32
     vocab: int = -1               # V of the weight it was built for
     source: tuple = ()            # (data_ptr, version or None, shape, dtype, device) of that weight
+    # [S, d] fp32, u = W_A^T w per set: objective="mean" is rank one (METHOD.md), so its kernels
+    # need only this direction, computed here once instead of from K anchor rows on every call.
+    direction: torch.Tensor | None = None
 
     @property
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -270,10 +273,11 @@ def _pack(bank: AnchorBank, weight: torch.Tensor) -> PreparedAnchors:
     with torch.no_grad():  # not weight.detach(): that is a [V, d] tensor, if only a view
         rows = torch.where((weights != 0).unsqueeze(-1), weight[ids].double(), 0.0)
         gram = torch.bmm(rows, rows.transpose(1, 2)).float()
+        direction = torch.bmm(weights.unsqueeze(1), rows).squeeze(1).float()
     check_finite_anchors(weight, ids, weights != 0)
     source = () if torch.compiler.is_compiling() else (
         weight.data_ptr(), _version(weight), tuple(weight.shape), weight.dtype, weight.device)
-    return PreparedAnchors(ids, weights.float(), gram, int(weight.shape[0]), source)
+    return PreparedAnchors(ids, weights.float(), gram, int(weight.shape[0]), source, direction)
 
 
 def check_finite_anchors(weight: torch.Tensor | None, ids: torch.Tensor, live: torch.Tensor | None = None,

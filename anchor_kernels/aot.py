@@ -70,15 +70,13 @@ def configurations(full: bool = False):
 
 def extra_jobs():
     """The logit-form kernels (solve per BLOCK_K; apply per logits dtype x BLOCK_K) and the
-    rank-one mean kernels (per dtype; the direction kernel also per BLOCK_K), every flag on,
-    both targets."""
+    rank-one mean kernels (per dtype x BLOCK_K), every flag on, both targets."""
     for K, (cap, arch) in itertools.product(SET_SIZES, TARGETS):
         yield ("_solve_logits_kernel", "fp32", K, cap, arch)
         for dtype in DTYPES:
             yield ("_apply_logits_kernel", dtype, K, cap, arch)
             yield ("_mean_direction_kernel", dtype, K, cap, arch)
-    for dtype, (cap, arch) in itertools.product(DTYPES, TARGETS):
-        yield ("_steer_mean_kernel", dtype, 16, cap, arch)
+            yield ("_steer_mean_kernel", dtype, K, cap, arch)
     for K, dtype, (cap, arch) in itertools.product(SET_SIZES, DTYPES, TARGETS):
         yield ("_split_partial_kernel", dtype, K, cap, arch)
         yield ("_split_finish_kernel", dtype, K, cap, arch)
@@ -167,18 +165,17 @@ def compile_extra_one(job):
 
     name, dtype, K, capability, arch = job
     cfg = triton_steer.launch_config(K, 1, True)
-    flags = dict(LSE=True, TRUST=True, HAS_BIAS=name == "_mean_direction_kernel", RELATIVE=True)
+    flags = dict(LSE=True, TRUST=True, HAS_BIAS=name == "_steer_mean_kernel", RELATIVE=True)
     if name == "_mean_direction_kernel":
         cfg = dict(triton_steer.mean_launch_config(K)["direction"])
         num_warps, width = cfg.pop("num_warps"), cfg["BLOCK_D"]
-        pointers = {"weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}", "ids_ptr": "*i64", "aw_ptr": "*fp32",
-                    "u_ptr": "*fp32", "wb_ptr": "*fp32"}
+        pointers = {"weight_ptr": f"*{dtype}", "ids_ptr": "*i64", "aw_ptr": "*fp32", "u_ptr": "*fp32"}
     elif name == "_steer_mean_kernel":
         cfg = dict(triton_steer.mean_launch_config(K)["rows"])
         num_warps, width = cfg.pop("num_warps"), cfg["BLOCK_D"]
-        cfg["BLOCK_K"] = 0
-        pointers = {"hidden_ptr": f"*{dtype}", "u_ptr": "*fp32", "wb_ptr": "*fp32", "beta_ptr": "*fp32", "row_sets_ptr": "*i64",
-                    "eta_ptr": "*fp32", "out_ptr": f"*{dtype}"}
+        pointers = {"hidden_ptr": f"*{dtype}", "u_ptr": "*fp32", "bias_ptr": f"*{dtype}", "ids_ptr": "*i64",
+                    "aw_ptr": "*fp32", "beta_ptr": "*fp32", "row_sets_ptr": "*i64", "eta_ptr": "*fp32",
+                    "out_ptr": f"*{dtype}"}
     elif name in ("_split_partial_kernel", "_split_finish_kernel"):
         cfg = triton_steer.split_launch_config(K, 4096, dtype == "fp32")
         num_warps, width = cfg.pop("num_warps"), cfg["BLOCK_D"]

@@ -16,12 +16,12 @@ from .config import SteerConfig
 from .kspace import steer_rows_differentiable
 
 DIFFERENTIABLE = 3  # hidden, weight, bias: the leading arguments of the schema
-NUM_ARGS = 15
+NUM_ARGS = 16
 
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, anchor_ids, anchor_weights, _gram, row_sets, step_size, steps,
-     objective, reg, temperature, margin, max_norm, relative_step) = inputs
+     objective, reg, temperature, margin, max_norm, relative_step, *_direction) = inputs
     ctx.save_for_backward(hidden, weight, bias, anchor_ids, anchor_weights, row_sets, step_size)
     # The step itself is the saved per-row tensor; the config only says its form (0.0 is a placeholder).
     step = dict(strength=0.0) if relative_step else dict(eta=0.0)

@@ -80,10 +80,10 @@ if _C is not None:
     @torch.library.register_fake("anchor_kernels::steer_hidden")
     def _steer_hidden_fake(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets,
                            step_size, steps, objective, reg, temperature, margin, max_norm,
-                           relative_step):
+                           relative_step, direction=None):
         _check_devices("steer_hidden", "hidden", hidden=hidden, weight=weight, bias=bias,
                        anchor_ids=anchor_ids, anchor_weights=anchor_weights, gram=gram,
-                       row_sets=row_sets, step_size=step_size)
+                       row_sets=row_sets, step_size=step_size, direction=direction)
         torch._check(hidden.dim() == 2, lambda: "steer_hidden: hidden must be 2-D [B, d]")
         torch._check(weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
                      lambda: "steer_hidden: weight must be [V, d] with hidden's d")

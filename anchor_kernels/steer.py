@@ -217,7 +217,7 @@ def steer_hidden(hidden: torch.Tensor, weight: torch.Tensor, anchors, config: St
         op = torch.ops.anchor_kernels.steer_hidden
     args = (h2, weight, bias, *prepared.tensors, rows, eta, config.steps, config.objective,
             float(config.reg), float(config.temperature), config.margin_value,
-            config.max_norm_value, config.relative_step)
+            config.max_norm_value, config.relative_step, prepared.direction)
     if _needs_autograd(hidden, weight, bias):
         out = op(*args)
     else:  # decoding: skip the Python autograd wrapper the op would enter only to step past it

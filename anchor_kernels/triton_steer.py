@@ -506,47 +506,44 @@ if IMPORT_ERROR is None:
                 tl.store(o_rows + dd[None, :], tl.where(moved[:, None], new, h), mask=store[:, None] & d_ok[None, :])
 
     @triton.jit
-    def _mean_direction_kernel(weight_ptr, bias_ptr, ids_ptr, aw_ptr, u_ptr, wb_ptr, dim, vocab, set_size,
-                               weight_row_stride, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr,
-                               BLOCK_D: tl.constexpr):
-        """objective="mean", per set s and d-slice: u[s] = W_A^T w (METHOD.md's rank-one form) and,
-        from slice 0, wb[s] = w . b_A. A set with a live id outside the vocabulary gets u = 0 and
-        wb = NaN, which leaves its rows untouched."""
+    def _mean_direction_kernel(weight_ptr, ids_ptr, aw_ptr, u_ptr, dim, vocab, set_size, weight_row_stride,
+                               BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """objective="mean" without a prepared direction, per set s and d-slice: u[s] = W_A^T w
+        (METHOD.md's rank-one form). A live id outside the vocabulary is never read; the row
+        kernel finds it and leaves the set's rows untouched."""
         s = tl.program_id(0).to(tl.int64)
         k = tl.arange(0, BLOCK_K)
         k_ok = k < set_size
         ids = tl.load(ids_ptr + s * set_size + k, mask=k_ok, other=0)
         w = tl.load(aw_ptr + s * set_size + k, mask=k_ok, other=0.0)
-        live = w != 0.0
-        bad = tl.sum((live & ((ids < 0) | (ids >= vocab))).to(tl.int32), axis=0) > 0
-        live = live & (tl.zeros((BLOCK_K,), dtype=tl.int32) + bad.to(tl.int32) == 0)
+        live = (w != 0.0) & (ids >= 0) & (ids < vocab)
         dd = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = dd < dim
         wa = tl.load(weight_ptr + ids[:, None] * weight_row_stride + dd[None, :],
                      mask=live[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
         tl.store(u_ptr + s * dim + dd, tl.sum(wa * w[:, None], axis=0), mask=d_ok)
-        if tl.program_id(1) == 0:
-            wb = 0.0
-            if HAS_BIAS:
-                wb = tl.sum(tl.load(bias_ptr + ids, mask=live, other=0.0).to(tl.float32) * w, axis=0)
-            tl.store(wb_ptr + s, tl.where(bad, float("nan"), wb))
 
     @triton.jit
     def _steer_mean_kernel(
-        hidden_ptr, u_ptr, wb_ptr, beta_ptr, row_sets_ptr, eta_ptr, out_ptr, rows, dim, num_sets,
-        hidden_row_stride, out_row_stride, steps, reg, margin, max_norm,
-        TRUST: tl.constexpr, RELATIVE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+        hidden_ptr, u_ptr, bias_ptr, ids_ptr, aw_ptr, beta_ptr, row_sets_ptr, eta_ptr, out_ptr, rows, dim, vocab,
+        num_sets, set_size, hidden_row_stride, out_row_stride, steps, reg, margin, max_norm,
+        TRUST: tl.constexpr, RELATIVE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr,
+        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """objective="mean" in rank-one form: s = w is constant, so c = a w with a scalar a per row:
         gap = u.h0 + w.b_A + (a ||u||) ||u|| (||u||^2 = w^T Gm w, never formed: it can overflow),
         the trust region is |a| ||u|| <= rho ||h0||, and h' = h0 + a u, left untouched where
         |a| beta (beta = sum_k |w_k| ||W_a_k||, from the launcher) exceeds FLT_MAX. One pass over d
         for u.h0, a scalar loop, one pass for the axpy; same grid and row rules as the general
-        kernel."""
+        kernel. u is the prepared direction or _mean_direction_kernel's; w.b_A is summed here."""
         s, r, in_range, rs = _tile_rows(row_sets_ptr, rows, num_sets, BLOCK_B)
         mine = in_range & (rs == s)
         copy_only = in_range & ((rs < 0) | (rs >= num_sets)) & (tl.zeros((BLOCK_B,), dtype=tl.int32) + s == 0)
         store = mine | copy_only
+        _k, _k_ok, _set_off, ids, w, live, mine = _load_set(ids_ptr, aw_ptr, s, set_size, vocab, mine, BLOCK_B, BLOCK_K)
+        wb = 0.0
+        if HAS_BIAS:
+            wb = tl.sum(tl.load(bias_ptr + ids, mask=live, other=0.0).to(tl.float32) * w, axis=0)
         if tl.sum(store.to(tl.int32), axis=0) > 0:
             h_rows = hidden_ptr + r[:, None] * hidden_row_stride
             o_rows = out_ptr + r[:, None] * out_row_stride
@@ -563,7 +560,7 @@ if IMPORT_ERROR is None:
                     z += tl.sum(h * u[None, :], axis=1)
                     h_sq += tl.sum(h * h, axis=1)
                     gamma += tl.sum(u * u, axis=0)
-            gap0 = z + tl.load(wb_ptr + s)
+            gap0 = z + wb
             h_norm = _robust_norm(h_sq, h_rows, mine, 0, dim, BLOCK_B, BLOCK_D)
             # ||u|| from its sum of squares, recomputed scaled where that is out of range
             unorm = tl.sqrt(gamma)
@@ -651,7 +648,7 @@ if IMPORT_ERROR is None:
                 x = tl.load(row, mask=v_ok)
                 tl.store(row, (x.to(tl.float32) + delta).to(x.dtype), mask=v_ok)
 
-    def _check(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size):
+    def _check(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, direction=None):
         dev = hidden.device
         torch._check(hidden.dim() == 2, lambda: f"steer_hidden: hidden must be 2-D [B, d], got {tuple(hidden.shape)}")
         torch._check(hidden.dtype in (torch.float32, torch.float16, torch.bfloat16),
@@ -673,6 +670,11 @@ if IMPORT_ERROR is None:
                      lambda: "steer_hidden: too many rows x anchor sets for one Triton grid")
         torch._check(K <= MAX_SET_SIZE, lambda: f"steer_hidden: the triton backend supports anchor sets of at most "
                                                  f"{MAX_SET_SIZE} tokens, got K = {K}; use backend='cuda' or 'cpu'")
+        if direction is not None:
+            torch._check(tuple(direction.shape) == (S, hidden.shape[1]) and direction.dtype == torch.float32
+                         and direction.device == dev,
+                         lambda: f"steer_hidden: direction must be [S, d] = [{S}, {hidden.shape[1]}] float32 on "
+                                 f"hidden's device {dev}, got {list(direction.shape)} {direction.dtype} on {direction.device}")
         if bias is not None:
             torch._check(bias.shape == (weight.shape[0],) and bias.dtype == hidden.dtype and bias.device == dev,
                          lambda: f"steer_hidden: bias must be [V] = [{weight.shape[0]}] {hidden.dtype} on hidden's "
@@ -701,9 +703,10 @@ if IMPORT_ERROR is None:
         anchor_ids: torch.Tensor, anchor_weights: torch.Tensor, gram: torch.Tensor,
         row_sets: torch.Tensor, step_size: torch.Tensor, steps: int, objective: str, reg: float,
         temperature: float, margin: float, max_norm: float, relative_step: bool,
+        direction: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         with device_guard(hidden.device):
-            _check(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size)
+            _check(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, direction)
             check_scalars(steps, objective, reg, temperature, margin, max_norm)
             step_size = _usable_steps(anchor_weights, gram, row_sets, step_size)
             if hidden.stride(-1) != 1:
@@ -719,7 +722,7 @@ if IMPORT_ERROR is None:
                 return out
             if objective == "mean":
                 _steer_mean(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, out, steps,
-                            reg, margin, max_norm, relative_step)
+                            reg, margin, max_norm, relative_step, direction)
                 return out
             cfg = launch_config(K, dim, hidden.dtype == torch.float32)
             plan = choose_plan(rows, dim, S, hidden.device)
@@ -776,27 +779,30 @@ if IMPORT_ERROR is None:
         block_k = max(16, 1 << (set_size - 1).bit_length())
         # 2048-element [BLOCK_K, BLOCK_D] tiles: 4096 spilled 12 B at K = 16 (fp16, sm_80).
         return dict(direction=dict(BLOCK_K=block_k, BLOCK_D=max(16, 2048 // block_k), num_warps=4, num_stages=NUM_STAGES),
-                    rows=dict(BLOCK_B=BLOCK_ROWS, BLOCK_D=MEAN_BLOCK_D, num_warps=4, num_stages=NUM_STAGES))
+                    rows=dict(BLOCK_B=BLOCK_ROWS, BLOCK_K=block_k, BLOCK_D=MEAN_BLOCK_D, num_warps=4,
+                              num_stages=NUM_STAGES))
 
     def _steer_mean(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, out, steps, reg,
-                    margin, max_norm, relative_step):
+                    margin, max_norm, relative_step, direction):
         rows, dim = hidden.shape
         S, K = anchor_ids.shape
         cfg = mean_launch_config(K)
-        u = hidden.new_empty((S, dim), dtype=torch.float32)
-        wb = hidden.new_empty((S,), dtype=torch.float32)
+        ids, aw = anchor_ids.contiguous(), anchor_weights.contiguous()
         # beta = sum_k |w_k| ||W_a_k|| per set: |a| beta bounds the edit a u (the kernel leaves a
         # row untouched past FLT_MAX, as the C++ kernels); a few device ops, no sync.
         live = anchor_weights != 0
         beta = (anchor_weights.abs() * torch.where(live, gram.diagonal(dim1=1, dim2=2), 0.0).sqrt()).sum(-1)
-        d_cfg = cfg["direction"]
-        torch.library.wrap_triton(_mean_direction_kernel)[(S, triton.cdiv(dim, d_cfg["BLOCK_D"]))](
-            weight, weight if bias is None else bias, anchor_ids.contiguous(), anchor_weights.contiguous(), u, wb,
-            dim, weight.shape[0], K, weight.stride(0), HAS_BIAS=bias is not None, **d_cfg)
+        if direction is None:
+            u = hidden.new_empty((S, dim), dtype=torch.float32)
+            d_cfg = cfg["direction"]
+            torch.library.wrap_triton(_mean_direction_kernel)[(S, triton.cdiv(dim, d_cfg["BLOCK_D"]))](
+                weight, ids, aw, u, dim, weight.shape[0], K, weight.stride(0), **d_cfg)
+        else:
+            u = direction.contiguous()
         torch.library.wrap_triton(_steer_mean_kernel)[launch_grid(rows, S)](
-            hidden, u, wb, beta, row_sets.contiguous(), step_size.contiguous(), out, rows, dim, S, hidden.stride(0),
-            out.stride(0), steps, reg, margin, max_norm, TRUST=max_norm != float("inf"), RELATIVE=relative_step,
-            **cfg["rows"])
+            hidden, u, weight if bias is None else bias, ids, aw, beta, row_sets.contiguous(), step_size.contiguous(),
+            out, rows, dim, weight.shape[0], S, K, hidden.stride(0), out.stride(0), steps, reg, margin, max_norm,
+            TRUST=max_norm != float("inf"), RELATIVE=relative_step, HAS_BIAS=bias is not None, **cfg["rows"])
 
     from .autograd import register as _register_autograd
 

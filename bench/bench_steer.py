@@ -88,3 +88,26 @@ def test_steer(benchmark, provider, B, d, V, K, T):
     if provider != "literal_autograd":  # the literal method has no Gram/trust-region shortcut to compare
         torch.testing.assert_close(out.float(), eager_kspace(hidden, weight, prepared, config).float(),
                                    rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("direction", ["prepared", "per_call"])
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("B,d,V,K,T", SHAPES, ids=lambda v: str(v))
+def test_mean_direction(benchmark, backend, direction, B, d, V, K, T):
+    """objective="mean" (rank one) with u = W_A^T w from prepare_anchors (what steer_hidden passes)
+    against the kernels computing it on every call (a direct op call without ``direction``)."""
+    hidden, weight, anchors, prepared, _ = problem(B, d, V, K, T)
+    config = ak.SteerConfig(steps=T, eta=0.5, objective="mean")
+    handle = prepared if direction == "prepared" else prepared._replace(direction=None)
+    benchmark.group = f"mean B={B} d={d} K={K} T={T} {DTYPE} {backend}"
+    out = ak.steer_hidden(hidden, weight, handle, config, backend=backend)
+
+    def run():
+        result = ak.steer_hidden(hidden, weight, handle, config, backend=backend)
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return result
+
+    benchmark(run)
+    torch.testing.assert_close(out.float(), eager_kspace(hidden, weight, prepared, config).float(),
+                               rtol=2e-2, atol=2e-2)

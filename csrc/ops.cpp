@@ -24,10 +24,10 @@ at::Tensor steer_hidden_cpu(const at::Tensor& hidden, const at::Tensor& weight,
                             const at::Tensor& row_sets, const at::Tensor& step_size,
                             int64_t steps, c10::string_view objective, double reg,
                             double temperature, double margin, double max_norm,
-                            bool relative_step) {
+                            bool relative_step, const std::optional<at::Tensor>& direction) {
   SteerCall call = make_steer_call(hidden, weight, bias, anchor_ids, anchor_weights, gram,
                                    row_sets, step_size, steps, std::string(objective), reg,
-                                   temperature, margin, max_norm, relative_step);
+                                   temperature, margin, max_norm, relative_step, direction);
   TORCH_CHECK(ak_steer_check_params(&call.params) == AK_OK,
               "steer_hidden: invalid arguments (internal check)");
   // Each chunk converts the anchor rows once, so keep chunks a few rows long.
@@ -86,7 +86,7 @@ TORCH_LIBRARY(anchor_kernels, m) {
       "steer_hidden(Tensor hidden, Tensor weight, Tensor? bias, Tensor anchor_ids, "
       "Tensor anchor_weights, Tensor gram, Tensor row_sets, Tensor step_size, int steps, "
       "str objective, float reg, float temperature, float margin, float max_norm, "
-      "bool relative_step) -> Tensor");
+      "bool relative_step, Tensor? direction=None) -> Tensor");
   m.def(
       "steer_logits_(Tensor(a!) logits, Tensor mixing, Tensor anchor_ids, Tensor anchor_weights, "
       "Tensor gram, Tensor row_sets, Tensor step_size, Tensor? hidden_norm, int steps, "

@@ -13,16 +13,17 @@
 
 namespace anchor_kernels {
 
-// The plan for the general loop: ak_cuda_split_slices by shape, or $ANCHOR_KERNELS_CUDA_PLAN
+// The plan for the general loop: ak_cuda_split_slices by its model, or $ANCHOR_KERNELS_CUDA_PLAN
 // ("tiled": one block per row; "split_d": at least two slices). Read on the host per call, so a
 // captured CUDA graph keeps the plan it was captured with.
-int64_t cuda_split_slices(int64_t rows, int64_t dim) {
+int64_t cuda_split_slices(const ak_steer_params& p) {
+  const int64_t dim = p.dim;
   const char* env = std::getenv("ANCHOR_KERNELS_CUDA_PLAN");
   const std::string plan = env ? env : "auto";
   TORCH_CHECK(plan == "auto" || plan == "tiled" || plan == "split_d",
               "ANCHOR_KERNELS_CUDA_PLAN must be auto, tiled or split_d, got '", plan, "'");
   if (plan == "tiled") return 1;
-  const int64_t slices = ak_cuda_split_slices(rows, dim, ak_cuda_sm_count());
+  const int64_t slices = ak_cuda_split_slices(&p, ak_cuda_sm_count());
   if (plan == "split_d" && dim >= 2) return std::max<int64_t>(2, std::min<int64_t>(slices, dim));
   return slices;
 }
@@ -33,20 +34,22 @@ at::Tensor steer_hidden_cuda(const at::Tensor& hidden, const at::Tensor& weight,
                              const at::Tensor& row_sets, const at::Tensor& step_size,
                              int64_t steps, c10::string_view objective, double reg,
                              double temperature, double margin, double max_norm,
-                             bool relative_step) {
+                             bool relative_step, const std::optional<at::Tensor>& direction) {
   const c10::cuda::CUDAGuard guard(hidden.device());
   SteerCall call = make_steer_call(hidden, weight, bias, anchor_ids, anchor_weights, gram,
                                    row_sets, step_size, steps, std::string(objective), reg,
-                                   temperature, margin, max_norm, relative_step);
+                                   temperature, margin, max_norm, relative_step, direction);
   at::Tensor workspace;
   const at::TensorOptions fp32 = hidden.options().dtype(at::kFloat);
-  if (call.params.rows > 0 && call.params.objective == AK_OBJECTIVE_MEAN) {
-    // the rank-one form: u = W_A^T w and w . b_A per set
-    workspace = at::empty({call.params.num_sets, call.params.dim + 1}, fp32);
-    call.params.workspace = workspace.data_ptr<float>();
-    call.params.workspace_size = workspace.numel();
+  if (call.params.objective == AK_OBJECTIVE_MEAN) {
+    // the rank-one form: u = W_A^T w per set, given (prepared with the anchors) or computed here
+    if (call.params.rows > 0 && !call.params.direction) {
+      workspace = at::empty({call.params.num_sets, call.params.dim}, fp32);
+      call.params.workspace = workspace.data_ptr<float>();
+      call.params.workspace_size = workspace.numel();
+    }
   } else if (call.params.rows > 0) {
-    const int64_t slices = cuda_split_slices(call.params.rows, call.params.dim);
+    const int64_t slices = cuda_split_slices(call.params);
     if (slices > 1) {  // the split-d plan: partial z0 and ||h0||^2 per slice
       workspace = at::empty({slices, call.params.rows, call.params.set_size + 1}, fp32);
       call.params.workspace = workspace.data_ptr<float>();

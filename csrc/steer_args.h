@@ -15,7 +15,8 @@ namespace anchor_kernels {
 
 // Keeps the (possibly made-contiguous) tensors alive as long as the params point at them.
 struct SteerCall {
-  at::Tensor hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, out;
+  at::Tensor hidden, weight, bias, anchor_ids, anchor_weights, gram, direction, row_sets, step_size,
+      out;
   ak_steer_params params{};
 };
 
@@ -114,7 +115,8 @@ inline SteerCall make_steer_call(const at::Tensor& hidden, const at::Tensor& wei
                                  const at::Tensor& gram, const at::Tensor& row_sets,
                                  const at::Tensor& step_size, int64_t steps,
                                  const std::string& objective, double reg, double temperature,
-                                 double margin, double max_norm, bool relative_step) {
+                                 double margin, double max_norm, bool relative_step,
+                                 const std::optional<at::Tensor>& direction) {
   const at::Device dev = hidden.device();
   TORCH_CHECK(hidden.dim() == 2, "steer_hidden: hidden must be 2-D [B, d], got shape ",
               hidden.sizes());
@@ -137,6 +139,13 @@ inline SteerCall make_steer_call(const at::Tensor& hidden, const at::Tensor& wei
                 " entries but weight has V = ", weight.size(0), " rows");
     call.bias = bias->contiguous();
   }
+  if (direction.has_value()) {
+    check_tensor(*direction, "direction", at::kFloat, 2, dev, kSteerHidden);
+    TORCH_CHECK(direction->size(0) == S && direction->size(1) == hidden.size(1),
+                "steer_hidden: direction must be [S, d] = [", S, ", ", hidden.size(1), "], got ",
+                direction->sizes());
+    call.direction = direction->contiguous();
+  }
   call.anchor_ids = anchor_ids.contiguous();
   call.anchor_weights = anchor_weights.contiguous();
   call.gram = gram.contiguous();
@@ -157,6 +166,7 @@ inline SteerCall make_steer_call(const at::Tensor& hidden, const at::Tensor& wei
   p.anchor_ids = call.anchor_ids.data_ptr<int64_t>();
   p.anchor_weights = call.anchor_weights.data_ptr<float>();
   p.gram = call.gram.data_ptr<float>();
+  p.direction = call.direction.defined() ? call.direction.data_ptr<float>() : nullptr;
   p.num_sets = S;
   p.set_size = K;
   p.row_sets = call.row_sets.data_ptr<int64_t>();

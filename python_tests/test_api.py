@@ -235,7 +235,7 @@ def test_triton_op_has_the_same_schema():
     assert triton_schema[triton_schema.index("("):].replace("SymInt", "int") == native.op_schema()
 
 
-def _opcheck_args(device):
+def _opcheck_args(device, objective="lse"):
     torch.manual_seed(0)
     weight = torch.randn(40, 24, device=device)
     bank = ak.AnchorBank([A, ak.AnchorSet([4, 5, 6], [7, 8])])
@@ -243,17 +243,18 @@ def _opcheck_args(device):
     hidden = torch.randn(5, 24, device=device)
     return (hidden, weight, torch.randn(40, device=device), *prepared.tensors,
             torch.tensor([0, 1, -1, 1, 0], device=device), torch.full((5,), 0.3, device=device),
-            4, "lse", 0.1, 1.0, math.inf, 0.5, True)
+            4, objective, 0.1, 1.0, math.inf, 0.5, True) + ((prepared.direction,) if objective == "mean" else ())
 
 
+@pytest.mark.parametrize("objective", ["lse", "mean"])  # mean: with the prepared direction
 @pytest.mark.parametrize("backend", kernel_backends())
-def test_opcheck(backend):
+def test_opcheck(backend, objective):
     op = (torch.ops.anchor_kernels.steer_hidden_triton if backend == "triton"
           else torch.ops.anchor_kernels.steer_hidden)
     utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_static")
     if backend == "triton" and DEVICE.type == "cpu":
         utils = ("test_schema",)  # interpreted kernels cannot run on fake tensors
-    torch.library.opcheck(op.default, _opcheck_args(DEVICE), test_utils=utils)
+    torch.library.opcheck(op.default, _opcheck_args(DEVICE, objective), test_utils=utils)
 
 
 def test_auto_backend_and_override(monkeypatch):

@@ -15,7 +15,7 @@ EXAMPLES = {"cpu": 60, "cuda": 60, "triton": 15}
 
 
 @st.composite
-def steering_cases(draw):
+def steering_cases(draw, objectives=("mean", "lse")):
     """Sizes, anchor bank, config and layout of one call; tensors come from ``seed``."""
     num_sets = draw(st.integers(1, 3))
     relative = draw(st.booleans())
@@ -34,7 +34,7 @@ def steering_cases(draw):
         config=ak.SteerConfig(
             steps=draw(st.sampled_from([0, 1, 2, 5, 8])),
             **{"strength" if relative else "eta": draw(st.floats(0.05, 1.0)) * (0.05 if relative else 1.0)},
-            objective=draw(st.sampled_from(["mean", "lse"])),
+            objective=draw(st.sampled_from(objectives)),
             reg=draw(st.sampled_from([0.0, 0.1, 0.7])),
             temperature=draw(st.sampled_from([0.5, 1.0, 2.5])),
             margin=draw(st.one_of(st.none(), st.floats(-2.0, 3.0))),
@@ -97,6 +97,43 @@ def test_matches_reference(backend, dtype):
         check_against_reference(backend, dtype, case)
 
     run()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_mean_direction_prepared_or_computed_matches_reference(backend, dtype):
+    """objective="mean" is rank one: steer_hidden hands the kernels u = W_A^T w, which
+    prepare_anchors computed once (no per-call pass over the K anchor rows); without it (a direct
+    op call, direction=None) the kernels compute u themselves. Both against the fp64 reference,
+    with and without a bias (w.b_A is summed in the row kernel on every call)."""
+    @settings(max_examples=max(4, EXAMPLES[backend] // 3), deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(case=steering_cases(objectives=("mean",)))
+    def run(case):
+        args = build_case(case, dtype)
+        prepared = ak.prepare_anchors(args["weight"], args["anchors"])
+        assert prepared.direction.shape == (prepared.anchor_ids.shape[0], args["hidden"].shape[-1])
+        expected = reference_fp64(**args)
+        for anchors in (prepared, prepared._replace(direction=None)):
+            out = ak.steer_hidden(args["hidden"], args["weight"], anchors, args["config"], bias=args["bias"],
+                                  backend=backend, row_sets=args["row_sets"], step_size=args["step_size"])
+            assert_steer_close(out, args["hidden"], expected, dtype, backend)
+
+    run()
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_mean_direction_of_the_wrong_shape_is_refused(backend):
+    weight = torch.randn(20, 8, device=DEVICE)
+    prepared = ak.prepare_anchors(weight, ak.AnchorSet([1, 2], [3]))
+    op = (torch.ops.anchor_kernels.steer_hidden_triton if backend == "triton"
+          else torch.ops.anchor_kernels.steer_hidden)
+    hidden = torch.randn(3, 8, device=DEVICE)
+    rows, eta = torch.zeros(3, dtype=torch.long, device=DEVICE), torch.full((3,), 0.1, device=DEVICE)
+    for bad in (prepared.direction[:, :7], prepared.direction.double(), prepared.direction.T):
+        with pytest.raises(RuntimeError, match="direction must be"):
+            op(hidden, weight, None, *prepared.tensors, rows, eta, 2, "mean", 0.0, 1.0, math.inf, math.inf,
+               False, bad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

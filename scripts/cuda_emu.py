@@ -6,7 +6,9 @@ CPU kernels. Stages, each a separate binary:
   tsan   ThreadSanitizer, a smaller set (AK_TEST_QUICK): a missing barrier is a data race
   negative controls: mutants of the kernel file that must be caught (a removed barrier -> a
          race; NaN written for h' -> a failed comparison; a 16-byte access assumed aligned on a
-         misaligned row -> reported; two of issue 19's fixes undone -> their tests fail)
+         misaligned row -> reported; two of issue 19's fixes undone -> their tests fail; issue 22's
+         rank-one bias term dropped and split-d's second anchor in flight misread -> failed
+         comparisons)
 
 The resources the launch rules need (static shared memory and registers per kernel) come from
 ptxas for sm_90a, as the real build compiles it. Exit status 0 only if every stage behaves.
@@ -134,9 +136,19 @@ NEGATIVE_CONTROLS = [
     # Two fixes of issue 19 undone, each caught by the steer_test case written for it:
     # the rank-one plan chosen before the split-d one (a MEAN call overran a split workspace),
     ("rank-one-first", "asan",
-     ("  const bool split = p.split_slices > 1, rank_one = !split && p.objective == AK_OBJECTIVE_MEAN && p.workspace;",
-      "  const bool rank_one = p.objective == AK_OBJECTIVE_MEAN && p.workspace, split = !rank_one && p.split_slices > 1;"),
+     ("  const bool split = p.split_slices > 1,\n"
+      "             rank_one = !split && p.objective == AK_OBJECTIVE_MEAN && (p.direction || p.workspace);",
+      "  const bool rank_one = p.objective == AK_OBJECTIVE_MEAN && (p.direction || p.workspace),\n"
+      "             split = !rank_one && p.split_slices > 1;"),
      {"AK_TEST_QUICK": "1"}, ("heap-buffer-overflow", "mean_direction_kernel")),
+    # Issue 22: the rank-one row kernel without its w.b_A term (the bias summed in its reduction),
+    ("no-bias-term", "asan",
+     ("    else if (p.bias) z_part += w[k] * load_float(static_cast<const T*>(p.bias) + id);\n", ""),
+     {"AK_TEST_QUICK": "1"}, ("FAIL cuda rank-one", "cases: FAILED")),
+    # and the split-d partial kernel's second anchor in flight dotted with the first one's row.
+    ("split-second-anchor", "asan",
+     ("          a1 += y[e] * h[e];\n", "          a1 += x[e] * h[e];\n"),
+     {"AK_TEST_QUICK": "1"}, ("FAIL cuda split", "cases: FAILED")),
     # and the 48 KiB default limit taken as the dynamic size's alone.
     ("48k-edge", "asan",
      ("  if (smem + st.static_smem[dtype_index] > 48 * 1024 && !st.raised[dtype_index]) {",

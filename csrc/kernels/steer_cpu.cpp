@@ -242,32 +242,36 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
   };
 
   // objective = "mean" is rank one (METHOD.md): s = w is constant, so c_k = a_k w and the edit
-  // is a_T u with u = W_A^T w, ||u|| (= sqrt(w^T Gm w), without squaring past fp32's range) and
-  // w.b_A computed once per set per call. A row then costs one dot and one axpy over d instead of
-  // K of each, and a scalar loop in which gamma = ||u||^2 is never formed: gap = gap0 +
-  // (a ||u||) ||u||, the trust region |a| ||u|| <= rho ||h0||.
+  // is a_T u with u = W_A^T w (p.direction, or summed here once per set per call), ||u|| (=
+  // sqrt(w^T Gm w), without squaring past fp32's range) and w.b_A once per set per call. A row
+  // then costs one dot and one axpy over d instead of K of each, and a scalar loop in which
+  // gamma = ||u||^2 is never formed: gap = gap0 + (a ||u||) ||u||, the trust region
+  // |a| ||u|| <= rho ||h0||.
   std::vector<std::vector<float>> u_of_set(p.num_sets);
+  std::vector<const float*> direction_of_set(p.num_sets, nullptr);
   std::vector<float> unorm_of_set(p.num_sets), beta_of_set(p.num_sets), wb_of_set(p.num_sets);
   auto mean_coefficient = [&](int64_t set, const float* w, const int64_t* ids, const float* h0,
                               float h0_norm, float eta) -> float {
-    std::vector<float>& u = u_of_set[set];
+    const float*& u = direction_of_set[set];
     const float* gram = p.gram + set * K * K;
-    if (u.empty()) {
-      u.assign(d, 0.f);
+    if (!u) {
+      std::vector<float>& sum = u_of_set[set];
+      if (!p.direction) sum.assign(d, 0.f);
       float wb = 0.f, beta = 0.f;
       for (int64_t i = 0; i < K; ++i) {
         if (w[i] == 0.f) continue;
-        axpy(w[i], rows[i], u.data(), d);
+        if (!p.direction) axpy(w[i], rows[i], sum.data(), d);
         beta += std::fabs(w[i]) * std::sqrt(gram[i * K + i]);
         if (bias) wb += w[i] * to_float(bias[ids[i]]);
       }
-      unorm_of_set[set] = robust_norm(u.data(), d, dot(u.data(), u.data(), d));
+      u = p.direction ? p.direction + set * d : sum.data();
+      unorm_of_set[set] = robust_norm(u, d, dot(u, u, d));
       beta_of_set[set] = beta;  // representable_edit's bound for c = a w is |a| beta
       wb_of_set[set] = wb;
     }
     if (!usable_row(p, eta, h0_norm) || !finite_set(gram, w, K)) return 0.f;
     const float unorm = unorm_of_set[set];
-    const float gap0 = dot(u.data(), h0, d) + wb_of_set[set];
+    const float gap0 = dot(u, h0, d) + wb_of_set[set];
     if (p.relative_step) {  // ||grad G|| = ||u||
       eta = unorm > 0.f && std::isfinite(unorm) ? eta * h0_norm / unorm : 0.f;
       if (!(std::isfinite(eta) && eta > 0.f)) return 0.f;
@@ -298,7 +302,7 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
     const float* w = p.anchor_weights + set * K;
     for (int64_t i = 0; i < K; ++i)
       if (ids[i] < 0 || ids[i] >= p.vocab) return AK_ERROR_ANCHOR_ID;
-    anchor_rows(set);
+    if (p.objective != AK_OBJECTIVE_MEAN || !p.direction) anchor_rows(set);  // u needs no rows
 
     for (int64_t j = 0; j < d; ++j) h[j] = to_float(h_in[j]);
     const float h0_norm = robust_norm(h.data(), d, dot(h.data(), h.data(), d));
@@ -308,7 +312,7 @@ ak_status steer_rows(const ak_steer_params& p, int64_t row_begin, int64_t row_en
         std::memcpy(h_out, h_in, d * sizeof(T));
         continue;
       }
-      const float* u = u_of_set[set].data();
+      const float* u = direction_of_set[set];
       for (int64_t j = 0; j < d; ++j) h_out[j] = from_float<T>(h[j] + a * u[j]);
       continue;
     }
@@ -454,15 +458,44 @@ extern "C" int64_t ak_cuda_workspace_size(const ak_steer_params* p) {
     const int64_t per_slice = mul(p->rows, p->set_size + 1);
     return per_slice < 0 ? -1 : mul(p->split_slices, per_slice);
   }
-  if (p->objective == AK_OBJECTIVE_MEAN) return mul(p->num_sets, p->dim + 1);
+  if (p->objective == AK_OBJECTIVE_MEAN && !p->direction) return mul(p->num_sets, p->dim);
   return 0;
 }
 
-extern "C" int64_t ak_cuda_split_slices(int64_t rows, int64_t dim, int64_t sm_count) {
-  const int64_t max_slices = (dim + AK_SPLIT_MIN_SLICE - 1) / AK_SPLIT_MIN_SLICE;
-  if (rows <= 0 || max_slices <= 1 || sm_count <= 0) return 1;
-  const int64_t want = AK_SPLIT_OCCUPANCY * sm_count / rows;
-  return want < 2 ? 1 : (want < max_slices ? want : max_slices);
+// The CUDA plan by bench/plan_model.py's model (H100 constants; modelled, not yet measured):
+// the tiled plan reads W_A twice per row through one SM's load path, blocks past the SMs queue;
+// s slices read a slice of it per launch (two launches) on B s blocks, AK_SPLIT_OCCUPANCY per
+// SM; both pay the T dependent K-space steps per wave, and every block's W_A reads go through L2.
+namespace {
+constexpr double kL2Bandwidth = 5.5e12, kSmLoad = 64 * 1.755e9, kLaunch = 2.5e-6;
+
+double step_latency(int64_t K) { return 0.1e-6 + (K > 64 ? double(K - 64) * 1.04e-9 : 0.0); }
+
+double tiled_seconds(double B, double d, double K, double T, double elem, double sms) {
+  const double waves = std::ceil(B / sms);
+  const double per_block = 2 * (K * d + d) * elem / kSmLoad, l2 = 2 * B * K * d * elem / kL2Bandwidth;
+  return kLaunch + std::max(waves * per_block, l2) + waves * T * step_latency(int64_t(K));
+}
+
+double split_seconds(double B, double d, double K, double T, double elem, double sms, double s) {
+  const double waves = std::ceil(B * s / (AK_SPLIT_OCCUPANCY * sms));
+  const double per_block = (K * d / s + d / s) * elem / kSmLoad, l2 = B * K * d * elem / kL2Bandwidth;
+  return 2 * kLaunch + 2 * std::max(waves * per_block, l2) + waves * T * step_latency(int64_t(K));
+}
+}  // namespace
+
+extern "C" int64_t ak_cuda_split_slices(const ak_steer_params* p, int64_t sm_count) {
+  if (!p || p->rows <= 0 || p->dim <= 0 || sm_count <= 0) return 1;
+  const int64_t max_slices = (p->dim + AK_SPLIT_MIN_SLICE - 1) / AK_SPLIT_MIN_SLICE;
+  const double B = double(p->rows), d = double(p->dim), K = double(p->set_size),
+               T = double(p->steps), elem = p->dtype == AK_FLOAT32 ? 4 : 2, sms = double(sm_count);
+  int64_t best = 1;
+  double best_seconds = tiled_seconds(B, d, K, T, elem, sms);
+  for (int64_t s = 2; s <= max_slices; ++s) {
+    const double t = split_seconds(B, d, K, T, elem, sms, double(s));
+    if (t < best_seconds) best = s, best_seconds = t;
+  }
+  return best;
 }
 
 extern "C" ak_status ak_steer_check_params(const ak_steer_params* p) {

@@ -417,37 +417,31 @@ __global__ void __launch_bounds__(kThreads, 2) steer_kernel(ak_steer_params p, V
 }
 
 // objective MEAN, rank-one form (METHOD.md): s = w is constant, so c = a w with a scalar a.
-// Launch 1, grid (S, d / kThreads): u[s] = W_A^T w, one column per thread (coalesced along d),
-// and w . b_A in u[s][d]. A set with a live id outside the vocabulary gets NaN, which leaves its
-// rows untouched.
+// Without a prepared direction, launch 1, grid (S, d / kThreads): u[s] = W_A^T w into the
+// workspace, one column per thread (coalesced along d). A live id outside the vocabulary is
+// skipped here (never read); the row kernel finds it and leaves the set's rows untouched.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) mean_direction_kernel(ak_steer_params p) {
   const int64_t set = blockIdx.x, K = p.set_size, d = p.dim;
   const int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (j >= d) return;
   const int64_t* ids = p.anchor_ids + set * K;
   const float* w = p.anchor_weights + set * K;
   const T* weight = static_cast<const T*>(p.weight);
-  float* u = p.workspace + set * (d + 1);
-  bool bad = false;
-  float acc = 0.f, wb = 0.f;
+  float acc = 0.f;
   for (int64_t k = 0; k < K; ++k) {
     const float wk = w[k];
-    if (wk == 0.f) continue;
     const int64_t id = ids[k];
-    if (id < 0 || id >= p.vocab) {
-      bad = true;
-      continue;
-    }
-    if (j < d) acc += wk * load_float(weight + id * p.weight_row_stride + j);
-    if (p.bias && j == 0) wb += wk * load_float(static_cast<const T*>(p.bias) + id);
+    if (wk != 0.f && id >= 0 && id < p.vocab) acc += wk * load_float(weight + id * p.weight_row_stride + j);
   }
-  if (j < d) u[j] = bad ? NAN : acc;
-  if (j == 0) u[d] = bad ? NAN : wb;
+  p.workspace[set * d + j] = acc;
 }
 
-// Launch 2, one block per row: gap(a) = u.h0 + w.b_A + a gamma with gamma = ||u||^2 = w^T Gm w,
-// the trust region a^2 gamma <= rho^2 ||h0||^2, then h' = h0 + a u. The loop is scalar and the
-// same on every thread: no barrier per step.
+// One block per row (launch 2, or the only launch with a prepared direction): gap(a) = u.h0 +
+// w.b_A + a gamma with gamma = ||u||^2 = w^T Gm w, the trust region a^2 gamma <= rho^2 ||h0||^2,
+// then h' = h0 + a u. w.b_A is folded into the u.h0 reduction (K terms over the block's threads),
+// and a live id outside the vocabulary makes it NaN, which leaves the row untouched. The loop is
+// scalar and the same on every thread: no barrier per step.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) steer_mean_kernel(ak_steer_params p, VecFlags vec) {
   __shared__ float2 scratch[kWarps];
@@ -461,8 +455,16 @@ __global__ void __launch_bounds__(kThreads) steer_mean_kernel(ak_steer_params p,
     copy_row(h_in, h_out, d, copy_vec);
     return;
   }
-  const float* u = p.workspace + set * (d + 1);
+  const float* u = (p.direction ? p.direction : p.workspace) + set * d;
+  const int64_t* ids = p.anchor_ids + set * p.set_size;
+  const float* w = p.anchor_weights + set * p.set_size;
   float z_part = 0.f, h_part = 0.f, u_part = 0.f;
+  for (int64_t k = threadIdx.x; k < p.set_size; k += blockDim.x) {
+    const int64_t id = ids[k];
+    if (w[k] == 0.f) continue;
+    if (id < 0 || id >= p.vocab) z_part = NAN;
+    else if (p.bias) z_part += w[k] * load_float(static_cast<const T*>(p.bias) + id);
+  }
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
     const float h = load_float(h_in + j), uj = u[j];
     z_part += h * uj;
@@ -471,7 +473,7 @@ __global__ void __launch_bounds__(kThreads) steer_mean_kernel(ak_steer_params p,
   }
   const float2 zh = block_reduce2<false>(z_part, h_part, scratch);
   const float u_sq = block_reduce2<false>(u_part, 0.f, scratch).x;
-  const float gap0 = zh.x + u[d];
+  const float gap0 = zh.x;
   // ||h0|| and ||u|| (= sqrt(gamma)) without squaring past fp32's range; gamma itself is never
   // formed: the gap is gap0 + (a ||u||) ||u||, the trust region |a| ||u|| <= rho ||h0||.
   const float h_norm = robust_norm(zh.y, d, [&](int64_t j) { return load_float(h_in + j); }, scratch);
@@ -479,7 +481,6 @@ __global__ void __launch_bounds__(kThreads) steer_mean_kernel(ak_steer_params p,
   // As kspace_loop: a set with a non-finite anchor row or one fp32 cannot hold, or an unusable
   // ||h0|| where it is needed; beta = sum_k |w_k| ||W_a_k|| bounds the edit's terms per unit a.
   const float* gram = p.gram + set * p.set_size * p.set_size;
-  const float* w = p.anchor_weights + set * p.set_size;
   bool bad_set = false;
   float beta = 0.f;
   for (int64_t i = 0; i < p.set_size; ++i) {
@@ -530,31 +531,69 @@ __global__ void __launch_bounds__(kThreads) steer_mean_kernel(ak_steer_params p,
     store_float(h_out + j, load_float(h_in + j) + a * u[j]);
 }
 
+// Slice j of [0, d) in the split-d plan, for both of its launches: ceil(d / slices) columns
+// rounded up to kSliceAlign, so that every slice starts on a 16-byte boundary of an aligned row
+// (trailing slices may be empty).
+constexpr int64_t kSliceAlign = 8;
+__device__ __forceinline__ void split_bounds(int64_t d, int64_t slices, int64_t j, int64_t& begin, int64_t& end) {
+  const int64_t len = ((d + slices - 1) / slices + kSliceAlign - 1) / kSliceAlign * kSliceAlign;
+  begin = min(d, j * len);
+  end = min(d, begin + len);
+}
+
 // Split-d plan, launch 1, grid (rows, slices): block (row, j) writes the partial z0 = W_A h0 over
 // d-slice j and the partial ||h0||^2 to workspace[j][row] (no atomics: the finish kernel sums the
-// slices in a fixed order, so results are deterministic). A warp per anchor, lanes along d.
+// slices in a fixed order, so results are deterministic). A warp per anchor, two anchors in flight
+// per warp, lanes along d with 16-byte loads where the rows are aligned (a scalar tail otherwise):
+// at decode shapes a slice is a few hundred columns, one or two loads per lane per anchor.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) split_partial_kernel(ak_steer_params p) {
+__global__ void __launch_bounds__(kThreads) split_partial_kernel(ak_steer_params p, VecFlags vec) {
   __shared__ float2 scratch[kWarps];
   const int64_t row = blockIdx.x, j = blockIdx.y, K = p.set_size, d = p.dim;
   const int64_t set = p.row_sets[row];
   if (!row_moves(p, row)) return;
-  const int64_t len = (d + gridDim.y - 1) / gridDim.y, begin = j * len, end = min(d, begin + len);
+  int64_t begin, end;
+  split_bounds(d, gridDim.y, j, begin, end);
   const T* h_in = static_cast<const T*>(p.hidden) + row * p.hidden_row_stride;
   const T* weight = static_cast<const T*>(p.weight);
   const int64_t* ids = p.anchor_ids + set * K;
   const float* w = p.anchor_weights + set * K;
   float* part = p.workspace + (j * p.rows + row) * (K + 1);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int64_t k = warp; k < K; k += kWarps) {
-    float acc = 0.f;
-    const int64_t id = ids[k];
-    if (w[k] != 0.f && id >= 0 && id < p.vocab) {
-      const T* wrow = weight + id * p.weight_row_stride;
-      for (int64_t col = begin + lane; col < end; col += 32) acc += load_float(wrow + col) * load_float(h_in + col);
-      acc = warp_sum(acc);
+  constexpr int N = Vec<T>::N;
+  const int64_t vec_end = vec.weight && vec.hidden ? begin + (end - begin) / N * N : begin;
+  auto anchor_row = [&](int64_t k) -> const T* {
+    if (k >= K || w[k] == 0.f || ids[k] < 0 || ids[k] >= p.vocab) return nullptr;
+    return weight + ids[k] * p.weight_row_stride;
+  };
+  for (int64_t k0 = warp; k0 < K; k0 += 2 * kWarps) {
+    const int64_t k1 = k0 + kWarps;
+    const T *r0 = anchor_row(k0), *r1 = anchor_row(k1);
+    float a0 = 0.f, a1 = 0.f;
+    if (r0 || r1) {  // uniform across the warp
+      for (int64_t col = begin + lane * N; col < vec_end; col += 32 * N) {
+        float h[N], x[N] = {}, y[N] = {};
+        Vec<T>::load(h_in + col, h);
+        if (r0) Vec<T>::load(r0 + col, x);
+        if (r1) Vec<T>::load(r1 + col, y);
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          a0 += x[e] * h[e];
+          a1 += y[e] * h[e];
+        }
+      }
+      for (int64_t col = vec_end + lane; col < end; col += 32) {
+        const float h = load_float(h_in + col);
+        if (r0) a0 += load_float(r0 + col) * h;
+        if (r1) a1 += load_float(r1 + col) * h;
+      }
+      a0 = warp_sum(a0);
+      a1 = warp_sum(a1);
     }
-    if (lane == 0) part[k] = acc;
+    if (lane == 0) {
+      part[k0] = a0;
+      if (k1 < K) part[k1] = a1;
+    }
   }
   float h_part = 0.f;
   for (int64_t col = begin + threadIdx.x; col < end; col += blockDim.x) {
@@ -574,7 +613,8 @@ __global__ void __launch_bounds__(kThreads, 2) split_finish_kernel(ak_steer_para
   __shared__ float2 scratch[kWarps];
   __shared__ float h_sq_shared;
   const int64_t row = blockIdx.x, j = blockIdx.y, K = p.set_size, d = p.dim;
-  const int64_t len = (d + gridDim.y - 1) / gridDim.y, begin = j * len, end = min(d, begin + len);
+  int64_t begin, end;
+  split_bounds(d, gridDim.y, j, begin, end);
   const T* h_in = static_cast<const T*>(p.hidden) + row * p.hidden_row_stride;
   T* h_out = static_cast<T*>(p.out) + row * p.out_row_stride;
   const int tid = threadIdx.x;
@@ -788,11 +828,14 @@ VecFlags vec_flags(const ak_steer_params& p) {
 template <typename T>
 ak_status launch_mean(const ak_steer_params& p, cudaStream_t stream) {
   cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(p.num_sets), static_cast<unsigned>((p.dim + kThreads - 1) / kThreads));
   config.blockDim = dim3(kThreads);
   config.stream = stream;
-  cudaError_t err = cudaLaunchKernelEx(&config, mean_direction_kernel<T>, p);
-  if (err != cudaSuccess) return cuda_failed(err);
+  cudaError_t err = cudaSuccess;
+  if (!p.direction) {
+    config.gridDim = dim3(static_cast<unsigned>(p.num_sets), static_cast<unsigned>((p.dim + kThreads - 1) / kThreads));
+    err = cudaLaunchKernelEx(&config, mean_direction_kernel<T>, p);
+    if (err != cudaSuccess) return cuda_failed(err);
+  }
   config.gridDim = dim3(static_cast<unsigned>(p.rows));
   err = cudaLaunchKernelEx(&config, steer_mean_kernel<T>, p, vec_flags<T>(p));
   return err == cudaSuccess ? AK_OK : cuda_failed(err);
@@ -812,7 +855,7 @@ ak_status launch_split(const ak_steer_params& p, cudaStream_t stream) {
   config.gridDim = dim3(static_cast<unsigned>(p.rows), static_cast<unsigned>(p.split_slices));
   config.blockDim = dim3(kThreads);
   config.stream = stream;
-  cudaError_t err = cudaLaunchKernelEx(&config, split_partial_kernel<T>, p);
+  cudaError_t err = cudaLaunchKernelEx(&config, split_partial_kernel<T>, p, vec_flags<T>(p));
   if (err != cudaSuccess) return cuda_failed(err);
   config.dynamicSmemBytes = smem;
   err = cudaLaunchKernelEx(&config, split_finish_kernel<T>, p);
@@ -823,8 +866,9 @@ template <typename T>
 ak_status launch(const ak_steer_params& p, cudaStream_t stream, int dtype_index) {
   // The plan by the workspace's precedence (steer.h), after checking that it is large enough:
   // a kernel writes all of the size its plan needs.
-  const bool split = p.split_slices > 1, rank_one = !split && p.objective == AK_OBJECTIVE_MEAN && p.workspace;
-  if (split || rank_one) {
+  const bool split = p.split_slices > 1,
+             rank_one = !split && p.objective == AK_OBJECTIVE_MEAN && (p.direction || p.workspace);
+  if (split || (rank_one && !p.direction)) {
     const int64_t need = ak_cuda_workspace_size(&p);
     if (!p.workspace || need < 0 || p.workspace_size < need) return AK_ERROR_INVALID_ARGUMENT;
   }

@@ -64,6 +64,10 @@ typedef struct {
   const float* anchor_weights; /* [S, K] contiguous: >0 positive, <0 negative, 0 padding */
   const float* gram;           /* [S, K, K] contiguous; a set whose live diagonal entries are
                                   not 0 or in [2^-80, FLT_MAX] leaves its rows untouched */
+  const float* direction;      /* [S, d] contiguous, or NULL: u = W_A^T w of each set (objective
+                                  MEAN's rank-one form; METHOD.md), computed once with the Gram
+                                  (anchor_kernels.prepare_anchors). NULL: the kernels compute it
+                                  on every call. Ignored by objective LSE. */
   int64_t num_sets;            /* S */
   int64_t set_size;            /* K (padded) */
   const int64_t* row_sets;     /* [B]: set index per row, -1 = leave the row untouched */
@@ -82,8 +86,9 @@ typedef struct {
   float* workspace;            /* CUDA device scratch, fp32, or NULL; its plan by precedence:
                                   split_slices > 1: the split-d plan, [split_slices, B, K + 1]
                                   of partial z0 and ||h0||^2 (any objective). Else objective
-                                  MEAN: the rank-one form, [S, d + 1] (u = W_A^T w and w . b_A
-                                  per set: one dot, a scalar loop and one axpy per row). */
+                                  MEAN without a direction: the rank-one form, [S, d] (u =
+                                  W_A^T w per set: one dot, a scalar loop and one axpy per row;
+                                  with a direction the rank-one form needs no workspace). */
   int64_t workspace_size;      /* floats at workspace; a launch whose plan needs more fails with
                                   AK_ERROR_INVALID_ARGUMENT (ak_cuda_workspace_size) */
   int64_t split_slices;        /* CUDA, general loop: > 1 gives each row this many blocks, one per
@@ -138,22 +143,23 @@ ak_status ak_steer_check_params(const ak_steer_params* p);
  * Also validates row_sets and anchor ids of the rows it touches. */
 ak_status ak_steer_rows_cpu(const ak_steer_params* p, int64_t row_begin, int64_t row_end);
 
-/* CUDA: all rows, one launch on `stream` (a cudaStream_t; two for objective MEAN with a
- * workspace: u per set, then the rows). Device pointers. Rows whose
+/* CUDA: all rows, one launch on `stream` (a cudaStream_t; objective MEAN with a workspace and
+ * no direction: two, u per set, then the rows). Device pointers. Rows whose
  * set index is out of range are left untouched (no host sync to report it; validate ids
  * and row_sets beforehand). Graph-capturable: no allocation, no synchronisation. */
 ak_status ak_steer_hidden_cuda(const ak_steer_params* p, void* stream);
 
-/* The CUDA plan by shape (issue 12's model): 1 (one block per row) when the rows already fill
- * the GPU or d is narrow, else the number of d-slices (>= AK_SPLIT_MIN_SLICE columns each) that
- * gives about AK_SPLIT_OCCUPANCY blocks per SM. Modelled, not yet measured on a GPU. */
+/* The CUDA plan for p's shape (rows, dim, set_size, steps, dtype) on a GPU of sm_count SMs: 1
+ * (one block per row) or the number of d-slices (>= AK_SPLIT_MIN_SLICE columns each, up to
+ * AK_SPLIT_OCCUPANCY blocks per SM) that a performance model of the two plans says is fastest
+ * (bench/plan_model.py holds the same model). Modelled, not yet measured on a GPU. */
 #define AK_SPLIT_MIN_SLICE 256
 #define AK_SPLIT_OCCUPANCY 2
-int64_t ak_cuda_split_slices(int64_t rows, int64_t dim, int64_t sm_count);
+int64_t ak_cuda_split_slices(const ak_steer_params* p, int64_t sm_count);
 /* Floats of workspace the plan that `p` selects needs (see ak_steer_params.workspace):
- * split_slices > 1 -> split_slices * rows * (set_size + 1); else objective MEAN ->
- * num_sets * (dim + 1) (the rank-one form; with no workspace the one-block-per-row loop runs
- * instead); else 0. -1 if the size overflows. */
+ * split_slices > 1 -> split_slices * rows * (set_size + 1); else objective MEAN without a
+ * direction -> num_sets * dim (the rank-one form; with neither a direction nor a workspace the
+ * one-block-per-row loop runs instead); else 0. -1 if the size overflows. */
 int64_t ak_cuda_workspace_size(const ak_steer_params* p);
 /* The current device's SM count (queried once per device), or -1 if CUDA cannot say. */
 int64_t ak_cuda_sm_count(void);
