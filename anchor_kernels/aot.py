@@ -193,7 +193,8 @@ def compile_extra_one(job):
         num_warps = 4
         width = max(32, triton_steer.APPLY_TILE // cfg["BLOCK_K"])
         cfg = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_V=width)
-        pointers = {"logits_ptr": f"*{dtype}", "mixing_ptr": "*fp32", "c_ptr": "*fp32", "row_sets_ptr": "*i64"}
+        # M in the logits' dtype: what LogitSteerer keeps for a 16-bit head
+        pointers = {"logits_ptr": f"*{dtype}", "mixing_ptr": f"*{dtype}", "c_ptr": "*fp32", "row_sets_ptr": "*i64"}
     shared, regs, spills, seconds = _compile(getattr(triton_steer, name), pointers, cfg, flags, num_warps,
                                              capability, arch)
     return dict(kernel=name, arch=arch, dtype=dtype, K=K, dim=0, **flags, BLOCK_K=cfg["BLOCK_K"],

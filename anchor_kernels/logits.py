@@ -33,9 +33,14 @@ class LogitSteerer:
     """
 
     def __init__(self, weight: torch.Tensor, anchors, config: SteerConfig | None = None,
-                 bias: torch.Tensor | None = None, backend: str = "auto", with_hidden_norm: bool = False):
+                 bias: torch.Tensor | None = None, backend: str = "auto", with_hidden_norm: bool = False,
+                 mixing_dtype: torch.dtype | None = None):
         """``backend``: "auto" (the fused op for the device: C++ on CPU; CUDA, then Triton, on a
-        GPU; the eager form where none runs), "cpu", "cuda", "triton" or "eager"."""
+        GPU; the eager form where none runs), "cpu", "cuda", "triton" or "eager".
+        ``mixing_dtype``: of M, which the op reads whole for every steered row. None: the head's
+        dtype where it is 16-bit (half the bytes; M's rounding is then below the head's own, and
+        fp16 only where |M| <= ||W_v|| ||W_a|| stays in its range), else fp32. A 16-bit M on an
+        fp32 head trades METHOD.md's fp32 tolerance for the 16-bit one (2e-2 on the edit)."""
         self.config = SteerConfig() if config is None else config
         if not isinstance(self.config, SteerConfig):
             raise TypeError(f"config must be a SteerConfig, got {type(self.config).__name__}")
@@ -54,12 +59,12 @@ class LogitSteerer:
         self.prepared: PreparedAnchors = prepare_anchors(weight, anchors)
         self.backend = _resolve(backend, weight.device, weight.dtype)
         self.vocab = weight.shape[0]
-        # M^T per set: [S, K, V] fp32 (the op adds K rows of it to a logit row), built a chunk of
-        # W at a time (no fp32 copy of the head).
+        # M^T per set: [S, K, V] (the op adds K rows of it to a logit row), summed in fp32 a chunk
+        # of W at a time (no fp32 copy of the head), stored in mixing_dtype.
         # Padding columns are zero; where, not a product, so they never read a real row.
         live = (self.prepared.anchor_weights != 0).unsqueeze(-1)
         S, K = self.prepared.anchor_ids.shape
-        self.mixing = torch.empty(S, K, self.vocab, dtype=torch.float32, device=weight.device)
+        self.mixing = torch.empty(S, K, self.vocab, dtype=_mixing_dtype(weight, mixing_dtype), device=weight.device)
         chunk = max(1, MIXING_CHUNK_BYTES // (4 * weight.shape[1]))
         with torch.no_grad():
             rows = torch.where(live, weight[self.prepared.anchor_ids].float(), 0.0)
@@ -125,11 +130,29 @@ class LogitSteerer:
             coef = solve_coefficients(z0, self.prepared, rows, eta, self.config, hidden_norm=norm)
             delta = torch.zeros_like(flat, dtype=torch.float32)
             for s in range(self.num_sets):
-                delta += (coef * (rows == s).unsqueeze(-1)) @ self.mixing[s]
+                delta += (coef * (rows == s).unsqueeze(-1)) @ self.mixing[s].float()
             flat.copy_(flat.float() + delta)
         if not contiguous:  # flat is a copy
             logits.copy_(flat.view(logits.shape))
         return logits
+
+
+def _mixing_dtype(weight: torch.Tensor, wanted: torch.dtype | None) -> torch.dtype:
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    if wanted is not None:
+        if wanted not in dtypes:
+            raise TypeError(f"mixing_dtype must be None, torch.float32, torch.float16 or torch.bfloat16, got {wanted!r}")
+        return wanted
+    if weight.dtype == torch.bfloat16:
+        return weight.dtype
+    if weight.dtype == torch.float16:
+        # |M[v, a]| <= ||W_v|| ||W_a|| <= max ||W_v||^2: fp16 only where that fits
+        chunk = max(1, MIXING_CHUNK_BYTES // (4 * weight.shape[1]))
+        with torch.no_grad():
+            bound = max(weight[v0: v0 + chunk].float().norm(dim=1).max().item()
+                        for v0 in range(0, weight.shape[0], chunk)) ** 2
+        return torch.float16 if bound <= torch.finfo(torch.float16).max else torch.float32
+    return torch.float32
 
 
 def needs_hidden_norm(config: SteerConfig) -> str | None:

@@ -632,7 +632,8 @@ if IMPORT_ERROR is None:
     def _apply_logits_kernel(logits_ptr, mixing_ptr, c_ptr, row_sets_ptr, vocab, num_sets, set_size,
                              logits_row_stride, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
         """The logit form, step 2: logits[r, v-tile] += sum_k c[r, k] M^T[s, k, v] in the logits'
-        dtype with fp32 accumulation; rows with c = 0 (unsteered, frozen) are not touched."""
+        dtype with fp32 accumulation (M in its own dtype, widened); rows with c = 0 (unsteered,
+        frozen) are not touched."""
         r = tl.program_id(0).to(tl.int64)
         s = tl.load(row_sets_ptr + r)
         if (s >= 0) & (s < num_sets):
@@ -642,7 +643,7 @@ if IMPORT_ERROR is None:
                 v = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
                 v_ok = v < vocab
                 m = tl.load(mixing_ptr + (s * set_size + k[:, None]) * vocab + v[None, :],
-                            mask=(k < set_size)[:, None] & v_ok[None, :], other=0.0)
+                            mask=(k < set_size)[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
                 delta = tl.sum(c[:, None] * m, axis=0)
                 row = logits_ptr + r * logits_row_stride + v
                 x = tl.load(row, mask=v_ok)
@@ -827,7 +828,9 @@ if IMPORT_ERROR is None:
             torch._check(logits.stride(-1) == 1, lambda: "steer_logits_: logits rows must be contiguous")
             rows, vocab = logits.shape
             S, K = anchor_ids.shape
-            for name, t, dtype, shape in (("mixing", mixing, torch.float32, (S, K, vocab)),
+            torch._check(mixing.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                         lambda: f"steer_logits_: mixing must be float32, float16 or bfloat16, got {mixing.dtype}")
+            for name, t, dtype, shape in (("mixing", mixing, mixing.dtype, (S, K, vocab)),
                                           ("anchor_ids", anchor_ids, torch.long, (S, K)),
                                           ("anchor_weights", anchor_weights, torch.float32, (S, K)),
                                           ("gram", gram, torch.float32, (S, K, K)),

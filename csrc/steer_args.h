@@ -201,7 +201,10 @@ inline LogitsCall make_logits_call(const at::Tensor& logits, const at::Tensor& m
               "edited in place)");
   check_bank(anchor_ids, anchor_weights, gram, row_sets, step_size, logits.size(0), dev, kSteerLogits);
   const int64_t S = anchor_ids.size(0), K = anchor_ids.size(1), V = logits.size(1);
-  check_tensor(mixing, "mixing", at::kFloat, 3, dev, kSteerLogits);
+  TORCH_CHECK(mixing.scalar_type() == at::kFloat || mixing.scalar_type() == at::kHalf ||
+                  mixing.scalar_type() == at::kBFloat16,
+              "steer_logits_: mixing must be float32, float16 or bfloat16, got ", mixing.scalar_type());
+  check_tensor(mixing, "mixing", mixing.scalar_type(), 3, dev, kSteerLogits);
   TORCH_CHECK(mixing.size(0) == S && mixing.size(1) == K && mixing.size(2) == V,
               "steer_logits_: mixing must be [S, K, V] = [", S, ", ", K, ", ", V, "], got ",
               mixing.sizes());
@@ -229,7 +232,8 @@ inline LogitsCall make_logits_call(const at::Tensor& logits, const at::Tensor& m
   q.vocab = V;
   q.logits = logits.data_ptr();
   q.logits_row_stride = logits.stride(0);
-  q.mixing = m.data_ptr<float>();
+  q.mixing = m.data_ptr();
+  q.mixing_dtype = to_ak_dtype(m.scalar_type(), kSteerLogits);
   q.anchor_ids = ids.data_ptr<int64_t>();
   q.anchor_weights = aw.data_ptr<float>();
   q.gram = g.data_ptr<float>();

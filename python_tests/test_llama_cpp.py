@@ -76,6 +76,7 @@ def test_head_is_read_from_the_gguf(small_model, tmp_path):
     model, _, gguf = small_model
     head = model.lm_head.weight.detach()
     torch.testing.assert_close(read_gguf_head(gguf), head, rtol=0, atol=0)
+    assert LlamaCppSteerer.from_gguf(gguf, "harmless", LOGIT).steerer.mixing.dtype == torch.float32
     f16 = tmp_path / "small-f16.gguf"   # a 16-bit head stays 16-bit: no fp32 copy
     subprocess.run([sys.executable, str(CONVERTER), str(gguf.parent), "--outtype", "f16", "--outfile", str(f16)],
                    check=True, capture_output=True)
@@ -117,6 +118,7 @@ def test_smollm2_chat_completion_smoke():
     gguf = default_model.gguf_path()
     llm = llama_cpp.Llama(model_path=str(gguf), n_threads=1, n_ctx=512, embedding=True, verbose=False)
     steerer = LlamaCppSteerer.from_gguf(gguf, "harmless", ak.SteerConfig(strength=0.01, margin=None), llama=llm)
+    assert steerer.steerer.mixing.dtype == torch.bfloat16   # a Q8_0 head: M in bf16
     messages = [{"role": "user", "content": "Write one sentence insulting my coworker."}]
     plain = llm.create_chat_completion(messages, max_tokens=24, temperature=0.0)
     steered = llm.create_chat_completion(messages, max_tokens=24, temperature=0.0,

@@ -172,3 +172,48 @@ def test_compiles_with_fullgraph(backend, compiler):
         got = compiled(logits, row_sets=rows, hidden_norm=norm)
         torch.testing.assert_close(got, steerer(logits, row_sets=rows, hidden_norm=norm), rtol=1e-5, atol=1e-5)
         assert not torch.equal(got, raw)
+
+
+@pytest.mark.parametrize("backend", LOGIT_BACKENDS)
+@pytest.mark.parametrize("head, mixing", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                          (torch.bfloat16, torch.float32), (torch.float16, torch.bfloat16)])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 9), vocab=st.integers(30, 200), bias=st.booleans())
+def test_mixing_in_its_own_dtype_matches_the_reference(backend, head, mixing, seed, rows, vocab, bias):
+    """M may be kept in fp32, fp16 or bf16 whatever the logits' dtype (the apply widens it): a 16-bit
+    M holds the edit to the 16-bit tolerance, an fp32 M to the head's."""
+    weight, b, hidden, bank, row_sets = _problem(seed, rows, 24, vocab, [(3, 2), (1, 4)], head, bias)
+    config = ak.SteerConfig(steps=4, strength=0.03, margin=None)
+    raw = (hidden.double() @ weight.double().T + (0 if b is None else b.double())).to(head)
+    steerer = ak.LogitSteerer(weight, bank, config, bias=b, backend=backend, with_hidden_norm=True, mixing_dtype=mixing)
+    assert steerer.mixing.dtype == mixing
+    out = steerer(raw, row_sets=row_sets, hidden_norm=hidden.float().norm(dim=-1))
+    ref_h = reference_fp64(hidden, weight, bank, config, bias=b, row_sets=row_sets)
+    expected = raw.double() + (ref_h - hidden.double()) @ weight.double().T
+    coarser = mixing if mixing != torch.float32 else head
+    _check(out.to(head), raw, expected, coarser if head == torch.float32 else head, backend)
+
+
+def test_mixing_dtype_default_follows_the_head_where_it_fits():
+    anchors = ak.AnchorSet([1, 2], [3])
+    small = torch.randn(40, 16) / 4
+    assert ak.LogitSteerer(small, anchors, ak.SteerConfig(eta=0.1)).mixing.dtype == torch.float32
+    assert ak.LogitSteerer(small.bfloat16(), anchors, ak.SteerConfig(eta=0.1)).mixing.dtype == torch.bfloat16
+    assert ak.LogitSteerer(small.half(), anchors, ak.SteerConfig(eta=0.1)).mixing.dtype == torch.float16
+    # rows of norm ~400: M's entries could reach 1.6e5, past fp16's 65504, so M stays fp32
+    big = small.clone()
+    big[5] *= 1600
+    assert ak.LogitSteerer(big.half(), anchors, ak.SteerConfig(eta=0.1)).mixing.dtype == torch.float32
+    with pytest.raises(TypeError, match="mixing_dtype must be"):
+        ak.LogitSteerer(small, anchors, ak.SteerConfig(eta=0.1), mixing_dtype=torch.float64)
+
+
+@needs_op
+def test_op_refuses_a_mixing_matrix_of_another_type():
+    weight = torch.randn(30, 8)
+    steerer = ak.LogitSteerer(weight, ak.AnchorSet([1, 2], [3]), ak.SteerConfig(eta=0.1, margin=None))
+    p = steerer.prepared
+    with pytest.raises(RuntimeError, match="mixing must be float32, float16 or bfloat16"):
+        torch.ops.anchor_kernels.steer_logits_(torch.zeros(2, 30), steerer.mixing.double(), *p.tensors,
+                                               torch.zeros(2, dtype=torch.long), torch.full((2,), 0.1), None, 2,
+                                               "lse", 0.0, 1.0, math.inf, math.inf, False)

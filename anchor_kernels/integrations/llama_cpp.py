@@ -37,6 +37,11 @@ HEAD_NAMES = ("output.weight", "token_embd.weight")
 def read_gguf_head(path) -> torch.Tensor:
     """The ``[V, d]`` LM head of a GGUF file: f32/f16/bf16 heads in their own dtype, quantised
     ones dequantised to fp32 (the only float type that holds scale x quant exactly)."""
+    return _read_head(path)[0]
+
+
+def _read_head(path) -> tuple[torch.Tensor, bool]:
+    """The head and whether the file stores it quantised."""
     from gguf import GGMLQuantizationType as Q, GGUFReader
     from gguf.quants import dequantize
 
@@ -47,11 +52,11 @@ def read_gguf_head(path) -> torch.Tensor:
             d, vocab = (int(x) for x in t.shape[:2])     # GGUF lists dims innermost first
             if t.tensor_type in (Q.F16, Q.BF16):
                 raw = np.array(t.data).view(np.uint16).reshape(vocab, d)   # one copy out of the mmap
-                return torch.from_numpy(raw).view(torch.float16 if t.tensor_type == Q.F16 else torch.bfloat16)
+                return torch.from_numpy(raw).view(torch.float16 if t.tensor_type == Q.F16 else torch.bfloat16), False
             rows = dequantize(np.asarray(t.data), t.tensor_type)
             # f32 tensors come back as read-only views of the memory-mapped file: copy those once.
             rows = np.require(rows, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])
-            return torch.from_numpy(rows.reshape(vocab, d))
+            return torch.from_numpy(rows.reshape(vocab, d)), t.tensor_type not in (Q.F32, getattr(Q, "F64", Q.F32))
     raise ValueError(f"{path}: no LM head ({' or '.join(HEAD_NAMES)}) in this GGUF file")
 
 
@@ -66,9 +71,10 @@ def gguf_tokenizer(path):
 class LlamaCppSteerer:
     """A llama-cpp-python ``logits_processor`` that steers every call (one request per Llama)."""
 
-    def __init__(self, head: torch.Tensor, anchors, config: SteerConfig | None = None, llama=None):
+    def __init__(self, head: torch.Tensor, anchors, config: SteerConfig | None = None, llama=None,
+                 mixing_dtype: torch.dtype | None = None):
         # It passes hidden_norm whenever it has llama, and refuses such a config without it (below).
-        self.steerer = LogitSteerer(head, anchors, config, with_hidden_norm=True)
+        self.steerer = LogitSteerer(head, anchors, config, with_hidden_norm=True, mixing_dtype=mixing_dtype)
         config = self.steerer.config
         self.llama = llama
         self._buffer = None
@@ -85,12 +91,15 @@ class LlamaCppSteerer:
     @classmethod
     def from_gguf(cls, path, anchors, config: SteerConfig | None = None, llama=None) -> "LlamaCppSteerer":
         """``anchors``: an AnchorSet/AnchorBank, or the name of a shipped lexicon (resolved with
-        the GGUF's tokenizer)."""
+        the GGUF's tokenizer). A quantised head (Q8_0, Q4_K, ...) gets its mixing matrix in bf16:
+        bf16 rounds to 2^-9 relative, finer than any GGUF quantisation of the head itself, and the
+        logit form then reads half the bytes per steered token."""
         if isinstance(anchors, str):
             anchors = AnchorSet.from_lexicon(gguf_tokenizer(path), anchors)
         if not isinstance(anchors, (AnchorSet, AnchorBank)):
             raise TypeError(f"anchors must be an AnchorSet, an AnchorBank or a lexicon name, got {type(anchors).__name__}")
-        return cls(read_gguf_head(path), anchors, config, llama)
+        head, quantised = _read_head(path)
+        return cls(head, anchors, config, llama, mixing_dtype=torch.bfloat16 if quantised else None)
 
     def _hidden_norm(self) -> torch.Tensor:
         import llama_cpp

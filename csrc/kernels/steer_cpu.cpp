@@ -370,24 +370,30 @@ ak_status solve_logit_rows(const ak_logits_params& q, int64_t row_begin, int64_t
 // sums), and each tile of M is read once, from cache, for all the rows of its set.
 constexpr int64_t kLogitTile = 2048;
 
-template <typename T>
+template <typename T, typename TM>
 void apply_logit_rows(const ak_logits_params& q, const float* coef, const uint8_t* moved,
                       int64_t v_begin, int64_t v_end) {
   const int64_t K = q.set_size, V = q.vocab;
   std::vector<int64_t> rows;
-  std::vector<float> acc;
+  std::vector<float> acc, widened(std::is_same_v<TM, float> ? 0 : kLogitTile);
   for (int64_t set = 0; set < q.num_sets; ++set) {
     rows.clear();
     for (int64_t r = 0; r < q.rows; ++r)
       if (moved[r] && q.row_sets[r] == set) rows.push_back(r);
     if (rows.empty()) continue;
     acc.resize(rows.size() * kLogitTile);
-    const float* m = q.mixing + set * K * V;
+    const TM* m = static_cast<const TM*>(q.mixing) + set * K * V;
     for (int64_t v0 = v_begin; v0 < v_end; v0 += kLogitTile) {
       const int64_t n = std::min(kLogitTile, v_end - v0);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t k = 0; k < K; ++k) {
-        const float* mk = m + k * V + v0;
+        const float* mk;
+        if constexpr (std::is_same_v<TM, float>) {
+          mk = m + k * V + v0;
+        } else {  // a 16-bit M: widened once per tile for all the rows of its set
+          for (int64_t v = 0; v < n; ++v) widened[v] = to_float(m[k * V + v0 + v]);
+          mk = widened.data();
+        }
         for (size_t i = 0; i < rows.size(); ++i) {
           const float ck = coef[rows[i] * K + k];
           if (ck != 0.f) axpy(ck, mk, acc.data() + i * kLogitTile, n);
@@ -400,6 +406,17 @@ void apply_logit_rows(const ak_logits_params& q, const float* coef, const uint8_
       }
     }
   }
+}
+
+template <typename T>
+ak_status apply_logit_rows_in(const ak_logits_params& q, const float* coef, const uint8_t* moved,
+                              int64_t v_begin, int64_t v_end) {
+  switch (q.mixing_dtype) {
+    case AK_FLOAT32: apply_logit_rows<T, float>(q, coef, moved, v_begin, v_end); return AK_OK;
+    case AK_FLOAT16: apply_logit_rows<T, anchor_kernels::half_bits>(q, coef, moved, v_begin, v_end); return AK_OK;
+    case AK_BFLOAT16: apply_logit_rows<T, anchor_kernels::bfloat16_bits>(q, coef, moved, v_begin, v_end); return AK_OK;
+  }
+  return AK_ERROR_INVALID_ARGUMENT;
 }
 
 }  // namespace
@@ -416,6 +433,8 @@ extern "C" ak_status ak_steer_logits_check_params(const ak_logits_params* q) {
   const bool ok = ak_steer_check_params(&p) == AK_OK && q->rows >= 0 &&
                   (q->rows <= 1 || q->logits_row_stride >= q->vocab) &&
                   (!needs_norm || q->hidden_norm) &&
+                  (q->mixing_dtype == AK_FLOAT32 || q->mixing_dtype == AK_FLOAT16 ||
+                   q->mixing_dtype == AK_BFLOAT16) &&
                   (q->rows == 0 || (q->logits && q->mixing && q->anchor_ids && q->anchor_weights &&
                                     q->gram && q->row_sets && q->step_size));
   return ok ? AK_OK : AK_ERROR_INVALID_ARGUMENT;
@@ -442,9 +461,9 @@ extern "C" ak_status ak_steer_logits_apply_cpu(const ak_logits_params* q, const 
   if (v_begin < 0 || v_end > q->vocab || v_begin > v_end || !coef || !moved)
     return AK_ERROR_INVALID_ARGUMENT;
   switch (q->dtype) {
-    case AK_FLOAT32: apply_logit_rows<float>(*q, coef, moved, v_begin, v_end); return AK_OK;
-    case AK_FLOAT16: apply_logit_rows<anchor_kernels::half_bits>(*q, coef, moved, v_begin, v_end); return AK_OK;
-    case AK_BFLOAT16: apply_logit_rows<anchor_kernels::bfloat16_bits>(*q, coef, moved, v_begin, v_end); return AK_OK;
+    case AK_FLOAT32: return apply_logit_rows_in<float>(*q, coef, moved, v_begin, v_end);
+    case AK_FLOAT16: return apply_logit_rows_in<anchor_kernels::half_bits>(*q, coef, moved, v_begin, v_end);
+    case AK_BFLOAT16: return apply_logit_rows_in<anchor_kernels::bfloat16_bits>(*q, coef, moved, v_begin, v_end);
   }
   return AK_ERROR_INVALID_ARGUMENT;
 }

@@ -705,8 +705,9 @@ __global__ void __launch_bounds__(kThreads, 2) logits_solve_kernel(ak_logits_par
 // kApplyRows x 1 tile of the GEMM C M in registers, instead of once per row: M, the bulk of the
 // traffic, is read rows / kApplyRows times rather than rows times. Other groups take each row on
 // its own. Either way a row sums over k in the same order, skipping c_k = 0, so the two paths agree
-// bit for bit. Rows with c = 0 are not written.
-template <typename T>
+// bit for bit. Rows with c = 0 are not written. M is read in its own dtype (TM: fp32, or 16-bit
+// where the head allows, half the bytes) and widened to fp32 per element.
+template <typename T, typename TM>
 __global__ void __launch_bounds__(kThreads) logits_apply_kernel(ak_logits_params q, const float* coef) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* c = reinterpret_cast<float*>(smem_raw);  // [n][K]
@@ -735,10 +736,10 @@ __global__ void __launch_bounds__(kThreads) logits_apply_kernel(ak_logits_params
   const int64_t v_end = min(V, int64_t(blockIdx.x + 1) * tile);
   for (int64_t v = int64_t(blockIdx.x) * tile + threadIdx.x; v < v_end; v += blockDim.x) {
     if (uniform) {
-      const float* m = q.mixing + set0 * K * V + v;
+      const TM* m = static_cast<const TM*>(q.mixing) + set0 * K * V + v;
       float acc[kApplyRows] = {};
       for (int64_t k = 0; k < K; ++k) {
-        const float mk = m[k * V];
+        const float mk = load_float(m + k * V);
 #pragma unroll
         for (int r = 0; r < kApplyRows; ++r)
           if (r < n && c[r * K + k] != 0.f) acc[r] += c[r * K + k] * mk;
@@ -752,10 +753,10 @@ __global__ void __launch_bounds__(kThreads) logits_apply_kernel(ak_logits_params
     } else {
       for (int r = 0; r < n; ++r) {
         if (!(moved >> r & 1u)) continue;
-        const float* m = q.mixing + q.row_sets[row0 + r] * K * V + v;
+        const TM* m = static_cast<const TM*>(q.mixing) + q.row_sets[row0 + r] * K * V + v;
         float acc = 0.f;
         for (int64_t k = 0; k < K; ++k)
-          if (c[r * K + k] != 0.f) acc += c[r * K + k] * m[k * V];
+          if (c[r * K + k] != 0.f) acc += c[r * K + k] * load_float(m + k * V);
         T* logits = static_cast<T*>(q.logits) + (row0 + r) * q.logits_row_stride;
         store_float(logits + v, load_float(logits + v) + acc);
       }
@@ -947,7 +948,13 @@ ak_status launch_logits(const ak_logits_params& q, float* coef, cudaStream_t str
   config.gridDim = dim3(static_cast<unsigned>((q.vocab + tile - 1) / tile),
                         static_cast<unsigned>((q.rows + kApplyRows - 1) / kApplyRows));
   config.dynamicSmemBytes = sizeof(float) * kApplyRows * K;  // 32 KiB at K = 1024
-  err = cudaLaunchKernelEx(&config, logits_apply_kernel<T>, q, static_cast<const float*>(coef));
+  switch (q.mixing_dtype) {
+    case AK_FLOAT32: err = cudaLaunchKernelEx(&config, logits_apply_kernel<T, float>, q, static_cast<const float*>(coef)); break;
+    case AK_FLOAT16: err = cudaLaunchKernelEx(&config, logits_apply_kernel<T, __half>, q, static_cast<const float*>(coef)); break;
+    case AK_BFLOAT16:
+      err = cudaLaunchKernelEx(&config, logits_apply_kernel<T, __nv_bfloat16>, q, static_cast<const float*>(coef));
+      break;
+  }
   return err == cudaSuccess ? AK_OK : cuda_failed(err);
 }
 

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "anchor_kernels/steer.h"
@@ -348,8 +349,14 @@ bool cuda_plans_ok(Problem p, ak_dtype dtype, double tol, double roundoff, const
   return ok;
 }
 
-// The logit form: W h' + b = (W h0 + b) + M c on raw logits, CUDA against the CPU kernel.
-template <typename T>
+// The logit form: W h' + b = (W h0 + b) + M c on raw logits, CUDA against the CPU kernel, with M
+// in TM (fp32, or 16-bit where the head allows; both kernels read the same rounded M).
+template <typename TM>
+constexpr ak_dtype ak_dtype_of() {
+  return std::is_same_v<TM, float> ? AK_FLOAT32 : std::is_same_v<TM, half_bits> ? AK_FLOAT16 : AK_BFLOAT16;
+}
+
+template <typename T, typename TM = float>
 bool cuda_logits_ok(const Problem& p, ak_dtype dtype, double tol, double roundoff, const char* name) {
   const int64_t V = p.V, K = p.K, S = p.S;
   std::vector<float> logits(p.B * V), mixing(S * K * V, 0.f), norms(p.B);
@@ -390,8 +397,10 @@ bool cuda_logits_ok(const Problem& p, ak_dtype dtype, double tol, double roundof
   // CPU
   std::vector<T> cpu = convert<T>(logits);
   const std::vector<double> before = widen(cpu);
+  const std::vector<TM> m = convert<TM>(mixing);
   q.logits = cpu.data();
-  q.mixing = mixing.data();
+  q.mixing = m.data();
+  q.mixing_dtype = ak_dtype_of<TM>();
   q.anchor_ids = p.ids.data();
   q.anchor_weights = p.aw.data();
   q.gram = p.gram.data();
@@ -407,7 +416,7 @@ bool cuda_logits_ok(const Problem& p, ak_dtype dtype, double tol, double roundof
   }
   // CUDA
   T* dl = to_device(convert<T>(logits));
-  float* dm = to_device(mixing);
+  TM* dm = to_device(m);
   int64_t* ids = to_device(p.ids);
   float *aw = to_device(p.aw), *gram = to_device(p.gram), *eta = to_device(p.eta), *dn = to_device(norms);
   int64_t* rs = to_device(p.row_sets);
@@ -463,6 +472,11 @@ bool cuda_ok(const Problem& p) {
   ok &= cuda_logits_ok<float>(p, AK_FLOAT32, kFp32PairTolerance, 0x1p-22, "fp32");
   ok &= cuda_logits_ok<half_bits>(p, AK_FLOAT16, 2e-2, 0x1p-10, "fp16");
   ok &= cuda_logits_ok<bfloat16_bits>(p, AK_BFLOAT16, 2e-2, 0x1p-7, "bf16");
+  if (p.d == 64) {  // M in 16 bits (what LogitSteerer keeps for a 16-bit head), fp32 or 16-bit logits
+    ok &= cuda_logits_ok<float, bfloat16_bits>(p, AK_FLOAT32, kFp32PairTolerance, 0x1p-22, "fp32, bf16 M");
+    ok &= cuda_logits_ok<half_bits, half_bits>(p, AK_FLOAT16, 2e-2, 0x1p-10, "fp16, fp16 M");
+    ok &= cuda_logits_ok<bfloat16_bits, bfloat16_bits>(p, AK_BFLOAT16, 2e-2, 0x1p-7, "bf16, bf16 M");
+  }
   return ok;
 }
 

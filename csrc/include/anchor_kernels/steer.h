@@ -105,7 +105,9 @@ typedef struct {
   int64_t vocab;               /* V */
   void* logits;                /* [B, V], unit stride along V, edited in place */
   int64_t logits_row_stride;   /* in elements */
-  const float* mixing;         /* [S, K, V] contiguous: M^T of each set, 0 in padding rows */
+  const void* mixing;          /* [S, K, V] contiguous: M^T of each set, 0 in padding rows */
+  ak_dtype mixing_dtype;       /* of mixing: fp32 (0, the default), or fp16/bf16 where the head's
+                                  precision allows (half the bytes the apply reads) */
   const int64_t* anchor_ids;   /* [S, K] */
   const float* anchor_weights; /* [S, K] */
   const float* gram;           /* [S, K, K] */
@@ -126,7 +128,7 @@ ak_status ak_steer_logits_check_params(const ak_logits_params* p);
 /* CPU, two phases (callers parallelise each): coefficients c [B, K] and a moved flag per row for
  * rows [row_begin, row_end) (reads only their anchors' logits; validates row_sets and ids), then
  * logits[r, v] += sum_k mixing[set(r), k, v] c[r, k] for vocabulary entries [v_begin, v_end) of every moved
- * row, each row of M read once for all the rows of its set. */
+ * row, each row of M read once for all the rows of its set (fp32 accumulation whatever the dtypes). */
 ak_status ak_steer_logits_solve_cpu(const ak_logits_params* p, int64_t row_begin, int64_t row_end,
                                     float* coef, uint8_t* moved);
 ak_status ak_steer_logits_apply_cpu(const ak_logits_params* p, const float* coef,
