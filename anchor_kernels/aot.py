@@ -190,11 +190,13 @@ def compile_extra_one(job):
                     "scratch_ptr": "*fp32"}
         width = 0
     else:
-        num_warps = 4
-        width = max(32, triton_steer.APPLY_TILE // cfg["BLOCK_K"])
-        cfg = dict(BLOCK_K=cfg["BLOCK_K"], BLOCK_V=width)
+        num_warps = triton_steer.APPLY_WARPS
+        width = triton_steer.apply_block_v(cfg["BLOCK_K"])
+        cfg = dict(BLOCK_B=triton_steer.BLOCK_ROWS, BLOCK_K=cfg["BLOCK_K"], BLOCK_V=width)
+        flags["GROUPED"] = True
         # M in the logits' dtype: what LogitSteerer keeps for a 16-bit head
-        pointers = {"logits_ptr": f"*{dtype}", "mixing_ptr": f"*{dtype}", "c_ptr": "*fp32", "row_sets_ptr": "*i64"}
+        pointers = {"logits_ptr": f"*{dtype}", "mixing_ptr": f"*{dtype}", "c_ptr": "*fp32", "row_sets_ptr": "*i64",
+                    "order_ptr": "*i64"}
     shared, regs, spills, seconds = _compile(getattr(triton_steer, name), pointers, cfg, flags, num_warps,
                                              capability, arch)
     return dict(kernel=name, arch=arch, dtype=dtype, K=K, dim=0, **flags, BLOCK_K=cfg["BLOCK_K"],

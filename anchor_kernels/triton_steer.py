@@ -629,25 +629,34 @@ if IMPORT_ERROR is None:
             tl.store(c_ptr + r[:, None] * BLOCK_K + k[None, :], c, mask=mine[:, None])
 
     @triton.jit
-    def _apply_logits_kernel(logits_ptr, mixing_ptr, c_ptr, row_sets_ptr, vocab, num_sets, set_size,
-                             logits_row_stride, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
-        """The logit form, step 2: logits[r, v-tile] += sum_k c[r, k] M^T[s, k, v] in the logits'
-        dtype with fp32 accumulation (M in its own dtype, widened); rows with c = 0 (unsteered,
-        frozen) are not touched."""
-        r = tl.program_id(0).to(tl.int64)
-        s = tl.load(row_sets_ptr + r)
-        if (s >= 0) & (s < num_sets):
-            k = tl.arange(0, BLOCK_K)
-            c = tl.load(c_ptr + r * BLOCK_K + k)
-            if tl.sum((c != 0.0).to(tl.int32), axis=0) > 0:
-                v = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-                v_ok = v < vocab
-                m = tl.load(mixing_ptr + (s * set_size + k[:, None]) * vocab + v[None, :],
-                            mask=(k < set_size)[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
-                delta = tl.sum(c[:, None] * m, axis=0)
-                row = logits_ptr + r * logits_row_stride + v
-                x = tl.load(row, mask=v_ok)
-                tl.store(row, (x.to(tl.float32) + delta).to(x.dtype), mask=v_ok)
+    def _apply_logits_kernel(logits_ptr, mixing_ptr, c_ptr, row_sets_ptr, order_ptr, rows, vocab, num_sets, set_size,
+                             logits_row_stride, GROUPED: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_V: tl.constexpr):
+        """The logit form, step 2, one GEMM per set: program (row tile x set s, vocabulary tile)
+        adds C M^T[s] for the tile's rows of set s, C [BLOCK_B, K] (zero for other rows) times the
+        [K, BLOCK_V] tile of M, on tensor cores (3xTF32: fp32 accuracy), so each M tile is read
+        once per 16 rows of a set rather than once per row. M in its own dtype, widened; logits
+        in theirs, fp32 accumulation. GROUPED: the tiles are of rows sorted by set (``order``), so
+        a tile's rows mostly share one M. Rows with c = 0 (unsteered, frozen) are not touched."""
+        pid = tl.program_id(0)
+        s = pid % num_sets
+        i = (pid // num_sets).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+        in_range = i < rows
+        r = tl.load(order_ptr + i, mask=in_range, other=0) if GROUPED else i
+        rs = tl.load(row_sets_ptr + r, mask=in_range, other=-1)
+        k = tl.arange(0, BLOCK_K)
+        c = tl.load(c_ptr + r[:, None] * BLOCK_K + k[None, :], mask=(in_range & (rs == s))[:, None], other=0.0)
+        mine = tl.sum((c != 0.0).to(tl.int32), axis=1) > 0
+        if tl.sum(mine.to(tl.int32), axis=0) > 0:
+            v = tl.program_id(1).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+            v_ok = v < vocab
+            m = tl.load(mixing_ptr + (s.to(tl.int64) * set_size + k[:, None]) * vocab + v[None, :],
+                        mask=(k < set_size)[:, None] & v_ok[None, :], other=0.0).to(tl.float32)
+            delta = tl.dot(c, m, input_precision="tf32x3")
+            ptrs = logits_ptr + r[:, None] * logits_row_stride + v[None, :]
+            mask = mine[:, None] & v_ok[None, :]
+            x = tl.load(ptrs, mask=mask)
+            tl.store(ptrs, (x.to(tl.float32) + delta).to(x.dtype), mask=mask)
 
     def _check(hidden, weight, bias, anchor_ids, anchor_weights, gram, row_sets, step_size, direction=None):
         dev = hidden.device
@@ -809,8 +818,13 @@ if IMPORT_ERROR is None:
 
     _register_autograd("anchor_kernels::steer_hidden_triton")
 
-    # Elements of the [BLOCK_K, BLOCK_V] mixing tile one program of the apply kernel holds.
+    # Elements of the [BLOCK_K, BLOCK_V] mixing tile one program of the apply kernel holds (its
+    # [BLOCK_ROWS, BLOCK_V] result is no larger while K >= 16), over APPLY_WARPS warps.
     APPLY_TILE = 8192
+    APPLY_WARPS = 8
+
+    def apply_block_v(block_k: int) -> int:
+        return max(32, APPLY_TILE // block_k)
 
     @torch.library.triton_op("anchor_kernels::steer_logits_triton_", mutates_args=("logits",))
     def steer_logits_triton_(
@@ -863,8 +877,11 @@ if IMPORT_ERROR is None:
                 HAS_NORM=hidden_norm is not None, BLOCK_B=cfg["BLOCK_B"], BLOCK_K=block_k,
                 CHUNKED=cfg["CHUNKED"], CHUNK=cfg["CHUNK"], num_warps=cfg["num_warps"], num_stages=NUM_STAGES,
             )
-            block_v = max(32, APPLY_TILE // block_k)
-            torch.library.wrap_triton(_apply_logits_kernel)[(rows, triton.cdiv(vocab, block_v))](
-                logits, mixing.contiguous(), c, row_sets.contiguous(), vocab, S, K, logits.stride(0),
-                BLOCK_K=block_k, BLOCK_V=block_v, num_warps=4, num_stages=NUM_STAGES,
+            block_v = apply_block_v(block_k)
+            grouped = S > 1 and rows > BLOCK_ROWS  # as the hidden kernel: sort rows by set, no host sync
+            order = torch.argsort(row_sets, stable=True) if grouped else row_sets
+            torch.library.wrap_triton(_apply_logits_kernel)[(launch_grid(rows, S)[0], triton.cdiv(vocab, block_v))](
+                logits, mixing.contiguous(), c, row_sets.contiguous(), order, rows, vocab, S, K, logits.stride(0),
+                GROUPED=grouped, BLOCK_B=BLOCK_ROWS, BLOCK_K=block_k, BLOCK_V=block_v, num_warps=APPLY_WARPS,
+                num_stages=NUM_STAGES,
             )

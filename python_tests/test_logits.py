@@ -217,3 +217,19 @@ def test_op_refuses_a_mixing_matrix_of_another_type():
         torch.ops.anchor_kernels.steer_logits_(torch.zeros(2, 30), steerer.mixing.double(), *p.tensors,
                                                torch.zeros(2, dtype=torch.long), torch.full((2,), 0.1), None, 2,
                                                "lse", 0.0, 1.0, math.inf, math.inf, False)
+
+
+@pytest.mark.parametrize("backend", LOGIT_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_batch_of_many_rows_and_sets_matches_the_reference(backend, dtype):
+    """Past 16 rows with several sets, the Triton apply sorts rows by set and adds one GEMM per
+    (16-row tile, set): rows of every set, unsteered rows among them, a partial last tile."""
+    weight, b, hidden, bank, _ = _problem(7, 37, 24, 90, [(3, 2), (1, 4), (2, 2)], dtype, True)
+    row_sets = torch.tensor([(5 * i) % 4 - 1 for i in range(37)])
+    config = ak.SteerConfig(steps=4, strength=0.03, margin=None)
+    raw = (hidden.double() @ weight.double().T + b.double()).to(dtype)
+    steerer = ak.LogitSteerer(weight, bank, config, bias=b, backend=backend, with_hidden_norm=True)
+    out = steerer(raw, row_sets=row_sets, hidden_norm=hidden.float().norm(dim=-1))
+    ref_h = reference_fp64(hidden, weight, bank, config, bias=b, row_sets=row_sets)
+    _check(out, raw, raw.double() + (ref_h - hidden.double()) @ weight.double().T, dtype, backend)
+    assert torch.equal(out[row_sets == -1], raw[row_sets == -1])
