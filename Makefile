@@ -112,7 +112,7 @@ bench-hf: $(VENV)/.built
 
 # Where a steered vLLM step's extra time goes, per form (the engine in-process, the plug-in timed).
 profile-vllm: $(VLLM_VENV)/.built $(VENV)/.built
-	for form in hidden logits; do VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python bench/vllm_profile.py --form $$form --torch-profile --model "$$($(BIN)/python -c 'from anchor_kernels import default_model; print(default_model.ensure(verbose=False))')"; done
+	for form in hidden logits; do VLLM_CPU_KVCACHE_SPACE=1 $(VLLM_VENV)/bin/python bench/vllm_profile.py --form $$form --torch-profile $(ARGS) --model "$$($(BIN)/python -c 'from anchor_kernels import default_model; print(default_model.ensure(verbose=False))')"; done
 
 # Whether the vLLM server's default steering degenerates, per shipped set and form (about 8 minutes).
 bench-vllm-defaults: $(VLLM_VENV)/.built $(VENV)/.built

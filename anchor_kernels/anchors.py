@@ -186,7 +186,8 @@ class PreparedAnchors(NamedTuple):
     update is caught), but writes that bypass the version counter (through ``.numpy()``, or a
     ``.data`` swap onto the same address) cannot be seen: after changing the weight, call
     ``prepare_anchors`` again. Inside torch.compile, where neither can be read, the anchor rows'
-    norms are compared with the Gram's diagonal instead.
+    norms are compared with the Gram's diagonal instead. ``direction`` depends on the anchor
+    weights too: a handle whose fields are replaced (``_replace``) must be built anew.
     """
 
     anchor_ids: torch.Tensor      # [S, K] int64

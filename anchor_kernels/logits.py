@@ -38,9 +38,9 @@ class LogitSteerer:
         """``backend``: "auto" (the fused op for the device: C++ on CPU; CUDA, then Triton, on a
         GPU; the eager form where none runs), "cpu", "cuda", "triton" or "eager".
         ``mixing_dtype``: of M, which the op reads whole for every steered row. None: the head's
-        dtype where it is 16-bit (half the bytes; M's rounding is then below the head's own, and
-        fp16 only where |M| <= ||W_v|| ||W_a|| stays in its range), else fp32. A 16-bit M on an
-        fp32 head trades METHOD.md's fp32 tolerance for the 16-bit one (2e-2 on the edit)."""
+        dtype where it is 16-bit (half the bytes, at the 16-bit tolerance its inputs already
+        have; fp16 only where |M| <= max ||W_v||^2 stays in its range), else fp32. A 16-bit M on
+        an fp32 head trades METHOD.md's fp32 tolerance for the 16-bit one (2e-2 on the edit)."""
         self.config = SteerConfig() if config is None else config
         if not isinstance(self.config, SteerConfig):
             raise TypeError(f"config must be a SteerConfig, got {type(self.config).__name__}")

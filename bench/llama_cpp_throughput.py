@@ -3,7 +3,8 @@
     make bench-llama-cpp        # SmolLM2-135M-Instruct's shipped GGUF, one thread
 
 One Llama with embedding=True serves every variant: unsteered, the hidden route (the default
-relative step, ||h0|| from llama.cpp's hidden state), the logit form (a literal step), and
+relative step, ||h0|| from llama.cpp's hidden state), the logit form (a literal step), both also
+with the mixing matrix in bf16 (``mixing_dtype=torch.bfloat16``; fp32 is the default), and
 logit_bias (llama-cpp-python's own per-token bias processor, +-1 on the same set's anchors: the
 cheapest Python processor that can run where the steering runs, the yardstick for its glue) and
 a processor that returns the logits untouched (what llama-cpp-python charges for any processor:
@@ -56,9 +57,13 @@ def main(argv=None):
     tok = gguf_tokenizer(gguf)
     anchors = ak.AnchorSet.from_lexicon(tok, "harmless")
     bias = {**{t: 1.0 for t in anchors.positive}, **{t: -1.0 for t in anchors.negative}}
+    hidden, logit, bf16 = ak.SteerConfig(), ak.SteerConfig(eta=0.06), torch.bfloat16
     variants = {"unsteered": None,
-                "hidden route": LlamaCppSteerer.from_gguf(gguf, anchors, ak.SteerConfig(), llama=llm),
-                "logit form": LlamaCppSteerer.from_gguf(gguf, anchors, ak.SteerConfig(eta=0.06)),
+                # the default fp32 M (the head is dequantised), and the opt-in bf16 M beside it
+                "hidden route": LlamaCppSteerer.from_gguf(gguf, anchors, hidden, llama=llm),
+                "hidden, bf16 M": LlamaCppSteerer.from_gguf(gguf, anchors, hidden, llama=llm, mixing_dtype=bf16),
+                "logit form": LlamaCppSteerer.from_gguf(gguf, anchors, logit),
+                "logit, bf16 M": LlamaCppSteerer.from_gguf(gguf, anchors, logit, mixing_dtype=bf16),
                 "logit_bias": logit_bias_processor(bias),
                 "no-op processor": lambda input_ids, scores: scores}
     prompt = llm.tokenize(tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True).encode(),

@@ -2,7 +2,8 @@
 core subprocess), the plug-in's entry points timed per call, the fused op timed alone on the
 same shapes, and a torch profile of one steered batch.
 
-    make profile-vllm     # the vLLM venv, on the default model; prints a table
+    make profile-vllm                     # the vLLM venv, on the default model; prints a table
+    make profile-vllm ARGS="--batch 1"    # one request at a time
 
 For each form: step time unsteered vs steered (median of --reps batches of --batch requests,
 --tokens tokens each), the plug-in's time per step (``AnchorSteering.apply`` and, in the hidden

@@ -153,19 +153,18 @@ def test_op_matches_the_reference_on_the_real_head(smollm):
 
 
 @needs_package
-def test_llama_cpp_steerer_keeps_m_in_bf16_for_the_quantised_head(smollm):
-    """The shipped GGUF's head is Q8_0: LlamaCppSteerer keeps M = W W_A^T in bf16 (half the bytes per
-    steered token; bf16's 2^-9 rounding is finer than the head's own 8-bit quantisation), and the
-    edit it makes stays within the 16-bit tolerance of the fp32 M's."""
+def test_llama_cpp_steerer_m_in_bf16_for_the_quantised_head(smollm):
+    """The shipped GGUF's head is Q8_0, dequantised to fp32: LlamaCppSteerer keeps M = W W_A^T in fp32
+    unless asked for bf16 (half the bytes per steered token; bf16's 2^-9 rounding is finer than the
+    head's own 8-bit quantisation), whose edit stays within the 16-bit tolerance of the fp32 M's."""
     from anchor_kernels.integrations.llama_cpp import LlamaCppSteerer, read_gguf_head
 
-    model, tokenizer = smollm
     gguf = default_model.gguf_path()
     config = ak.SteerConfig(eta=2.0, margin=None)
-    steerer = LlamaCppSteerer.from_gguf(gguf, "harmless", config)
-    assert steerer.steerer.mixing.dtype == torch.bfloat16
-    exact = ak.LogitSteerer(read_gguf_head(gguf), steerer.steerer.prepared.to_bank(), config)
+    exact = LlamaCppSteerer.from_gguf(gguf, "harmless", config).steerer
     assert exact.mixing.dtype == torch.float32
+    steerer = LlamaCppSteerer.from_gguf(gguf, "harmless", config, mixing_dtype=torch.bfloat16)
+    assert steerer.steerer.mixing.dtype == torch.bfloat16
     raw = torch.randn(4, 576, generator=torch.Generator().manual_seed(0)) @ read_gguf_head(gguf).T
     edit_bf16, edit_fp32 = (s(raw) - raw for s in (steerer.steerer, exact))
     assert edit_fp32.norm() > 0

@@ -118,7 +118,7 @@ def test_smollm2_chat_completion_smoke():
     gguf = default_model.gguf_path()
     llm = llama_cpp.Llama(model_path=str(gguf), n_threads=1, n_ctx=512, embedding=True, verbose=False)
     steerer = LlamaCppSteerer.from_gguf(gguf, "harmless", ak.SteerConfig(strength=0.01, margin=None), llama=llm)
-    assert steerer.steerer.mixing.dtype == torch.bfloat16   # a Q8_0 head: M in bf16
+    assert steerer.steerer.mixing.dtype == torch.float32   # the Q8_0 head, dequantised: fp32 M unless asked
     messages = [{"role": "user", "content": "Write one sentence insulting my coworker."}]
     plain = llm.create_chat_completion(messages, max_tokens=24, temperature=0.0)
     steered = llm.create_chat_completion(messages, max_tokens=24, temperature=0.0,

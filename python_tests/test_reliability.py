@@ -109,16 +109,20 @@ def test_prepared_anchors_for_a_larger_vocabulary_are_refused(backend):
         ak.steer_hidden(hidden, weight, big, backend=backend)
 
 
+@pytest.mark.parametrize("with_bias, with_direction", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("objective", ["lse", "mean"])
 @pytest.mark.parametrize("backend", [b for b in kernel_backends() if b.values[0] != "cpu"])
-def test_device_kernels_never_read_out_of_range_ids(backend, objective):
-    """A direct op call with an id past V (no host check there): the rows come back untouched."""
+def test_device_kernels_never_read_out_of_range_ids(backend, objective, with_bias, with_direction):
+    """A direct op call with an id past V (no host check there), with a bias (indexed by id) and a
+    prepared direction (mean's rank-one form): the rows come back untouched."""
     hidden, weight = _case()
     prepared = ak.prepare_anchors(torch.randn(400, weight.shape[1], device=DEVICE), ak.AnchorSet([1, 350], [3]))
     op = torch.ops.anchor_kernels.steer_hidden_triton if backend == "triton" else torch.ops.anchor_kernels.steer_hidden
     rows = hidden.shape[0]
-    out = op(hidden, weight, None, *prepared.tensors, torch.zeros(rows, dtype=torch.long, device=DEVICE),
-             torch.full((rows,), 0.5, device=DEVICE), 3, objective, 0.0, 1.0, math.inf, math.inf, False)
+    bias = torch.randn(weight.shape[0], device=DEVICE) if with_bias else None
+    out = op(hidden, weight, bias, *prepared.tensors, torch.zeros(rows, dtype=torch.long, device=DEVICE),
+             torch.full((rows,), 0.5, device=DEVICE), 3, objective, 0.0, 1.0, math.inf, math.inf, False,
+             prepared.direction if with_direction else None)
     assert torch.equal(out, hidden)
 
 

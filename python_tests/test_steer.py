@@ -123,6 +123,23 @@ def test_mean_direction_prepared_or_computed_matches_reference(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
+def test_mean_kernels_use_the_prepared_direction(backend):
+    """Given 2u for u = W_A^T w, an ungated literal mean edit (a_T = T eta whatever u is) doubles:
+    the kernels steer along the direction they are handed, not one they recompute."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(50, 16, generator=g).to(DEVICE)
+    hidden = torch.randn(4, 16, generator=g).to(DEVICE)
+    prepared = ak.prepare_anchors(weight, ak.AnchorBank([ak.AnchorSet([1, 2], [3]), ak.AnchorSet([4], [5, 6])]))
+    config = ak.SteerConfig(steps=3, eta=0.2, objective="mean", margin=None)
+    rows = [0, 1, -1, 1]
+    once = ak.steer_hidden(hidden, weight, prepared, config, backend=backend, row_sets=rows)
+    twice = ak.steer_hidden(hidden, weight, prepared._replace(direction=2 * prepared.direction), config,
+                            backend=backend, row_sets=rows)
+    torch.testing.assert_close(twice - hidden, 2 * (once - hidden), rtol=1e-5, atol=1e-6)
+    assert torch.equal(once[2], hidden[2]) and (once - hidden).abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
 def test_mean_direction_of_the_wrong_shape_is_refused(backend):
     weight = torch.randn(20, 8, device=DEVICE)
     prepared = ak.prepare_anchors(weight, ak.AnchorSet([1, 2], [3]))

@@ -7,8 +7,8 @@ CPU kernels. Stages, each a separate binary:
   negative controls: mutants of the kernel file that must be caught (a removed barrier -> a
          race; NaN written for h' -> a failed comparison; a 16-byte access assumed aligned on a
          misaligned row -> reported; two of issue 19's fixes undone -> their tests fail; issue 22's
-         rank-one bias term dropped and split-d's second anchor in flight misread -> failed
-         comparisons)
+         rank-one bias term dropped, a prepared direction ignored and split-d's second anchor in
+         flight misread -> failed comparisons)
 
 The resources the launch rules need (static shared memory and registers per kernel) come from
 ptxas for sm_90a, as the real build compiles it. Exit status 0 only if every stage behaves.
@@ -145,6 +145,11 @@ NEGATIVE_CONTROLS = [
     ("no-bias-term", "asan",
      ("    else if (p.bias) z_part += w[k] * load_float(static_cast<const T*>(p.bias) + id);\n", ""),
      {"AK_TEST_QUICK": "1"}, ("FAIL cuda rank-one", "cases: FAILED")),
+    # the launcher ignoring a prepared direction (the rank-one plan only with a workspace),
+    ("direction-ignored", "asan",
+     ("rank_one = !split && p.objective == AK_OBJECTIVE_MEAN && (p.direction || p.workspace);",
+      "rank_one = !split && p.objective == AK_OBJECTIVE_MEAN && p.workspace;"),
+     {"AK_TEST_QUICK": "1"}, ("FAIL cuda rank-one prepared x2", "cases: FAILED")),
     # and the split-d partial kernel's second anchor in flight dotted with the first one's row.
     ("split-second-anchor", "asan",
      ("          a1 += y[e] * h[e];\n", "          a1 += x[e] * h[e];\n"),

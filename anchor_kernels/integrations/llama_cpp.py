@@ -37,11 +37,6 @@ HEAD_NAMES = ("output.weight", "token_embd.weight")
 def read_gguf_head(path) -> torch.Tensor:
     """The ``[V, d]`` LM head of a GGUF file: f32/f16/bf16 heads in their own dtype, quantised
     ones dequantised to fp32 (the only float type that holds scale x quant exactly)."""
-    return _read_head(path)[0]
-
-
-def _read_head(path) -> tuple[torch.Tensor, bool]:
-    """The head and whether the file stores it quantised."""
     from gguf import GGMLQuantizationType as Q, GGUFReader
     from gguf.quants import dequantize
 
@@ -52,11 +47,11 @@ def _read_head(path) -> tuple[torch.Tensor, bool]:
             d, vocab = (int(x) for x in t.shape[:2])     # GGUF lists dims innermost first
             if t.tensor_type in (Q.F16, Q.BF16):
                 raw = np.array(t.data).view(np.uint16).reshape(vocab, d)   # one copy out of the mmap
-                return torch.from_numpy(raw).view(torch.float16 if t.tensor_type == Q.F16 else torch.bfloat16), False
+                return torch.from_numpy(raw).view(torch.float16 if t.tensor_type == Q.F16 else torch.bfloat16)
             rows = dequantize(np.asarray(t.data), t.tensor_type)
             # f32 tensors come back as read-only views of the memory-mapped file: copy those once.
             rows = np.require(rows, np.float32, ["C_CONTIGUOUS", "WRITEABLE"])
-            return torch.from_numpy(rows.reshape(vocab, d)), t.tensor_type not in (Q.F32, getattr(Q, "F64", Q.F32))
+            return torch.from_numpy(rows.reshape(vocab, d))
     raise ValueError(f"{path}: no LM head ({' or '.join(HEAD_NAMES)}) in this GGUF file")
 
 
@@ -89,17 +84,19 @@ class LlamaCppSteerer:
             raise ValueError(f"llama has a vocabulary of {llama.n_vocab()} but the head has {head.shape[0]} rows")
 
     @classmethod
-    def from_gguf(cls, path, anchors, config: SteerConfig | None = None, llama=None) -> "LlamaCppSteerer":
+    def from_gguf(cls, path, anchors, config: SteerConfig | None = None, llama=None,
+                  mixing_dtype: torch.dtype | None = None) -> "LlamaCppSteerer":
         """``anchors``: an AnchorSet/AnchorBank, or the name of a shipped lexicon (resolved with
-        the GGUF's tokenizer). A quantised head (Q8_0, Q4_K, ...) gets its mixing matrix in bf16:
-        bf16 rounds to 2^-9 relative, finer than any GGUF quantisation of the head itself, and the
-        logit form then reads half the bytes per steered token."""
+        the GGUF's tokenizer). ``mixing_dtype``: of M (LogitSteerer's; None: the head's dtype where
+        it is 16-bit, else fp32). A quantised head (Q8_0, Q4_K, ...) is dequantised to fp32, so M
+        is fp32 and the edit holds METHOD.md's fp32 tolerance; ``torch.bfloat16`` halves the bytes
+        each steered token reads, at the 16-bit tolerance (bf16 rounds M to 2^-9 relative, finer
+        than such a head's own quantisation; on SmolLM2's Q8_0 head the edit moved by <= 1.5%)."""
         if isinstance(anchors, str):
             anchors = AnchorSet.from_lexicon(gguf_tokenizer(path), anchors)
         if not isinstance(anchors, (AnchorSet, AnchorBank)):
             raise TypeError(f"anchors must be an AnchorSet, an AnchorBank or a lexicon name, got {type(anchors).__name__}")
-        head, quantised = _read_head(path)
-        return cls(head, anchors, config, llama, mixing_dtype=torch.bfloat16 if quantised else None)
+        return cls(read_gguf_head(path), anchors, config, llama, mixing_dtype=mixing_dtype)
 
     def _hidden_norm(self) -> torch.Tensor:
         import llama_cpp

@@ -246,7 +246,8 @@ __device__ bool kspace_loop(const ak_steer_params& p, const float* z0, const flo
     // quadratic form of s0 scaled by 2^-x (s is recomputed at every step: scaled in place).
     gap_and_grad(z0, gc, w, log_w, s, K, lse, tau, scratch);
     const float q = scaled_gram_apply(gram, s, tmp, K, kb, &x, scratch);
-    eta = q > 0.f && isfinite(q) ? eta * h_norm / sqrtf(q) * anchor_kernels::pow2(-x) : 0.f;
+    // ||h0|| 2^-x before the division, so no intermediate exceeds a representable step (as the CPU)
+    eta = q > 0.f && isfinite(q) ? eta * (h_norm * anchor_kernels::pow2(-x)) / sqrtf(q) : 0.f;
     if (!(isfinite(eta) && eta > 0.f)) return false;
   }
   for (int64_t t = 0; t < p.steps; ++t) {
@@ -633,12 +634,12 @@ __global__ void __launch_bounds__(kThreads, 2) split_finish_kernel(ak_steer_para
   int bad_id = 0;
   for (int64_t i = tid; i < K; i += blockDim.x) {
     const int64_t id = ids_global[i];
-    const bool live = w[i] != 0.f;
-    bad_id |= live && (id < 0 || id >= p.vocab);
-    ids[i] = live ? id : 0;
+    const bool live = w[i] != 0.f, ok = id >= 0 && id < p.vocab;
+    bad_id |= live && !ok;
+    ids[i] = live && ok ? id : 0;  // a bad id is never read: its set's rows are copied below
     float z = 0.f;
     for (int64_t jj = 0; jj < gridDim.y; ++jj) z += p.workspace[(jj * p.rows + row) * (K + 1) + i];
-    if (live && p.bias) z += load_float(static_cast<const T*>(p.bias) + ids[i]);
+    if (live && ok && p.bias) z += load_float(static_cast<const T*>(p.bias) + ids[i]);
     z0[i] = z;
   }
   if (tid == 0) {

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <random>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "anchor_kernels/steer.h"
@@ -218,7 +219,7 @@ std::vector<double> widen(const std::vector<T>& v) {
 // u = W_A^T w per set ([S, d]) from the weight rounded to T, in fp64 rounded to fp32: the
 // direction prepare_anchors hands the mean objective's rank-one kernels.
 template <typename T>
-std::vector<float> mean_direction(const Problem& p) {
+std::vector<float> mean_direction(const Problem& p, double scale = 1.0) {
   const std::vector<double> w = widen(convert<T>(p.weight));
   std::vector<float> u(p.S * p.d);
   for (int64_t s = 0; s < p.S; ++s)
@@ -227,14 +228,15 @@ std::vector<float> mean_direction(const Problem& p) {
       for (int64_t k = 0; k < p.K; ++k)
         if (p.aw[s * p.K + k] != 0 && p.ids[s * p.K + k] >= 0 && p.ids[s * p.K + k] < p.V)
           acc += p.aw[s * p.K + k] * w[p.ids[s * p.K + k] * p.d + x];
-      u[s * p.d + x] = float(acc);
+      u[s * p.d + x] = float(scale * acc);
     }
   return u;
 }
 
-// prepared: with the direction given (mean_direction), as steer_hidden passes it.
+// prepared: with the direction given (mean_direction, times direction_scale), as steer_hidden
+// passes it.
 template <typename T>
-std::vector<double> run_cpu(Problem& p, ak_dtype dtype, bool prepared = false) {
+std::vector<double> run_cpu(Problem& p, ak_dtype dtype, bool prepared = false, double direction_scale = 1.0) {
   // Round the inputs to T first so both sides see the same values.
   auto h = convert<T>(p.hidden), w = convert<T>(p.weight), b = convert<T>(p.bias);
   const std::vector<double> rounded = widen(h);
@@ -242,7 +244,7 @@ std::vector<double> run_cpu(Problem& p, ak_dtype dtype, bool prepared = false) {
   std::vector<T> out(p.B * p.d);
   ak_steer_params q = params_for(p, dtype, h.data(), w.data(), b.data(), out.data(), p.ids.data(),
                                  p.aw.data(), p.gram.data(), p.row_sets.data(), p.eta.data());
-  const std::vector<float> u = prepared ? mean_direction<T>(p) : std::vector<float>{};
+  const std::vector<float> u = prepared ? mean_direction<T>(p, direction_scale) : std::vector<float>{};
   q.direction = prepared ? u.data() : nullptr;
   if (ak_steer_rows_cpu(&q, 0, p.B) != AK_OK) return {};
   return widen(out);
@@ -274,6 +276,7 @@ struct CudaRun {
   int64_t slices = 3;
   int64_t workspace_short = 0;  // floats fewer than the plan needs (must be refused)
   bool strided = false;         // rows 3 / 5 elements apart and W one element off 16-byte alignment
+  double direction_scale = 1.0;  // kPrepared: the direction handed to the kernels is this times u
 };
 
 // The CUDA kernels on the problem (its hidden already rounded to T by run_cpu), widened to
@@ -298,7 +301,7 @@ std::vector<double> run_cuda(const Problem& p, ak_dtype dtype, CudaRun how = {},
   q.out_row_stride = os;
   q.split_slices = how.plan == CudaRun::kSplit ? how.slices : 1;
   float* ws = nullptr;
-  float* direction = how.plan == CudaRun::kPrepared ? to_device(mean_direction<T>(p)) : nullptr;
+  float* direction = how.plan == CudaRun::kPrepared ? to_device(mean_direction<T>(p, how.direction_scale)) : nullptr;
   q.direction = direction;
   if (how.plan == CudaRun::kRankOne || how.plan == CudaRun::kSplit) {
     q.workspace_size = ak_cuda_workspace_size(&q) - how.workspace_short;
@@ -513,18 +516,37 @@ bool cuda_edges_ok(std::mt19937& rng) {
     h.gram[(1 * h.K) * h.K] = NAN;
     ok &= cuda_plans_ok<float>(h, AK_FLOAT32, kFp32PairTolerance, 0x1p-24, "fp32 unusable steps and a NaN anchor row");
   }
-  // A live anchor id outside the vocabulary (device values are unchecked): the rank-one kernels,
-  // with or without a prepared direction, leave that set's rows untouched and never read it.
-  for (CudaRun::Plan plan : {CudaRun::kRankOne, CudaRun::kPrepared}) {
-    Problem m = make_problem(rng, 6, 40, 2, 5, AK_OBJECTIVE_MEAN, INFINITY, INFINITY);
-    m.row_sets = {0, 1, 1, 0, 1, 0};
-    Problem want = m;
-    for (int64_t& set : want.row_sets) set = set == 1 ? -1 : set;
-    const std::vector<double> cpu = run_cpu<float>(want, AK_FLOAT32);
-    m.ids[1 * m.K + 1] = m.V;
-    ok &= close(m, run_cuda<float>(m, AK_FLOAT32, {plan}), cpu, kFp32PairTolerance, 0x1p-24,
-                plan == CudaRun::kRankOne ? "cuda rank-one, an anchor id past V"
-                                          : "cuda rank-one prepared, an anchor id past V");
+  // A live anchor id outside the vocabulary (device values are unchecked; with a bias, which is
+  // indexed by id): every plan leaves that set's rows untouched and never reads it.
+  // (their own generator: the problems of the main matrix stay the ones it has always drawn)
+  std::mt19937 local(2211);
+  const std::pair<CudaRun::Plan, const char*> bad_id_plans[] = {
+      {CudaRun::kTiled, "tiled"}, {CudaRun::kSplit, "split"}, {CudaRun::kRankOne, "rank-one"},
+      {CudaRun::kPrepared, "rank-one prepared"}};
+  for (ak_objective objective : {AK_OBJECTIVE_MEAN, AK_OBJECTIVE_LSE})
+    for (const auto& [plan, plan_name] : bad_id_plans) {
+      if (objective == AK_OBJECTIVE_LSE && (plan == CudaRun::kRankOne || plan == CudaRun::kPrepared)) continue;
+      Problem m = make_problem(local, 6, 40, 2, 5, objective, INFINITY, INFINITY);
+      m.row_sets = {0, 1, 1, 0, 1, 0};
+      Problem want = m;
+      for (int64_t& set : want.row_sets) set = set == 1 ? -1 : set;
+      const std::vector<double> cpu = run_cpu<float>(want, AK_FLOAT32);
+      m.ids[1 * m.K + 1] = m.V;
+      char what[96];
+      std::snprintf(what, sizeof what, "cuda %s %s, an anchor id past V", plan_name,
+                    objective == AK_OBJECTIVE_MEAN ? "mean" : "lse");
+      ok &= close(m, run_cuda<float>(m, AK_FLOAT32, {plan, 3}), cpu, kFp32PairTolerance, 0x1p-24, what);
+    }
+  // The prepared direction is what the rank-one kernels use: given 2u, an ungated literal step
+  // (a_T = T eta whatever u is) doubles the edit, as on the CPU with the same direction.
+  {
+    Problem m = make_problem(local, 5, 48, 2, 6, AK_OBJECTIVE_MEAN, INFINITY, INFINITY);
+    m.reg = 0.f;
+    Problem c = m;
+    const std::vector<double> cpu = run_cpu<float>(c, AK_FLOAT32, true, 2.0);
+    CudaRun how{CudaRun::kPrepared};
+    how.direction_scale = 2.0;
+    ok &= close(c, run_cuda<float>(c, AK_FLOAT32, how), cpu, kFp32PairTolerance, 0x1p-24, "cuda rank-one prepared x2");
   }
   // The logit apply's row groups (8 rows): groups whose moved rows share a set read M once for
   // the group, next to a group of mixed sets, an unsteered row inside a group, a row of another

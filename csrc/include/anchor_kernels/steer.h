@@ -152,9 +152,10 @@ ak_status ak_steer_rows_cpu(const ak_steer_params* p, int64_t row_begin, int64_t
 ak_status ak_steer_hidden_cuda(const ak_steer_params* p, void* stream);
 
 /* The CUDA plan for p's shape (rows, dim, set_size, steps, dtype) on a GPU of sm_count SMs: 1
- * (one block per row) or the number of d-slices (>= AK_SPLIT_MIN_SLICE columns each, up to
- * AK_SPLIT_OCCUPANCY blocks per SM) that a performance model of the two plans says is fastest
- * (bench/plan_model.py holds the same model). Modelled, not yet measured on a GPU. */
+ * (one block per row) or the number of d-slices (>= AK_SPLIT_MIN_SLICE columns each; the model
+ * counts AK_SPLIT_OCCUPANCY blocks per SM per wave) that a performance model of the two plans
+ * says is fastest (bench/plan_model.py holds the same model). Modelled, not yet measured on a
+ * GPU. */
 #define AK_SPLIT_MIN_SLICE 256
 #define AK_SPLIT_OCCUPANCY 2
 int64_t ak_cuda_split_slices(const ak_steer_params* p, int64_t sm_count);
