@@ -101,7 +101,11 @@ def main(argv=None):
     rows = [{"variant": k, "tok_s": 1 / t, "overhead_pct": 100 * (t / step["unsteered"] - 1),
              "in_processor_ms": 1e3 * statistics.mean(inside[k]) if inside[k] else 0.0,
              "in_processor_pct": 100 * statistics.mean(inside[k]) / step["unsteered"] if inside[k] else 0.0,
-             "edited_pct": 100 * statistics.mean(edited[k]) if edited[k] else 0.0}
+             "edited_pct": 100 * statistics.mean(edited[k]) if edited[k] else 0.0,
+             # the processor's median time on the tokens it edited and on those it left alone
+             **{f"{kind}_median_ms": 1e3 * statistics.median(times) if times else 0.0
+                for kind, times in (("edited", [s for s, e in zip(inside[k], edited[k]) if e]),
+                                    ("unedited", [s for s, e in zip(inside[k], edited[k]) if not e]))}}
             for k, t in step.items()]
     meta = {"command": "make bench-llama-cpp", "llama_cpp_python": llama_cpp.__version__, "model": gguf.name,
             "threads": 1, "tokens": args.tokens, "reps": args.reps, "date": time.strftime("%Y-%m-%d")}
@@ -111,7 +115,8 @@ def main(argv=None):
     for r in rows:
         print(f"{r['variant']:>15}: {r['tok_s']:.1f} tok/s ({r['overhead_pct']:+.1f}%), in the processor "
               f"{r['in_processor_ms']:.3f} ms per token on average ({r['in_processor_pct']:.1f}% of an unsteered "
-              f"step), logits changed at {r['edited_pct']:.0f}% of tokens")
+              f"step), logits changed at {r['edited_pct']:.0f}% of tokens (median {r['edited_median_ms']:.3f} ms "
+              f"there, {r['unedited_median_ms']:.3f} ms elsewhere)")
     print(f"wrote {out}")
 
 

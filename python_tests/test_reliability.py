@@ -506,6 +506,35 @@ def test_llama_cpp_steerer_never_writes_through_a_read_only_array(tmp_path):
         np.testing.assert_array_equal(out, expected)
 
 
+def test_llama_cpp_steerer_direct_op_path_equals_the_logit_steerer(monkeypatch):
+    """The steerer calls the op with arguments built once: with ||h0|| from llama.cpp (the relative
+    step and a trust region) it edits exactly as LogitSteerer.apply_; a non-finite ||h0|| leaves
+    the logits alone; scores of the wrong size are refused."""
+    import types
+
+    import numpy as np
+
+    from anchor_kernels.integrations.llama_cpp import LlamaCppSteerer
+
+    hidden, weight = _case()
+    llama = types.SimpleNamespace(context_params=types.SimpleNamespace(embeddings=True),
+                                  n_vocab=lambda: weight.shape[0])
+    config = ak.SteerConfig(strength=0.05, max_norm=0.3, margin=None)
+    steerer = LlamaCppSteerer(weight.cpu(), A, config, llama=llama)
+    plain = ak.LogitSteerer(weight.cpu(), A, config, with_hidden_norm=True)
+    h = hidden[0].cpu()
+    raw = (weight.cpu() @ h).numpy()
+    monkeypatch.setattr(steerer, "_hidden_norm_value", lambda: float(h.norm()))
+    out = steerer([1], raw.copy())
+    want = plain(torch.from_numpy(raw.copy()), hidden_norm=h.norm().reshape(1))
+    assert not np.array_equal(out, raw)
+    np.testing.assert_array_equal(out, want.numpy())
+    monkeypatch.setattr(steerer, "_hidden_norm_value", lambda: float("nan"))
+    np.testing.assert_array_equal(steerer([1], raw.copy()), raw)
+    with pytest.raises(ValueError, match="entries but the head has V"):
+        steerer([1], raw[:-1].copy())
+
+
 def test_reference_backend_runs_inside_inference_mode():
     hidden, weight = _case()
     config = ak.SteerConfig(steps=3, max_norm=0.5, margin=None)

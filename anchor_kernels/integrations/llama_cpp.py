@@ -22,6 +22,8 @@ f32 GGUF (quantisation alone changes the unsteered tokens).
 """
 from __future__ import annotations
 
+import math
+
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,20 @@ class LlamaCppSteerer:
                              "literal step) without max_norm")
         if llama is not None and llama.n_vocab() != head.shape[0]:
             raise ValueError(f"llama has a vocabulary of {llama.n_vocab()} but the head has {head.shape[0]} rows")
+        # The per-token path runs right after llama.cpp's forward has evicted the caches, where
+        # every Python step costs several times its warm price (bench/llama_cpp_throughput.py): so
+        # the op's arguments, checked here once, are built once and the op is called directly.
+        self._op = None
+        if self.steerer.backend == "cpu":
+            s = self.steerer
+            self._norm = torch.zeros(1)
+            self._norm_view = self._norm.numpy()
+            self._op = torch.ops.anchor_kernels.steer_logits_.default
+            self._op_args = (s.mixing, *s.prepared.tensors, torch.zeros(1, dtype=torch.long),
+                             torch.full((1,), config.step_size, dtype=torch.float32),
+                             self._norm if llama is not None else None, config.steps, config.objective,
+                             float(config.reg), float(config.temperature), config.margin_value,
+                             config.max_norm_value, config.relative_step)
 
     @classmethod
     def from_gguf(cls, path, anchors, config: SteerConfig | None = None, llama=None,
@@ -98,26 +114,38 @@ class LlamaCppSteerer:
             raise TypeError(f"anchors must be an AnchorSet, an AnchorBank or a lexicon name, got {type(anchors).__name__}")
         return cls(read_gguf_head(path), anchors, config, llama, mixing_dtype=mixing_dtype)
 
-    def _hidden_norm(self) -> torch.Tensor:
+    def _hidden_norm_value(self) -> float:
         import llama_cpp
 
         ptr = llama_cpp.llama_get_embeddings_ith(self.llama.ctx, -1)
         if not ptr:
             raise RuntimeError("llama.cpp returned no hidden state for the last token (embedding=True?)")
         h = np.ctypeslib.as_array(ptr, shape=(self.llama.n_embd(),))
-        return torch.tensor([float(np.linalg.norm(h.astype(np.float64)))])
+        sq = float(h.dot(h))   # fp32: one pass, no copy; fp64 only where that leaves fp32's range
+        return math.sqrt(sq) if 1e-30 < sq < 1e38 else float(np.linalg.norm(h.astype(np.float64)))
 
     def __call__(self, input_ids, scores):
         if not isinstance(scores, np.ndarray) or scores.dtype != np.float32 or scores.ndim != 1:
             raise TypeError("scores must be llama-cpp-python's float32 [n_vocab] logits array")
-        norm = self._hidden_norm() if self.llama is not None else None
+        if scores.shape[0] != self.steerer.vocab:
+            raise ValueError(f"scores has {scores.shape[0]} entries but the head has V = {self.steerer.vocab}")
+        norm = self._hidden_norm_value() if self.llama is not None else None
         if not (scores.flags.writeable and scores.flags.c_contiguous):
             # llama-cpp-python 0.3 hands a strided view (the logit field of its candidates), and a
             # read-only map must not be written: steer a copy in a buffer kept across tokens (it
             # copies what a processor returns back into its candidates).
-            if self._buffer is None or self._buffer.shape != scores.shape:
+            if self._buffer is None:
                 self._buffer = np.empty(scores.shape, np.float32)
+                self._buffer_rows = torch.from_numpy(self._buffer).view(1, -1)
             np.copyto(self._buffer, scores)
-            scores = self._buffer
-        self.steerer.apply_(torch.from_numpy(scores), hidden_norm=norm)
+            scores, rows = self._buffer, self._buffer_rows
+        else:
+            rows = torch.from_numpy(scores).view(1, -1)
+        if self._op is None:
+            self.steerer.apply_(rows, hidden_norm=None if norm is None else torch.tensor([norm]))
+            return scores
+        if norm is not None:
+            self._norm_view[0] = norm   # not finite (a broken hidden state): the op leaves the row alone
+        with torch.no_grad():
+            self._op(rows, *self._op_args)
         return scores
