@@ -83,8 +83,9 @@ def kspace_loop(z0: torch.Tensor, w: torch.Tensor, gram_times: Callable[[torch.T
         s0, down, _ = _scaled(s0, size_bits)
         g_sq = (s0 * gram_times(s0)).sum(-1, keepdim=True)        # ||grad G(h0)||^2 2^-2x
         ok = (g_sq > 0) & torch.isfinite(g_sq)
-        # ||h0|| 2^-x before the division, as the kernels: no intermediate past a representable step
-        eta = torch.where(ok, eta * (hidden_norm[:, None] * down[:, None]) / torch.where(ok, g_sq, 1.0).sqrt(), 0.0)
+        # fp_range.h's relative_eta: ||h0|| 2^-x before the division where that loses no bits
+        root, h, down = torch.where(ok, g_sq, 1.0).sqrt(), hidden_norm[:, None], down[:, None]
+        eta = torch.where(ok, torch.where((h >= 1) & (down <= 1), eta * (h * down) / root, eta * h / root * down), 0.0)
         eta = torch.where(torch.isfinite(eta), eta, 0.0)
     limit = None if config.max_norm is None else config.max_norm * hidden_norm
     c = torch.zeros_like(z0)

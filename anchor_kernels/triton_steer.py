@@ -338,9 +338,10 @@ if IMPORT_ERROR is None:
             g_sq = tl.sum(s0 * _gram_times(s0, gram_t, gram_base, row_scratch, mine, k, k_ok,
                                            set_size, BLOCK_B, BLOCK_K, CHUNKED, CHUNK), axis=1)
             ok = (g_sq > 0.0) & (g_sq < float("inf"))
-            # ||h0|| 2^-x before the division: (eta ||h0||) / sqrt(g_sq) overflowed where the step
-            # itself, 2^x smaller, is representable (hidden rows near 2^85, anchor rows near 2^-35)
-            eta = tl.where(ok, eta * (h_norm * _pow2(-x)) / tl.sqrt(tl.where(ok, g_sq, 1.0)), 0.0)
+            # fp_range.h's relative_eta: ||h0|| 2^-x before the division where that loses no bits
+            root = tl.sqrt(tl.where(ok, g_sq, 1.0))
+            early = (h_norm >= 1.0) & (x >= 0)
+            eta = tl.where(ok, tl.where(early, eta * (h_norm * _pow2(-x)) / root, eta * h_norm / root * _pow2(-x)), 0.0)
             eta = tl.where((eta == eta) & (eta < float("inf")), eta, 0.0)
         for _ in range(steps):
             gap, grad = _gap_and_grad(z0 + gc, w, log_w, tau, LSE, BLOCK_B, BLOCK_K)

@@ -508,8 +508,8 @@ def test_llama_cpp_steerer_never_writes_through_a_read_only_array(tmp_path):
 
 def test_llama_cpp_steerer_direct_op_path_equals_the_logit_steerer(monkeypatch):
     """The steerer calls the op with arguments built once: with ||h0|| from llama.cpp (the relative
-    step and a trust region) it edits exactly as LogitSteerer.apply_; a non-finite ||h0|| leaves
-    the logits alone; scores of the wrong size are refused."""
+    step and a trust region) it edits exactly as LogitSteerer.apply_, and so does a deep copy; a
+    non-finite ||h0||, scores of the wrong size and a bank of several sets are refused."""
     import types
 
     import numpy as np
@@ -529,10 +529,19 @@ def test_llama_cpp_steerer_direct_op_path_equals_the_logit_steerer(monkeypatch):
     want = plain(torch.from_numpy(raw.copy()), hidden_norm=h.norm().reshape(1))
     assert not np.array_equal(out, raw)
     np.testing.assert_array_equal(out, want.numpy())
-    monkeypatch.setattr(steerer, "_hidden_norm_value", lambda: float("nan"))
-    np.testing.assert_array_equal(steerer([1], raw.copy()), raw)
+    for bad in (float("nan"), float("inf"), 1e39):
+        monkeypatch.setattr(steerer, "_hidden_norm_value", lambda: bad)
+        with pytest.raises(ValueError, match="not finite in float32"):
+            steerer([1], raw.copy())
     with pytest.raises(ValueError, match="entries but the head has V"):
         steerer([1], raw[:-1].copy())
+    with pytest.raises(ValueError, match="anchors hold 2 sets"):
+        LlamaCppSteerer(weight.cpu(), ak.AnchorBank([A, ak.AnchorSet([4], [5])]), ak.SteerConfig(eta=0.5))
+    import copy
+
+    twin = copy.deepcopy(steerer)   # a copy steers as the original (no view left pointing at the old norm)
+    monkeypatch.setattr(twin, "_hidden_norm_value", lambda: float(h.norm()))
+    np.testing.assert_array_equal(twin([1], raw.copy()), want.numpy())
 
 
 def test_reference_backend_runs_inside_inference_mode():

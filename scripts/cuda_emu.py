@@ -8,7 +8,7 @@ CPU kernels. Stages, each a separate binary:
          race; NaN written for h' -> a failed comparison; a 16-byte access assumed aligned on a
          misaligned row -> reported; two of issue 19's fixes undone -> their tests fail; issue 22's
          rank-one bias term dropped, a prepared direction ignored and split-d's second anchor in
-         flight misread -> failed comparisons)
+         flight misread -> failed comparisons; split-d reading bias[id] past V -> an overflow)
 
 The resources the launch rules need (static shared memory and registers per kernel) come from
 ptxas for sm_90a, as the real build compiles it. Exit status 0 only if every stage behaves.
@@ -150,6 +150,11 @@ NEGATIVE_CONTROLS = [
      ("rank_one = !split && p.objective == AK_OBJECTIVE_MEAN && (p.direction || p.workspace);",
       "rank_one = !split && p.objective == AK_OBJECTIVE_MEAN && p.workspace;"),
      {"AK_TEST_QUICK": "1"}, ("FAIL cuda rank-one prepared x2", "cases: FAILED")),
+    # the split-d finish kernel reading bias[id] for an id past V (a reviewer's find),
+    ("split-bias-past-v", "asan",
+     ("    if (live && ok && p.bias) z += load_float(static_cast<const T*>(p.bias) + ids[i]);\n",
+      "    if (live && p.bias) z += load_float(static_cast<const T*>(p.bias) + id);\n"),
+     {"AK_TEST_QUICK": "1"}, ("heap-buffer-overflow", "split_finish_kernel")),
     # and the split-d partial kernel's second anchor in flight dotted with the first one's row.
     ("split-second-anchor", "asan",
      ("          a1 += y[e] * h[e];\n", "          a1 += x[e] * h[e];\n"),

@@ -34,6 +34,7 @@ from ..config import SteerConfig
 from ..logits import LogitSteerer
 
 HEAD_NAMES = ("output.weight", "token_embd.weight")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def read_gguf_head(path) -> torch.Tensor:
@@ -66,7 +67,8 @@ def gguf_tokenizer(path):
 
 
 class LlamaCppSteerer:
-    """A llama-cpp-python ``logits_processor`` that steers every call (one request per Llama)."""
+    """A llama-cpp-python ``logits_processor`` that steers every call (one request per Llama, one
+    anchor set). Like the Llama it serves, not for use from several threads at once."""
 
     def __init__(self, head: torch.Tensor, anchors, config: SteerConfig | None = None, llama=None,
                  mixing_dtype: torch.dtype | None = None):
@@ -84,6 +86,9 @@ class LlamaCppSteerer:
                              "literal step) without max_norm")
         if llama is not None and llama.n_vocab() != head.shape[0]:
             raise ValueError(f"llama has a vocabulary of {llama.n_vocab()} but the head has {head.shape[0]} rows")
+        if self.steerer.num_sets != 1:
+            raise ValueError(f"anchors hold {self.steerer.num_sets} sets, but a llama.cpp steerer serves one request "
+                             "with one set: pass an AnchorSet (or one steerer per set)")
         # The per-token path runs right after llama.cpp's forward has evicted the caches, where
         # every Python step costs several times its warm price (bench/llama_cpp_throughput.py): so
         # the op's arguments, checked here once, are built once and the op is called directly.
@@ -91,7 +96,6 @@ class LlamaCppSteerer:
         if self.steerer.backend == "cpu":
             s = self.steerer
             self._norm = torch.zeros(1)
-            self._norm_view = self._norm.numpy()
             self._op = torch.ops.anchor_kernels.steer_logits_.default
             self._op_args = (s.mixing, *s.prepared.tensors, torch.zeros(1, dtype=torch.long),
                              torch.full((1,), config.step_size, dtype=torch.float32),
@@ -130,6 +134,9 @@ class LlamaCppSteerer:
         if scores.shape[0] != self.steerer.vocab:
             raise ValueError(f"scores has {scores.shape[0]} entries but the head has V = {self.steerer.vocab}")
         norm = self._hidden_norm_value() if self.llama is not None else None
+        if norm is not None and not 0.0 <= norm <= FLOAT32_MAX:
+            raise ValueError(f"llama.cpp's hidden state for this token has norm {norm} (not finite in float32): "
+                             "cannot steer from it")
         if not (scores.flags.writeable and scores.flags.c_contiguous):
             # llama-cpp-python 0.3 hands a strided view (the logit field of its candidates), and a
             # read-only map must not be written: steer a copy in a buffer kept across tokens (it
@@ -145,7 +152,7 @@ class LlamaCppSteerer:
             self.steerer.apply_(rows, hidden_norm=None if norm is None else torch.tensor([norm]))
             return scores
         if norm is not None:
-            self._norm_view[0] = norm   # not finite (a broken hidden state): the op leaves the row alone
+            self._norm.numpy()[0] = norm
         with torch.no_grad():
             self._op(rows, *self._op_args)
         return scores

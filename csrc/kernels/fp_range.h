@@ -66,4 +66,16 @@ AK_HOST_DEVICE int quadratic_exponent(float max_abs, int kb) {
   return e + kb;
 }
 
+// The relative step eta ||h0|| / ||grad G(h0)|| from q = ||grad G(h0)||^2 2^-2x. ||h0|| is scaled
+// by 2^-x before the division where that loses no bits (||h0|| >= 1, x >= 0), so that no
+// intermediate overflows where the step itself is representable (hidden rows near 2^88 with
+// anchor rows near 2^-35 had: eta ||h0|| / sqrt(q) passed 2^128 before its 2^-x); after it
+// elsewhere, so that a tiny ||h0|| does not go subnormal first. triton_steer.py and kspace.py
+// hold the same rule.
+AK_HOST_DEVICE float relative_eta(float eta, float h_norm, float q, int x) {
+  const float root = sqrtf(q);
+  if (h_norm >= 1.f && x >= 0) return eta * (h_norm * pow2(-x)) / root;
+  return eta * h_norm / root * pow2(-x);
+}
+
 }  // namespace anchor_kernels

@@ -191,9 +191,7 @@ bool solve_coefficients(const ak_steer_params& p, const float* z0, const float* 
     // ||grad G(h0)|| = sqrt(s0^T Gm s0): the step is scaled so the first one moves h by eta ||h0||.
     gap_and_grad(z0, w, log_w, K, lse, p.temperature, s);
     const float q = scaled_quadratic(gram, s, vs, K, kb, &x);  // ||grad G(h0)||^2 * 2^-2x
-    // ||h0|| 2^-x before the division: (eta ||h0||) / sqrt(q) overflowed where the step itself,
-    // 2^x smaller, is representable (hidden rows near 2^85, anchor rows near 2^-35).
-    eta = q > 0.f && std::isfinite(q) ? eta * (h0_norm * anchor_kernels::pow2(-x)) / std::sqrt(q) : 0.f;
+    eta = q > 0.f && std::isfinite(q) ? anchor_kernels::relative_eta(eta, h0_norm, q, x) : 0.f;
     if (!(std::isfinite(eta) && eta > 0.f)) return false;
   }
   for (int64_t t = 0; t < p.steps; ++t) {

@@ -246,8 +246,7 @@ __device__ bool kspace_loop(const ak_steer_params& p, const float* z0, const flo
     // quadratic form of s0 scaled by 2^-x (s is recomputed at every step: scaled in place).
     gap_and_grad(z0, gc, w, log_w, s, K, lse, tau, scratch);
     const float q = scaled_gram_apply(gram, s, tmp, K, kb, &x, scratch);
-    // ||h0|| 2^-x before the division, so no intermediate exceeds a representable step (as the CPU)
-    eta = q > 0.f && isfinite(q) ? eta * (h_norm * anchor_kernels::pow2(-x)) / sqrtf(q) : 0.f;
+    eta = q > 0.f && isfinite(q) ? anchor_kernels::relative_eta(eta, h_norm, q, x) : 0.f;
     if (!(isfinite(eta) && eta > 0.f)) return false;
   }
   for (int64_t t = 0; t < p.steps; ++t) {
