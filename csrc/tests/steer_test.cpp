@@ -537,6 +537,19 @@ bool cuda_edges_ok(std::mt19937& rng) {
                     objective == AK_OBJECTIVE_MEAN ? "mean" : "lse");
       ok &= close(m, run_cuda<float>(m, AK_FLOAT32, {plan, 3}), cpu, kFp32PairTolerance, 0x1p-24, what);
     }
+  // The mean gap's w.b_A term decides the gate: with margin 0, anchor biases of +-50 put set 0's
+  // gap far above the margin (rows untouched) and set 1's far below (rows moved), whatever u.h0.
+  for (CudaRun::Plan plan : {CudaRun::kRankOne, CudaRun::kPrepared}) {
+    Problem m = make_problem(local, 8, 40, 2, 5, AK_OBJECTIVE_MEAN, INFINITY, 0.f);
+    m.row_sets = {0, 1, 0, 1, 0, 1, 0, 1};
+    for (int64_t s = 0; s < m.S; ++s)
+      for (int64_t k = 0; k < m.K; ++k)
+        if (m.aw[s * m.K + k] != 0) m.bias[m.ids[s * m.K + k]] = (m.aw[s * m.K + k] > 0) == (s == 0) ? 50.f : -50.f;
+    Problem c = m;
+    const std::vector<double> cpu = run_cpu<float>(c, AK_FLOAT32);
+    ok &= close(c, run_cuda<float>(c, AK_FLOAT32, {plan}), cpu, kFp32PairTolerance, 0x1p-24,
+                plan == CudaRun::kRankOne ? "cuda rank-one, gated by w.b_A" : "cuda rank-one prepared, gated by w.b_A");
+  }
   // The prepared direction is what the rank-one kernels use: given 2u, an ungated literal step
   // (a_T = T eta whatever u is) doubles the edit, as on the CPU with the same direction.
   {
