@@ -339,9 +339,8 @@ if IMPORT_ERROR is None:
                                            set_size, BLOCK_B, BLOCK_K, CHUNKED, CHUNK), axis=1)
             ok = (g_sq > 0.0) & (g_sq < float("inf"))
             # fp_range.h's relative_eta: ||h0|| 2^-x before the division where that loses no bits
-            root = tl.sqrt(tl.where(ok, g_sq, 1.0))
-            early = (h_norm >= 1.0) & (x >= 0)
-            eta = tl.where(ok, tl.where(early, eta * (h_norm * _pow2(-x)) / root, eta * h_norm / root * _pow2(-x)), 0.0)
+            first = tl.where((h_norm >= 1.0) & (x >= 0), _pow2(-x), 1.0)
+            eta = tl.where(ok, eta * (h_norm * first) / tl.sqrt(tl.where(ok, g_sq, 1.0)) * (_pow2(-x) / first), 0.0)
             eta = tl.where((eta == eta) & (eta < float("inf")), eta, 0.0)
         for _ in range(steps):
             gap, grad = _gap_and_grad(z0 + gc, w, log_w, tau, LSE, BLOCK_B, BLOCK_K)
