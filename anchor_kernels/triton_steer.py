@@ -338,9 +338,9 @@ if IMPORT_ERROR is None:
             g_sq = tl.sum(s0 * _gram_times(s0, gram_t, gram_base, row_scratch, mine, k, k_ok,
                                            set_size, BLOCK_B, BLOCK_K, CHUNKED, CHUNK), axis=1)
             ok = (g_sq > 0.0) & (g_sq < float("inf"))
-            # fp_range.h's relative_eta: ||h0|| 2^-x before the division where that loses no bits
-            first = tl.where((h_norm >= 1.0) & (x >= 0), _pow2(-x), 1.0)
-            eta = tl.where(ok, eta * (h_norm * first) / tl.sqrt(tl.where(ok, g_sq, 1.0)) * (_pow2(-x) / first), 0.0)
+            # ||h0|| 2^-x before the division (fp_range.h's relative_eta scales after it below ||h0|| = 1;
+            # here always: the choice spilled registers on sm_90a, and rows below ~2^-117 are the only cost)
+            eta = tl.where(ok, eta * (h_norm * _pow2(-x)) / tl.sqrt(tl.where(ok, g_sq, 1.0)), 0.0)
             eta = tl.where((eta == eta) & (eta < float("inf")), eta, 0.0)
         for _ in range(steps):
             gap, grad = _gap_and_grad(z0 + gc, w, log_w, tau, LSE, BLOCK_B, BLOCK_K)
