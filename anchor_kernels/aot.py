@@ -4,15 +4,16 @@
 
 Compiles ``_steer_hidden_kernel`` (and the split-d plan's two kernels, the logit form's
 ``_solve_logits_kernel`` and ``_apply_logits_kernel``, and the rank-one mean kernels, every
-BLOCK_K, all flags on) for sm_80 and sm_90a (Triton's own ptxas, no device needed)
+BLOCK_K, all flags on) for sm_80 and sm_90a (triton.compile down to the cubin, no device needed)
 for every configuration ``triton_steer.launch_config`` can pick, with the launcher's
 specialisation (16-byte aligned pointers, i32 integers, the launchers' NUM_STAGES), and, for
 decode calls, each launch captured from the launchers and compiled exactly as Triton would
 specialise it (``launched_jobs``); fails when a kernel's shared
 memory exceeds SHARED_LIMIT (the 99 KiB opt-in limit of sm_86/sm_89, the smallest of the GPUs
-we target, so one kernel launches on A100, A10/L4/L40S/RTX and H100 alike) or ptxas spills more
-than the budget per thread (none up to K = 128; the chunked K = 256 path may spill up to
-SPILL_BUDGET[256]). The CPU interpreter sees none of these limits.
+we target, so one kernel launches on A100, A10/L4/L40S/RTX and H100 alike) or the cubin Triton
+built uses more local memory per thread (register spills) than the budget (none up to K = 128
+but fp32 K = 128; that and the chunked K = 256 path may spill up to LOCAL_BUDGET). The CPU
+interpreter sees none of these limits.
 
 Default (CI, ~3 minutes on 2 cores): every (BLOCK_K, BLOCK_D, dtype) tile the launcher can pick,
 for both targets, with every flag on (the heaviest variant), and each flag off once per BLOCK_K
@@ -33,9 +34,13 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 SHARED_LIMIT = 101_376       # bytes: sm_86/sm_89 opt-in maximum (sm_80: 166,912; sm_90: 232,448)
-SPILL_BUDGET = {256: 3072}   # bytes of spill stores per thread, by BLOCK_K; 0 if not listed
+# Bytes of local memory per thread, by (BLOCK_K, dtype); 0 if not listed. fp32 K = 128 is at 255
+# registers on sm_90a (3xTF32 operand splits beside a held 128 x 128 Gram) and parks 16-40 B;
+# 16 warps (72-96 B), the chunked Gram (16-48 B) and 16-wide tiles (8-16 B, twice the d-loop
+# trips) were measured and are no better.
+LOCAL_BUDGET = {(128, "fp32"): 64, **{(256, dtype): 3072 for dtype in ("fp32", "fp16", "bf16")}}
 # The logit solve kernel spills a scalar or two at K = 64 whatever the warp count (4 B measured).
-SOLVE_SPILL_SLACK = 64
+SOLVE_LOCAL_SLACK = 64
 TARGETS = ((80, "sm_80"), (90, "sm_90a"))
 DTYPES = ("fp32", "fp16", "bf16")
 SET_SIZES = (16, 32, 64, 128, 256)   # one per BLOCK_K the launcher can pick
@@ -82,17 +87,20 @@ def extra_jobs():
         yield ("_split_finish_kernel", dtype, K, cap, arch)
 
 
-def _ptxas(arch: str) -> str:
+def _cuobjdump() -> str:
+    import shutil
+
     import triton
 
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    blackwell = bin_dir / "ptxas-blackwell"
-    # Triton itself uses its Blackwell-era ptxas for sm >= 90.
-    return str(blackwell if arch != "sm_80" and blackwell.exists() else bin_dir / "ptxas")
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    found = str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+    if not found:
+        raise RuntimeError("cuobjdump not found (neither Triton's bundled one nor on PATH)")
+    return found
 
 
 def _compile(kernel, pointers, cfg, flags, num_warps, capability, arch):
-    """triton.compile + ptxas -v of one specialisation: (shared bytes, registers, spill bytes, s)."""
+    """triton.compile of one specialisation: (shared bytes, registers, local bytes, s)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -123,15 +131,21 @@ def _compile(kernel, pointers, cfg, flags, num_warps, capability, arch):
 
 
 def _resources(compiled, arch, seconds):
-    """(shared bytes, registers, spill bytes, compile seconds) of a compiled kernel, from ptxas -v."""
+    """(shared bytes, registers, local bytes, compile seconds) of the cubin Triton built, from
+    ``cuobjdump -res-usage``. The local bytes per thread (register spills and any stack frame) are
+    read from that binary rather than from a ptxas run of our own: Triton passes ptxas flags of
+    its own (``--regAllocOptLevel=2`` in 3.9), and a plain ``ptxas -v`` of the same PTX spilled
+    4 B where Triton's build spills none, and could as well miss a spill Triton's build has."""
     with tempfile.TemporaryDirectory() as tmp:
-        ptx = Path(tmp) / "k.ptx"
-        ptx.write_text(compiled.asm["ptx"])
-        log = subprocess.run([_ptxas(arch), f"-arch={arch}", "-v", str(ptx), "-o", str(Path(tmp) / "k.cubin")],
-                             capture_output=True, text=True, check=True).stderr
-    spills = sum(int(x) for x in re.findall(r"(\d+) bytes spill stores", log))
-    regs = max((int(x) for x in re.findall(r"Used (\d+) registers", log)), default=0)
-    return compiled.metadata.shared, regs, spills, round(seconds, 2)
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run([_cuobjdump(), "-res-usage", str(cubin)],
+                               capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump -res-usage of the {arch} cubin reported no kernel:\n{usage}")
+    regs, stack, local = (int(x) for x in found.groups())
+    return compiled.metadata.shared, regs, stack + local, round(seconds, 2)
 
 
 def _prepare_env():
@@ -152,11 +166,11 @@ def compile_one(job):
     pointers = {"hidden_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}", "bias_ptr": f"*{dtype}",
                 "ids_ptr": "*i64", "aw_ptr": "*fp32", "gram_ptr": "*fp32", "row_sets_ptr": "*i64",
                 "eta_ptr": "*fp32", "out_ptr": f"*{dtype}", "scratch_ptr": "*fp32", "order_ptr": "*i64"}
-    shared, regs, spills, seconds = _compile(triton_steer._steer_hidden_kernel, pointers, cfg, flags,
+    shared, regs, local, seconds = _compile(triton_steer._steer_hidden_kernel, pointers, cfg, flags,
                                              num_warps, capability, arch)
     return dict(kernel="hidden", arch=arch, dtype=dtype, K=K, dim=dim, **flags, BLOCK_K=cfg["BLOCK_K"],
                 BLOCK_D=cfg["BLOCK_D"], num_warps=num_warps, shared=shared,
-                registers=regs, spill_bytes=spills, compile_s=seconds)
+                registers=regs, local_bytes=local, compile_s=seconds)
 
 
 def compile_extra_one(job):
@@ -197,10 +211,10 @@ def compile_extra_one(job):
         # M in the logits' dtype: what LogitSteerer keeps for a 16-bit head
         pointers = {"logits_ptr": f"*{dtype}", "mixing_ptr": f"*{dtype}", "c_ptr": "*fp32", "row_sets_ptr": "*i64",
                     "order_ptr": "*i64"}
-    shared, regs, spills, seconds = _compile(getattr(triton_steer, name), pointers, cfg, flags, num_warps,
+    shared, regs, local, seconds = _compile(getattr(triton_steer, name), pointers, cfg, flags, num_warps,
                                              capability, arch)
     return dict(kernel=name, arch=arch, dtype=dtype, K=K, dim=0, **flags, BLOCK_K=cfg["BLOCK_K"],
-                BLOCK_D=width, num_warps=num_warps, shared=shared, registers=regs, spill_bytes=spills,
+                BLOCK_D=width, num_warps=num_warps, shared=shared, registers=regs, local_bytes=local,
                 compile_s=seconds)
 
 
@@ -281,13 +295,13 @@ def compile_launched(job, capability=90, arch="sm_90a"):
         start = time.perf_counter()
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
-        shared, regs, spills, seconds = _resources(compiled, arch, time.perf_counter() - start)
+        shared, regs, local, seconds = _resources(compiled, arch, time.perf_counter() - start)
         block_k = kwargs.get("BLOCK_K", 0)
         reports.append(dict(kernel=kernel.fn.__name__, arch=arch, dtype=job[1], K=job[2], objective=job[3],
                             plan=job[4], rows=job[5], as_launched=True,
                             **{f: bool(kwargs.get(f, False)) for f in FLAGS}, BLOCK_K=block_k, BLOCK_D=kwargs.get("BLOCK_D", kwargs.get("BLOCK_V", 0)),
                             num_warps=options.num_warps, num_stages=options.num_stages, shared=shared,
-                            registers=regs, spill_bytes=spills, compile_s=seconds))
+                            registers=regs, local_bytes=local, compile_s=seconds))
     return reports
 
 
@@ -330,9 +344,9 @@ def check(reports) -> list[str]:
                 f"LSE={r['LSE']} TRUST={r['TRUST']} HAS_BIAS={r['HAS_BIAS']} RELATIVE={r['RELATIVE']}")
         if r["shared"] > SHARED_LIMIT:
             failures.append(f"{what}: {r['shared']} B shared memory > {SHARED_LIMIT}")
-        budget = SPILL_BUDGET.get(r["BLOCK_K"], 0) + (SOLVE_SPILL_SLACK if r["kernel"] == "_solve_logits_kernel" else 0)
-        if r["spill_bytes"] > budget:
-            failures.append(f"{what}: {r['spill_bytes']} B of register spills > {budget}")
+        budget = LOCAL_BUDGET.get((r["BLOCK_K"], r["dtype"]), 0) + (SOLVE_LOCAL_SLACK if r["kernel"] == "_solve_logits_kernel" else 0)
+        if r["local_bytes"] > budget:
+            failures.append(f"{what}: {r['local_bytes']} B of local memory (spills) > {budget}")
     return failures
 
 
@@ -369,10 +383,10 @@ def main(argv=None) -> int:
     for r in launched:
         print(f"  {r['kernel']:>22} {r['dtype']:>5} B={r['rows']} K={r['K']:<3} {r['objective']:>4} {r['plan']:>7} "
               f"warps {r['num_warps']} stages {r['num_stages']} shared {r['shared']:>6} B regs {r['registers']:>3} "
-              f"spill {r['spill_bytes']} B")
+              f"local {r['local_bytes']} B")
     reports += launched
     print(f"{len(reports)} compiles in {time.perf_counter() - start:.0f} s")
-    print(f"{'kernel':>20} {'arch':>7} {'dtype':>5} {'BLOCK_K':>7} {'BLOCK_D':>7} {'warps':>5} {'shared B':>9} {'regs':>5} {'spill B':>7}")
+    print(f"{'kernel':>20} {'arch':>7} {'dtype':>5} {'BLOCK_K':>7} {'BLOCK_D':>7} {'warps':>5} {'shared B':>9} {'regs':>5} {'local B':>7}")
     widest = {}
     for r in reports:  # the heaviest variant of each tile
         key = (r["kernel"], r["arch"], r["dtype"], r["BLOCK_K"], r["BLOCK_D"])
@@ -380,7 +394,7 @@ def main(argv=None) -> int:
             widest[key] = r
     for r in widest.values():
         print(f"{r['kernel']:>20} {r['arch']:>7} {r['dtype']:>5} {r['BLOCK_K']:>7} {r['BLOCK_D']:>7} {r['num_warps']:>5} "
-              f"{r['shared']:>9} {r['registers']:>5} {r['spill_bytes']:>7}")
+              f"{r['shared']:>9} {r['registers']:>5} {r['local_bytes']:>7}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(reports, indent=1))

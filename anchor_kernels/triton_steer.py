@@ -47,15 +47,17 @@ def launch_config(set_size: int, dim: int, fp32: bool) -> dict:
 
     One place, used by the launcher and by the ahead-of-time compile check
     (``python -m anchor_kernels.aot``), so what CI compiles is what runs. Chosen from that check's
-    ptxas reports (sm_80 and sm_90a, every flag on): the [BLOCK_K, BLOCK_D] anchor tile shrinks as
-    K grows, and for fp32 (3xTF32 dots hold three operand splits), so that K <= 128 compiles
-    with no register spills and every tile fits the 99 KiB of shared memory of sm_86/sm_89. The
-    chunked K = 256 path spills up to 3 KiB per thread (aot.SPILL_BUDGET).
+    reports of the cubins Triton builds (sm_80 and sm_90a, every flag on and each off): the
+    [BLOCK_K, BLOCK_D] anchor tile shrinks as K grows, and for fp32 (3xTF32 dots hold three
+    operand splits), so that K <= 128 compiles with no register spills (but fp32 K = 128 on
+    sm_90a: 16-40 B, aot.LOCAL_BUDGET) and every tile fits the 99 KiB of shared memory of
+    sm_86/sm_89. The chunked K = 256 path spills up to 3 KiB per thread. 16-bit K <= 32 tiles
+    were 128 wide until the check read Triton's own cubins: those spilled 16-48 B.
     """
     block_k = max(16, 1 << (set_size - 1).bit_length())
     if block_k > MAX_SET_SIZE:
         raise ValueError(f"set_size {set_size} > {MAX_SET_SIZE}")
-    block_d_cap, warps = {16: (128, 4), 32: (128, 4), 64: (64, 8), 128: (32, 8), 256: (32, 16)}[block_k]
+    block_d_cap, warps = {16: (64, 4), 32: (64, 4), 64: (64, 8), 128: (32, 8), 256: (32, 16)}[block_k]
     if fp32 and block_k <= 32:
         block_d_cap = 32
     # Narrower tiles for small d, except from K = 64 on, where they spilled (masking covers d < BLOCK_D).
