@@ -28,7 +28,8 @@ BLOCK_ROWS = 16  # tl.dot needs M >= 16
 # Software-pipelining stages of every launch: Triton's default (3) doubles the tiles' shared
 # memory and spilled 8-16 B per thread in 5 of 263 configurations of the AOT check (e.g. bf16,
 # K = 16, as launched at B = 8, d = 4096 on sm_90a: 16,384 B shared and 8 B of spills; 2 stages:
-# 8,192 B, none). The AOT check compiles with the same value.
+# 8,192 B, none; spills as a plain ptxas -v read them, before the check read Triton's own cubins).
+# The AOT check compiles with the same value.
 NUM_STAGES = 2
 
 try:
@@ -50,7 +51,7 @@ def launch_config(set_size: int, dim: int, fp32: bool) -> dict:
     reports of the cubins Triton builds (sm_80 and sm_90a, every flag on and each off): the
     [BLOCK_K, BLOCK_D] anchor tile shrinks as K grows, and for fp32 (3xTF32 dots hold three
     operand splits), so that K <= 128 compiles with no register spills (but fp32 K = 128 on
-    sm_90a: 16-40 B, aot.LOCAL_BUDGET) and every tile fits the 99 KiB of shared memory of
+    sm_90a: 16-40 B, aot.local_budget) and every tile fits the 99 KiB of shared memory of
     sm_86/sm_89. The chunked K = 256 path spills up to 3 KiB per thread. 16-bit K <= 32 tiles
     were 128 wide until the check read Triton's own cubins: those spilled 16-48 B.
     """
@@ -155,8 +156,8 @@ if IMPORT_ERROR is None:
     _SQUARES_MIN = tl.constexpr(2.0**-64)
     _GRAM_DIAG_MIN = tl.constexpr(GRAM_DIAG_MIN)
     _SIZE_BITS = tl.constexpr(MAX_SET_SIZE.bit_length() - 1)
-    # The split-d finish kernel's rare rescaled ||h0|| pass reads 16 columns at a time (the AOT check
-    # found spills with its own tiles there).
+    # The split-d finish kernel's rare rescaled ||h0|| pass reads 16 columns at a time (the AOT check,
+    # then reading a plain ptxas -v, found spills with its own tiles there).
     NORM_BLOCK_D = tl.constexpr(16)
 
     @triton.jit
@@ -193,7 +194,7 @@ if IMPORT_ERROR is None:
     # The K-space loop divides, takes square roots and exponentials with the hardware's fast
     # approximations (relative error about 2^-22, far inside METHOD.md's 1e-4), where the CUDA
     # and C++ kernels round IEEE: div_rn/sqrt_rn spilled 8-40 B per thread in the AOT check
-    # (fp32 split-d finish at K = 64, bf16 K = 128, ...). The self-test compares the compiled
+    # (fp32 split-d finish at K = 64, bf16 K = 128, ...; a plain ptxas -v then, not Triton's cubin). The self-test compares the compiled
     # kernels with the C++ op on each GPU before they serve it.
     @triton.jit
     def _gap_and_grad(z, w, log_w, tau, LSE: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -791,7 +792,7 @@ if IMPORT_ERROR is None:
     def mean_launch_config(set_size: int) -> dict:
         """Tiles of the two mean kernels (also what the AOT check compiles)."""
         block_k = max(16, 1 << (set_size - 1).bit_length())
-        # 2048-element [BLOCK_K, BLOCK_D] tiles: 4096 spilled 12 B at K = 16 (fp16, sm_80).
+        # 2048-element [BLOCK_K, BLOCK_D] tiles: 4096 spilled 12 B at K = 16 (fp16, sm_80; plain ptxas -v).
         return dict(direction=dict(BLOCK_K=block_k, BLOCK_D=max(16, 2048 // block_k), num_warps=4, num_stages=NUM_STAGES),
                     rows=dict(BLOCK_B=BLOCK_ROWS, BLOCK_K=block_k, BLOCK_D=MEAN_BLOCK_D, num_warps=4,
                               num_stages=NUM_STAGES))

@@ -322,6 +322,23 @@ def test_launch_config_is_what_the_aot_check_compiles():
                 assert (dtype, cfg["BLOCK_K"], cfg["BLOCK_D"]) in compiled, (dtype, K, dim)
 
 
+def test_the_aot_check_fails_on_spills_and_shared_memory_past_its_budgets():
+    from anchor_kernels import aot
+
+    base = dict(kernel="hidden", arch="sm_90a", dtype="bf16", BLOCK_K=64, BLOCK_D=64, LSE=True, TRUST=True,
+                HAS_BIAS=True, RELATIVE=True, shared=20_480, local_bytes=0)
+    assert aot.check([base]) == []
+    assert len(aot.check([{**base, "local_bytes": 4}])) == 1  # any spill up to K = 128
+    assert len(aot.check([{**base, "shared": aot.SHARED_LIMIT + 1}])) == 1
+    fp32_128 = {**base, "dtype": "fp32", "BLOCK_K": 128, "local_bytes": 24}
+    assert aot.check([fp32_128]) == []  # the one budgeted tile below K = 256 ...
+    assert len(aot.check([{**fp32_128, "arch": "sm_80"}])) == 1  # ... on sm_90a only
+    assert len(aot.check([{**fp32_128, "kernel": "_split_finish_kernel"}])) == 1  # ... and its own kernel
+    assert len(aot.check([{**fp32_128, "local_bytes": aot.HIDDEN_FP32_K128_SM90_BUDGET + 1}])) == 1
+    chunked = {**base, "BLOCK_K": 256, "local_bytes": aot.CHUNKED_LOCAL_BUDGET}
+    assert aot.check([chunked]) == [] and len(aot.check([{**chunked, "local_bytes": aot.CHUNKED_LOCAL_BUDGET + 1}])) == 1
+
+
 @pytest.mark.skipif(ak.steer.unavailable_reason("triton", torch.device("cpu")) is not None, reason="needs triton")
 @pytest.mark.parametrize("job", [("hidden", "bf16", 16, "lse", "split_d", 8), ("hidden", "fp32", 64, "mean", "tiled", 1),
                                  ("logits", "bf16", 64, "lse", "tiled", 8)])
