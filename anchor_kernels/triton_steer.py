@@ -792,7 +792,7 @@ if IMPORT_ERROR is None:
     def mean_launch_config(set_size: int) -> dict:
         """Tiles of the two mean kernels (also what the AOT check compiles)."""
         block_k = max(16, 1 << (set_size - 1).bit_length())
-        # 2048-element [BLOCK_K, BLOCK_D] tiles: 4096 spilled 12 B at K = 16 (fp16, sm_80; plain ptxas -v).
+        # 2048-element [BLOCK_K, BLOCK_D] tiles: 4096 spill 24 B at K = 16 (fp16, sm_80, Triton's cubin).
         return dict(direction=dict(BLOCK_K=block_k, BLOCK_D=max(16, 2048 // block_k), num_warps=4, num_stages=NUM_STAGES),
                     rows=dict(BLOCK_B=BLOCK_ROWS, BLOCK_K=block_k, BLOCK_D=MEAN_BLOCK_D, num_warps=4,
                               num_stages=NUM_STAGES))
