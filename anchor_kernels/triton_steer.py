@@ -52,7 +52,7 @@ def launch_config(set_size: int, dim: int, fp32: bool) -> dict:
     [BLOCK_K, BLOCK_D] anchor tile shrinks as K grows, and for fp32 (3xTF32 dots hold three
     operand splits), so that K <= 128 compiles with no register spills (but fp32 K = 128 on
     sm_90a: 16-40 B, aot.local_budget) and every tile fits the 99 KiB of shared memory of
-    sm_86/sm_89. The chunked K = 256 path spills up to 3 KiB per thread. 16-bit K <= 32 tiles
+    sm_86/sm_89. The chunked K = 256 path spills up to 2 KiB per thread. 16-bit K <= 32 tiles
     were 128 wide until the check read Triton's own cubins: those spilled 16-48 B.
     """
     block_k = max(16, 1 << (set_size - 1).bit_length())
@@ -194,8 +194,9 @@ if IMPORT_ERROR is None:
     # The K-space loop divides, takes square roots and exponentials with the hardware's fast
     # approximations (relative error about 2^-22, far inside METHOD.md's 1e-4), where the CUDA
     # and C++ kernels round IEEE: div_rn/sqrt_rn spilled 8-40 B per thread in the AOT check
-    # (fp32 split-d finish at K = 64, bf16 K = 128, ...; a plain ptxas -v then, not Triton's cubin). The self-test compares the compiled
-    # kernels with the C++ op on each GPU before they serve it.
+    # (fp32 split-d finish at K = 64, bf16 K = 128, ...; a plain ptxas -v then, not Triton's
+    # cubin). The self-test compares the compiled kernels with the C++ op on each GPU before they
+    # serve it.
     @triton.jit
     def _gap_and_grad(z, w, log_w, tau, LSE: tl.constexpr, BLOCK_B: tl.constexpr,
                       BLOCK_K: tl.constexpr):
@@ -342,7 +343,8 @@ if IMPORT_ERROR is None:
                                            set_size, BLOCK_B, BLOCK_K, CHUNKED, CHUNK), axis=1)
             ok = (g_sq > 0.0) & (g_sq < float("inf"))
             # ||h0|| 2^-x before the division (fp_range.h's relative_eta scales after it below ||h0|| = 1;
-            # here always: the choice spilled registers on sm_90a, and rows below ~2^-117 are the only cost)
+            # here always: that per-row choice spills 8 B in Triton's own cubin of the split-d finish
+            # kernel, fp32 K <= 32 on sm_90a; rows below ~2^-117 are the only cost)
             eta = tl.where(ok, eta * (h_norm * _pow2(-x)) / tl.sqrt(tl.where(ok, g_sq, 1.0)), 0.0)
             eta = tl.where((eta == eta) & (eta < float("inf")), eta, 0.0)
         for _ in range(steps):
